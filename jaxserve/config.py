@@ -1,0 +1,164 @@
+"""Frozen, validated configuration records.
+
+YAML files under ``configs/`` and HF ``config.json`` files only *feed* these
+dataclasses; everything downstream (model, engine, planner) reads the dataclass.
+
+    configs/models/opt-13b.yaml --model_preset()-->  ModelConfig
+    <hf folder>/config.json     --from_hf_dict()-->  ModelConfig
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+CONFIGS_DIR = Path(__file__).resolve().parent.parent / "configs"
+MODEL_PRESETS_DIR = CONFIGS_DIR / "models"
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing or invalid; the message names it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape of an OPT decoder-only model (field names follow HF ``OPTConfig``)."""
+
+    name: str = "opt"
+    vocab_size: int = 50272
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    ffn_dim: int = 3072
+    word_embed_proj_dim: int = 768
+    max_position_embeddings: int = 2048
+    do_layer_norm_before: bool = True
+    # HF drops the final layer norm for post-LN models (OPT-350m) and when asked to.
+    remove_final_layer_norm: bool = False
+    layer_norm_eps: float = 1e-5
+    pad_token_id: int = 1
+    bos_token_id: int = 2
+    eos_token_id: int = 2
+    dtype: str = "float32"  # parameter and activation dtype
+
+    def __post_init__(self) -> None:
+        for f in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads",
+                  "ffn_dim", "word_embed_proj_dim", "max_position_embeddings"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"model config {self.name!r}: {f} must be a positive integer, got {v!r}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(
+                f"model config {self.name!r}: hidden_size {self.hidden_size} is not divisible by "
+                f"num_attention_heads {self.num_attention_heads}")
+        if self.dtype not in _DTYPES:
+            raise ConfigError(f"model config {self.name!r}: dtype must be one of {_DTYPES}, got {self.dtype!r}")
+
+    # ---- derived shape facts -------------------------------------------------
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def has_project(self) -> bool:
+        """OPT-350m style: embeddings live in a smaller space and are projected in/out."""
+        return self.word_embed_proj_dim != self.hidden_size
+
+    @property
+    def has_final_layer_norm(self) -> bool:
+        return self.do_layer_norm_before and not self.remove_final_layer_norm
+
+    def kv_bytes_per_token(self, dtype_bytes: int | None = None) -> int:
+        """Bytes of K and V for one token across all layers."""
+        b = dtype_bytes if dtype_bytes is not None else (4 if self.dtype == "float32" else 2)
+        return 2 * self.num_hidden_layers * self.hidden_size * b
+
+    def num_params(self) -> int:
+        """Parameter count by the HF OPT formula (tied lm_head counted once)."""
+        d, f, w = self.hidden_size, self.ffn_dim, self.word_embed_proj_dim
+        n = self.vocab_size * w + (self.max_position_embeddings + 2) * d
+        if self.has_project:
+            n += 2 * d * w  # project_in / project_out have no bias
+        if self.has_final_layer_norm:
+            n += 2 * d
+        per_layer = 4 * (d * d + d) + 2 * (2 * d) + (d * f + f) + (f * d + d)
+        return n + self.num_hidden_layers * per_layer
+
+    def replace(self, **kw: Any) -> ModelConfig:
+        return dataclasses.replace(self, **kw)
+
+    # ---- constructors --------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "<dict>") -> ModelConfig:
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"{source}: unknown model config keys {unknown}")
+        return cls(**d)
+
+    @classmethod
+    def from_hf_dict(cls, d: dict[str, Any], *, source: str = "config.json", name: str | None = None,
+                     dtype: str = "float32") -> ModelConfig:
+        """Build from a Hugging Face OPT ``config.json`` dict; rejects non-OPT configs."""
+        model_type = d.get("model_type")
+        if model_type != "opt":
+            raise ConfigError(f"{source}: model_type is {model_type!r}, jaxserve serves only 'opt' models")
+        act = d.get("activation_function", "relu")
+        if act != "relu":
+            raise ConfigError(f"{source}: activation_function {act!r} is not supported (OPT uses 'relu')")
+        if d.get("enable_bias", True) is False or d.get("layer_norm_elementwise_affine", True) is False:
+            raise ConfigError(f"{source}: OPT variants without biases or affine layer norms are not supported")
+        missing = [k for k in ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "vocab_size")
+                   if k not in d]
+        if missing:
+            raise ConfigError(f"{source}: missing keys {missing}")
+        hidden = d["hidden_size"]
+        return cls(
+            name=name or d.get("_name_or_path") or "opt",
+            vocab_size=d["vocab_size"],
+            hidden_size=hidden,
+            num_hidden_layers=d["num_hidden_layers"],
+            num_attention_heads=d["num_attention_heads"],
+            ffn_dim=d["ffn_dim"],
+            word_embed_proj_dim=d.get("word_embed_proj_dim") or hidden,
+            max_position_embeddings=d.get("max_position_embeddings", 2048),
+            do_layer_norm_before=d.get("do_layer_norm_before", True),
+            remove_final_layer_norm=d.get("_remove_final_layer_norm", False),
+            pad_token_id=d.get("pad_token_id", 1),
+            bos_token_id=d.get("bos_token_id", 2),
+            eos_token_id=d.get("eos_token_id", 2),
+            dtype=dtype,
+        )
+
+
+def list_model_presets() -> list[str]:
+    """Names of the OPT presets shipped in ``configs/models``."""
+    return sorted(p.stem for p in MODEL_PRESETS_DIR.glob("*.yaml"))
+
+
+def model_preset(name: str, *, dtype: str = "float32") -> ModelConfig:
+    """Load a published OPT shape by name (``opt-125m`` ... ``opt-175b``)."""
+    path = MODEL_PRESETS_DIR / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"unknown model preset {name!r}; known presets: {', '.join(list_model_presets())}")
+    with open(path) as f:
+        d = yaml.safe_load(f)
+    return ModelConfig.from_dict({**d, "dtype": dtype}, source=str(path))
+
+
+def load_json(path: str | Path) -> dict[str, Any]:
+    """Read a JSON file, turning parse errors into a ConfigError naming the file."""
+    path = Path(path)
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError as e:
+        raise ConfigError(f"{path}: file not found") from e
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from e
