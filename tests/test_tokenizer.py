@@ -7,7 +7,6 @@ import re
 from pathlib import Path
 
 import pytest
-from helpers_tokenizer import demo_tokenizer_json, write_tokenizer_json_dir, write_vocab_merges_dir
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from tokenizers import Tokenizer as HFTokenizer
@@ -15,6 +14,7 @@ from tokenizers import processors
 
 from jaxserve.model.demo_data import DEMO_CORPUS, train_demo_tokenizer
 from jaxserve.tokenizer import IncrementalDetokenizer, Tokenizer, TokenizerError
+from tests.helpers_tokenizer import demo_tokenizer_json, write_tokenizer_json_dir, write_vocab_merges_dir
 
 TEXTS = [
     "Hello, world.",
