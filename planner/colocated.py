@@ -171,7 +171,7 @@ def run_colocated(instances: list[InstanceModel], reqs: Requests, *, token_budge
         if len(lanes) > 1:
             for lane in lanes:
                 lane.advance_to(t)
-            min(lanes, key=lambda lane: lane.queued_tokens).submit(rid)
+            min(lanes, key=lambda lane: (lane.queued_tokens, lane.reserved)).submit(rid)
         else:
             lanes[0].submit(rid)
     for lane in lanes:

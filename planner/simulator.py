@@ -220,7 +220,7 @@ def run_prefill(instances: list[InstanceModel], reqs: Requests, out: SimResult |
         for rid, t in enumerate(reqs.arrival.tolist()):
             for p in insts:
                 p.advance_to(t)
-            min(insts, key=lambda p: p.queued_tokens).submit(rid)
+            min(insts, key=lambda p: (p.queued_tokens, p.stage_free[0])).submit(rid)
     for p in insts:
         p.advance_to(INF)
     return out

@@ -1,0 +1,159 @@
+"""From search results to the plan JSON that ``jaxserve.launch`` reads.
+
+    SearchSpec --make_plan()--> search (planner.search) --> chosen Candidate + best colocated
+      --> node placement (tp inside a node; pp stages may span nodes)
+      --> end-to-end simulation: goodput by bisection (joint TTFT+TPOT) and attainment at the rate
+      --> plan dict (schema below) ; ``"feasible": false`` with a ``"reason"`` when nothing fits
+
+Plan schema (all rates in req/s):
+  feasible: bool, reason: str (when not feasible)
+  model, profile, hardware, affinity, cluster: {nodes, gpus_per_node}
+  instances: [{role, tp, pp, replicas, nodes: [[node of each stage] per replica],
+               placement: [[{node, gpus: [...]} per stage] per replica], rate_per_instance}]
+  devices: total devices used; groups, inter: low-affinity node groups and segments (inter 0: high);  rate: the traffic rate the plan is sized for
+  per_device_goodput: end-to-end (joint SLO) max rate / devices of the chosen plan
+  phase_estimate_per_device_goodput: the search's per-phase estimate for the same plan
+  colocated_per_device_goodput, colocated: {tp, pp, replicas}, goodput_ratio_vs_colocated
+  slo: {ttft, tpot, attainment}, workload: {...}, predicted_attainment (at ``rate``)
+  ranking: top layouts [{prefill: [tp, pp], decode: [tp, pp], n_p, n_d, inter, per_device_goodput}]
+  skipped: layouts left out and why
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+from jaxserve.slo import goodput_by_bisection
+
+from .search import Candidate, LayoutScore, Scorer, SearchSpec, best_colocated, search_high, search_low
+
+E2E_MIN_REQUESTS = 1500
+E2E_PER_INSTANCE = 250
+TOP_K_E2E = 4  # candidates re-scored end to end (joint SLO) before choosing
+
+
+def place(instances: list[tuple[str, int, int, int]], nodes: int, gpus_per_node: int
+          ) -> list[list[list[dict[str, Any]]]] | None:
+    """First-fit placement of (role, tp, pp, replicas); per instance, per replica, per stage."""
+    free = [list(range(gpus_per_node)) for _ in range(nodes)]
+    out = []
+    for _role, tp, pp, replicas in instances:
+        reps = []
+        for _ in range(replicas):
+            stages = []
+            for _ in range(pp):
+                node = next((n for n in range(nodes) if len(free[n]) >= tp), None)
+                if node is None:
+                    return None
+                gpus, free[node] = free[node][:tp], free[node][tp:]
+                stages.append({"node": node, "gpus": gpus})
+            reps.append(stages)
+        out.append(reps)
+    return out
+
+
+def place_low(cand: Candidate, groups: int, gpus_per_node: int) -> list[list[list[dict[str, Any]]]]:
+    """Low affinity: group g uses nodes g*inter .. g*inter+inter-1; segment i of each instance on node i."""
+    res: list[list[list[dict[str, Any]]]] = [[], []]
+    for g in range(groups):
+        used = [0] * cand.inter
+        for k, (score, count) in enumerate(((cand.prefill, cand.n_p), (cand.decode, cand.n_d))):
+            per_node = score.pp // cand.inter
+            for _ in range(count):
+                stages = []
+                for i in range(cand.inter):
+                    for _ in range(per_node):
+                        stages.append({"node": g * cand.inter + i, "gpus": list(range(used[i], used[i] + score.tp))})
+                        used[i] += score.tp
+                res[k].append(stages)
+    return res
+
+
+def evaluate(sc: Scorer, best: Candidate) -> dict[str, Any] | None:
+    """Place one candidate and score it end to end; None if it does not pack onto the nodes."""
+    spec = sc.spec
+    if best.inter:
+        groups = spec.nodes // best.inter if spec.rate is None else math.ceil(spec.rate / best.rate - 1e-9)
+        placement = place_low(best, groups, spec.gpus_per_node)
+    else:
+        groups = 1
+        placement = place([("prefill", best.prefill.tp, best.prefill.pp, best.n_p),
+                           ("decode", best.decode.tp, best.decode.pp, best.n_d)], spec.nodes, spec.gpus_per_node)
+        if placement is None:
+            sc.skipped.append(f"plan prefill {best.prefill.tp}x{best.prefill.pp} x{best.n_p} + decode "
+                              f"{best.decode.tp}x{best.decode.pp} x{best.n_d}: does not pack onto the nodes")
+            return None
+    n_p, n_d = best.n_p * groups, best.n_d * groups
+    devices = best.devices * groups
+    n_req = _e2e_n(n_p + n_d)
+
+    def att(rate: float) -> float:
+        return sc.e2e_attainment(best, groups, rate, n_req).attainment(spec.slo.ttft, spec.slo.tpot)
+
+    est_rate = best.rate * groups  # at or above the end-to-end goodput: each phase alone reaches it
+    e2e_rate = goodput_by_bisection(att, spec.slo.attainment, est_rate / 8, est_rate, rel_tol=0.02,
+                                    expand=False)
+    rate = spec.rate if spec.rate is not None else e2e_rate
+    return {
+        "feasible": True, "rate": rate, "devices": devices, "groups": groups, "inter": best.inter,
+        "instances": [
+            {"role": role, "tp": s.tp, "pp": s.pp, "replicas": n,
+             "nodes": [[st["node"] for st in rep] for rep in reps], "placement": reps,
+             "rate_per_instance": s.rate}
+            for role, s, n, reps in (("prefill", best.prefill, n_p, placement[0]),
+                                     ("decode", best.decode, n_d, placement[1]))],
+        "per_device_goodput": e2e_rate / devices,
+        "phase_estimate_per_device_goodput": best.per_device,
+        "predicted_attainment": att(rate) if rate > 0 else 0.0,
+    }
+
+
+def _e2e_n(instances: int) -> int:
+    return max(E2E_MIN_REQUESTS, E2E_PER_INSTANCE * instances)
+
+
+def make_plan(spec: SearchSpec, progress: Callable[[], None] | None = None) -> dict[str, Any]:
+    sc = Scorer(spec, progress)
+    cands = search_high(sc) if spec.affinity == "high" else search_low(sc)
+    colo = best_colocated(sc)
+    plan: dict[str, Any] = {
+        "model": spec.model_name,
+        "profile": spec.profile.path if spec.profile else f"analytic:{spec.hardware.name}",
+        "hardware": spec.hardware.name, "affinity": spec.affinity,
+        "cluster": {"nodes": spec.nodes, "gpus_per_node": spec.gpus_per_node},
+        "slo": {"ttft": spec.slo.ttft, "tpot": spec.slo.tpot, "attainment": spec.slo.attainment},
+        "workload": spec.workload.describe(), "skipped": sc.skipped,
+        "ranking": [{"prefill": [c.prefill.tp, c.prefill.pp], "decode": [c.decode.tp, c.decode.pp],
+                     "n_p": c.n_p, "n_d": c.n_d, "inter": c.inter, "per_device_goodput": c.per_device}
+                    for c in cands[:10]],
+        "colocated_ranking": [{"tp": x.tp, "pp": x.pp, "per_device_goodput": x.per_device} for x in colo[:10]],
+    }
+    if not cands:
+        why = (f"no layout meets TTFT {spec.slo.ttft}s / TPOT {spec.slo.tpot}s for {spec.slo.attainment:.0%} "
+               f"of requests" + (f" at rate {spec.rate} req/s" if spec.rate else "")
+               + f" on {spec.nodes}x{spec.gpus_per_node} devices")
+        return {**plan, "feasible": False, "reason": why}
+    chosen = None
+    for cand in cands[:TOP_K_E2E]:
+        ev = evaluate(sc, cand)
+        if ev is not None and (chosen is None or ev["per_device_goodput"] > chosen["per_device_goodput"]):
+            chosen = ev
+    if chosen is None:
+        return {**plan, "feasible": False, "reason": "none of the best layouts packs onto the nodes"}
+    plan.update(chosen)
+    plan.update(colocated_summary(sc, colo[0] if colo else None))
+    if plan["colocated_per_device_goodput"] > 0:
+        plan["goodput_ratio_vs_colocated"] = plan["per_device_goodput"] / plan["colocated_per_device_goodput"]
+    return plan
+
+
+def colocated_summary(sc: Scorer, x: LayoutScore | None) -> dict[str, Any]:
+    """Best colocated layout, replicated like the plan (for --rate) and scored end to end."""
+    if x is None:
+        return {"colocated_per_device_goodput": 0.0, "colocated": None}
+    spec = sc.spec
+    reps = 1 if spec.rate is None else math.ceil(spec.rate / x.rate - 1e-9)
+    return {"colocated_per_device_goodput": x.per_device,
+            "colocated": {"tp": x.tp, "pp": x.pp, "replicas": reps, "rate_per_instance": x.rate}}

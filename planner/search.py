@@ -1,0 +1,310 @@
+"""Placement search: each phase's (tp, pp), replica counts, and nodes, for max per-device goodput.
+
+    SearchSpec (model, latency source, cluster, workload, SLO, affinity, rate)
+      --score_layout()-->  per-instance max rate meeting the SLO (bisection over the simulator)
+            prefill layouts: TTFT attainment;  decode: TPOT attainment;  colocated: both
+      --search_high() / search_low()-->  ranked Candidates (disaggregated) + best colocated
+      --> planner.plan.build_plan() writes the plan JSON
+
+High node-affinity: prefill and decode layouts are scored independently and paired; a
+pair's ideal per-device goodput is 1 / (dev_p / R_p + dev_d / R_d), then integer
+replicas are chosen (to meet --rate, or to use the cluster at the best ratio). KV moves
+over the inter-node links. Low node-affinity: a model split into `inter` pipeline
+segments across `inter` nodes; on every node, the prefill and decode segments that
+hold the same layers sit together, so KV moves over the intra-node link only; the
+search runs over inter, each phase's intra-node (tp, pp) and segment counts per node.
+Layouts whose tp the profile lacks are skipped (listed in ``skipped``), not inferred;
+use --hardware to plan from the analytic model instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Callable
+
+import numpy as np
+
+from jaxserve.config import ModelConfig
+from jaxserve.slo import SLO, goodput_by_bisection
+
+from .colocated import run_colocated
+from .hardware import HardwareSpec, analytic_phase
+from .latency import DISAGG_ENGINE, InstanceModel, PhaseModel, Profile
+from .simulator import SimResult, run_decode, run_disaggregated, run_prefill
+from .workload import MAX_CONTEXT, Workload
+
+ROLES = ("prefill", "decode", "colocated")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchSpec:
+    model_name: str
+    model: ModelConfig
+    profile: Profile | None  # None: analytic model from ``hardware``
+    hardware: HardwareSpec
+    slo: SLO
+    workload: Workload
+    nodes: int
+    gpus_per_node: int
+    affinity: str = "high"
+    rate: float | None = None
+    n_requests: int = 800
+    seed: int = 0
+    token_budget: int = 2048
+    max_batch: int = 256
+    chunk: int = 0  # colocated baseline: 0 prefill-first, else chunked prefill budget
+
+    @property
+    def devices(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclasses.dataclass(frozen=True)
+class LayoutScore:
+    role: str
+    tp: int
+    pp: int
+    rate: float  # max req/s of one instance meeting the SLO share
+    source: str
+
+    @property
+    def devices(self) -> int:
+        return self.tp * self.pp
+
+    @property
+    def per_device(self) -> float:
+        return self.rate / self.devices
+
+
+@dataclasses.dataclass(frozen=True)
+class Candidate:
+    """A disaggregated unit: n_p prefill + n_d decode instances (x groups in low affinity)."""
+
+    prefill: LayoutScore
+    decode: LayoutScore
+    n_p: int
+    n_d: int
+    inter: int = 0  # low affinity: pipeline segments across nodes; 0 in high affinity
+
+    @property
+    def devices(self) -> int:
+        return self.n_p * self.prefill.devices + self.n_d * self.decode.devices
+
+    @property
+    def rate(self) -> float:
+        return min(self.n_p * self.prefill.rate, self.n_d * self.decode.rate)
+
+    @property
+    def per_device(self) -> float:
+        return self.rate / self.devices
+
+    @property
+    def ideal_per_device(self) -> float:
+        """Per-device goodput with fractional replicas at the best prefill:decode ratio."""
+        return 1.0 / (self.prefill.devices / self.prefill.rate + self.decode.devices / self.decode.rate)
+
+    def sort_key(self) -> tuple[float, float, int]:
+        return (-round(self.per_device, 6), -self.ideal_per_device, self.devices)
+
+
+class Scorer:
+    """Scores layouts by simulation; caches per (role, tp, pp)."""
+
+    def __init__(self, spec: SearchSpec, progress: Callable[[], None] | None = None) -> None:
+        self.spec = spec
+        self.reqs = spec.workload.sample(spec.n_requests, 1.0, seed=spec.seed)
+        self.mean_prompt = float(np.mean(self.reqs.prompt_len))
+        self.cache: dict[tuple[str, int, int], LayoutScore | None] = {}
+        self.skipped: list[str] = []
+        self.progress = progress
+
+    def engine(self, role: str) -> str:
+        if role == "colocated" and self.spec.profile is not None:
+            return self.spec.profile.colocated_engine()
+        return DISAGG_ENGINE
+
+    def tps(self, role: str) -> list[int]:
+        s = self.spec
+        if s.profile is not None:
+            tps = s.profile.tps(self.engine(role), s.model_name)
+        else:
+            tps = [t for t in (1, 2, 4, 8) if s.model.num_attention_heads % t == 0]
+        return [t for t in tps if t <= s.gpus_per_node]
+
+    def phase(self, role: str, tp: int) -> PhaseModel | None:
+        s = self.spec
+        if s.profile is None:
+            return analytic_phase(s.model, tp, s.hardware)
+        return s.profile.phase(self.engine(role), s.model_name, tp)
+
+    def instance(self, role: str, tp: int, pp: int) -> InstanceModel | None:
+        ph = self.phase(role, tp)
+        if ph is None:
+            return None
+        s = self.spec
+        bw = s.hardware.intra_node_bw if tp * pp <= s.gpus_per_node else s.hardware.inter_node_bw
+        return InstanceModel(s.model, tp, pp, ph, s.hardware.memory_gib, stage_link_bw=bw)
+
+    def layouts(self, role: str, max_devices: int) -> list[tuple[int, int]]:
+        L = self.spec.model.num_hidden_layers
+        out = []
+        for tp in self.tps(role):
+            pp = 1
+            while tp * pp <= max_devices and pp <= L:
+                if L % pp == 0:
+                    out.append((tp, pp))
+                pp *= 2
+        return out
+
+    def max_rate(self, role: str, inst: InstanceModel) -> float:
+        """Throughput bound (req/s) of one instance on this workload: no rate above it is sustainable.
+
+        A finite simulation at an overload rate can still meet a TPOT target (the backlog is
+        spread over many tokens), so bisection never looks above this bound.
+        """
+        s, reqs = self.spec, self.reqs
+        mp, mo = self.mean_prompt, float(np.mean(reqs.output_len))
+        per_batch = max(1.0, s.token_budget / mp)
+        t_pre = inst.phase.prefill_time(per_batch * mp, per_batch * float(np.mean(reqs.prompt_len**2)))
+        pre_rate = inst.pp * per_batch / t_pre
+        if role == "prefill":
+            return pre_rate
+        lane_cap = inst.kv_capacity_tokens() / inst.pp
+        b = int(max(1, min(s.max_batch, lane_cap / (mp + mo))))
+        step = inst.phase.decode_time(b * (mp + mo / 2), b)
+        dec_rate = inst.pp * b / (max(mo - 1, 1) * step)
+        if role == "decode":
+            return dec_rate
+        return 1.0 / (1.0 / pre_rate + 1.0 / dec_rate)
+
+    def _attainment_fn(self, role: str, inst: InstanceModel) -> Callable[[float], float]:
+        s, reqs = self.spec, self.reqs
+
+        def att(rate: float) -> float:
+            r = reqs.scaled(rate)
+            if role == "prefill":
+                res = run_prefill([inst], r, token_budget=s.token_budget, max_batch=s.max_batch)
+                return float(np.mean(res.ttft() <= s.slo.ttft))
+            if role == "decode":
+                res = run_decode([inst], r, r.arrival, np.zeros(len(r)), SimResult.empty(r), max_batch=s.max_batch)
+                tpot = (res.finish - r.arrival) / np.maximum(r.output_len - 1, 1)
+                return float(np.mean(tpot <= s.slo.tpot))
+            res = run_colocated([inst], r, token_budget=s.token_budget, max_batch=s.max_batch, chunk=s.chunk)
+            return res.attainment(s.slo.ttft, s.slo.tpot)
+        return att
+
+    def score(self, role: str, tp: int, pp: int) -> LayoutScore | None:
+        key = (role, tp, pp)
+        if key in self.cache:
+            return self.cache[key]
+        inst = self.instance(role, tp, pp)
+        result = None
+        if inst is None:
+            self.skipped.append(f"{role} tp={tp} pp={pp}: not in the profile")
+        elif inst.kv_capacity_tokens() // (1 if role == "prefill" else pp) < MAX_CONTEXT:
+            self.skipped.append(f"{role} tp={tp} pp={pp}: weights leave too little memory for KV")
+        else:
+            hi = self.max_rate(role, inst)
+            rate = goodput_by_bisection(self._attainment_fn(role, inst), self.spec.slo.attainment, hi / 64, hi,
+                                        rel_tol=0.02, expand=False)
+            result = LayoutScore(role, tp, pp, rate, inst.phase.source)
+        self.cache[key] = result
+        if self.progress:
+            self.progress()
+        return result
+
+    def e2e_attainment(self, cand: Candidate, groups: int, rate: float, n: int) -> SimResult:
+        s = self.spec
+        p = self.instance("prefill", cand.prefill.tp, cand.prefill.pp)
+        d = self.instance("decode", cand.decode.tp, cand.decode.pp)
+        assert p is not None and d is not None
+        if cand.inter:  # low affinity: KV slices move in parallel over each node's intra-node link
+            bw, links = s.hardware.intra_node_bw, cand.inter
+        else:
+            bw, links = s.hardware.inter_node_bw, min(p.devices, d.devices)
+        reqs = s.workload.sample(n, rate, seed=s.seed + 1)
+        return run_disaggregated([p] * (cand.n_p * groups), [d] * (cand.n_d * groups), reqs, kv_link_bw=bw,
+                                 kv_parallel_links=links, token_budget=s.token_budget, max_batch=s.max_batch)
+
+    def colocated_result(self, score: LayoutScore, replicas: int, rate: float, n: int) -> SimResult:
+        s = self.spec
+        inst = self.instance("colocated", score.tp, score.pp)
+        assert inst is not None
+        reqs = s.workload.sample(n, rate, seed=s.seed + 1)
+        return run_colocated([inst] * replicas, reqs, token_budget=s.token_budget, max_batch=s.max_batch,
+                             chunk=s.chunk)
+
+
+def _best_counts(p: LayoutScore, d: LayoutScore, budget: int, rate: float | None) -> tuple[int, int] | None:
+    """Replica counts within ``budget`` devices: fewest meeting ``rate``, else best per-device."""
+    if p.rate <= 0 or d.rate <= 0:
+        return None
+    if rate is not None:
+        n_p, n_d = math.ceil(rate / p.rate - 1e-9), math.ceil(rate / d.rate - 1e-9)
+        return (n_p, n_d) if n_p * p.devices + n_d * d.devices <= budget else None
+    best: tuple[float, float, int, int] | None = None
+    for n_p in range(1, budget // p.devices + 1):
+        for n_d in range(1, (budget - n_p * p.devices) // d.devices + 1):
+            r = min(n_p * p.rate, n_d * d.rate)
+            key = (round(r / (n_p * p.devices + n_d * d.devices), 4), r, n_p, n_d)
+            if best is None or key[:2] > best[:2]:
+                best = key
+    return None if best is None else (best[2], best[3])
+
+
+def search_high(sc: Scorer) -> list[Candidate]:
+    """Disaggregated candidates under high node-affinity, best first."""
+    s = sc.spec
+    pre = [x for tp, pp in sc.layouts("prefill", s.devices) if (x := sc.score("prefill", tp, pp)) and x.rate > 0]
+    dec = [x for tp, pp in sc.layouts("decode", s.devices) if (x := sc.score("decode", tp, pp)) and x.rate > 0]
+    cands = []
+    for p in pre:
+        for d in dec:
+            counts = _best_counts(p, d, s.devices, s.rate)
+            if counts:
+                cands.append(Candidate(p, d, *counts))
+    return sorted(cands, key=Candidate.sort_key)
+
+
+def search_low(sc: Scorer) -> list[Candidate]:
+    """Low node-affinity: per-node segments of prefill and decode holding the same layers."""
+    s = sc.spec
+    L, G = s.model.num_hidden_layers, s.gpus_per_node
+    cands = []
+    for inter in range(1, s.nodes + 1):
+        if L % inter:
+            continue
+        groups_max = s.nodes // inter
+        seg = {role: [(tp, pp // inter) for tp, pp in sc.layouts(role, inter * G)
+                      if pp % inter == 0 and tp * (pp // inter) <= G] for role in ("prefill", "decode")}
+        for tp_p, ip in seg["prefill"]:
+            p = sc.score("prefill", tp_p, ip * inter)
+            if not p or p.rate <= 0:
+                continue
+            for tp_d, idd in seg["decode"]:
+                d = sc.score("decode", tp_d, idd * inter)
+                if not d or d.rate <= 0:
+                    continue
+                best = None
+                for n_p in range(1, G // (tp_p * ip) + 1):
+                    for n_d in range(1, (G - n_p * tp_p * ip) // (tp_d * idd) + 1):
+                        c = Candidate(p, d, n_p, n_d, inter)
+                        if s.rate is not None and math.ceil(s.rate / c.rate - 1e-9) > groups_max:
+                            continue
+                        if best is None or (round(c.per_device, 4), c.rate) > (round(best.per_device, 4), best.rate):
+                            best = c
+                if best:
+                    cands.append(best)
+    return sorted(cands, key=Candidate.sort_key)
+
+
+def best_colocated(sc: Scorer) -> list[LayoutScore]:
+    """Colocated layouts under the same cluster, best per-device first (those meeting --rate)."""
+    s = sc.spec
+    out = []
+    for tp, pp in sc.layouts("colocated", s.devices):
+        x = sc.score("colocated", tp, pp)
+        if x and x.rate > 0 and (s.rate is None or math.ceil(s.rate / x.rate - 1e-9) * x.devices <= s.devices):
+            out.append(x)
+    return sorted(out, key=lambda x: (-x.per_device, x.devices))
