@@ -44,7 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--gpus-per-node", type=int, default=8)
     ap.add_argument("--rate", type=float, default=None, help="target traffic, req/s")
     ap.add_argument("--affinity", default="high", choices=["high", "low"])
-    ap.add_argument("--requests", type=int, default=800, help="simulated requests per layout evaluation")
+    ap.add_argument("--requests", type=int, default=2000, help="simulated requests per layout evaluation")
     ap.add_argument("--chunked", type=int, default=0, help="colocated baseline with chunked prefill of this budget")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the plan JSON here")

@@ -49,7 +49,7 @@ class SearchSpec:
     gpus_per_node: int
     affinity: str = "high"
     rate: float | None = None
-    n_requests: int = 800
+    n_requests: int = 2000
     seed: int = 0
     token_budget: int = 2048
     max_batch: int = 256
