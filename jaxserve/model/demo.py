@@ -1,0 +1,77 @@
+"""The built-in demo model: a tiny random-weight OPT plus a small trained tokenizer.
+
+It lets the main job run on a fresh machine with no download. It produces
+gibberish by design: it is named ``jaxserve-demo-opt`` everywhere it shows up.
+
+    DEMO_CONFIG + numpy RNG(seed) --export_hf--> ~/.cache/jaxserve/<name>/ (config.json, model.safetensors)
+    demo_data.train_demo_tokenizer() ---------->              "               (tokenizer.json, ...)
+
+The folder is an ordinary HF OPT folder, so the demo goes through the same
+loading path as a real checkpoint. It is written once (atomically) and reused.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from jaxserve.config import ModelConfig
+from jaxserve.model.loader import export_hf
+from jaxserve.model.opt import Params, is_shape_tuple, param_shapes
+
+DEMO_NAME = "jaxserve-demo-opt"
+DEMO_VERSION = 1
+DEMO_VOCAB = 512
+DEMO_CONFIG = ModelConfig(
+    name=DEMO_NAME, vocab_size=DEMO_VOCAB, hidden_size=128, num_hidden_layers=4, num_attention_heads=4,
+    ffn_dim=512, word_embed_proj_dim=128, max_position_embeddings=1024)
+
+
+def random_params_numpy(cfg: ModelConfig, seed: int = 0, std: float = 0.02) -> Params:
+    """Deterministic random params from numpy (same bytes on every machine and jax version)."""
+    rng = np.random.default_rng(seed)
+    shapes = param_shapes(cfg)
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=is_shape_tuple)
+    out = []
+    for path, shape in leaves:
+        name = jax.tree_util.keystr(path)
+        if "ln" in name or "layer_norm" in name:
+            out.append(np.ones(shape, np.float32) if name.endswith("['scale']") else np.zeros(shape, np.float32))
+        else:
+            out.append((std * rng.standard_normal(shape)).astype(np.float32))
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("JAXSERVE_CACHE", Path.home() / ".cache" / "jaxserve"))
+
+
+def build_demo_model(out_dir: str | Path) -> Path:
+    """Write the demo model (weights + tokenizer) as an HF folder at ``out_dir``."""
+    from jaxserve.model.demo_data import save_demo_tokenizer
+
+    out = Path(out_dir)
+    export_hf(random_params_numpy(DEMO_CONFIG, seed=0, std=0.1), DEMO_CONFIG, out)
+    save_demo_tokenizer(out)
+    return out
+
+
+def ensure_demo_model() -> Path:
+    """Path of the demo model folder, building it on first use."""
+    final = cache_dir() / f"{DEMO_NAME}-v{DEMO_VERSION}"
+    if (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".demo-", dir=final.parent))
+    try:
+        build_demo_model(tmp)
+        if not final.exists():
+            tmp.rename(final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
