@@ -1,0 +1,82 @@
+"""Host-side output handling for one request: detokenize, apply stop rules, stream safely.
+
+    sampled token id --OutputTracker.add()--> (text delta to stream, finish reason or None)
+
+Rules, checked after each token:
+  * EOS (unless ``ignore_eos``) and ``stop_token_ids`` end the request; their text is not added.
+  * a ``stop`` string ends it with the text cut *before* the stop string
+    (kept with ``include_stop_str_in_output``);
+  * ``max_tokens`` (or the context limit the caller passes) ends it with reason ``length``.
+While stop strings are set, the last ``len(longest stop) - 1`` characters are held
+back from the stream (they might be the start of a stop string) and flushed at the end,
+so the concatenated deltas always equal the final text. The engine, the simple
+generator and the server all use this one tracker.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jaxserve.request import FinishReason, SamplingParams
+
+
+class OutputTracker:
+    """Per-request output state: token ids, text, streamed prefix, finish reason."""
+
+    def __init__(self, sampling: SamplingParams, eos_token_id: int | None, detokenizer: Any = None,
+                 max_tokens: int | None = None) -> None:
+        if sampling.stop and detokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        self.sampling = sampling
+        self.eos_token_id = eos_token_id
+        self.detok = detokenizer
+        self.max_tokens = sampling.max_tokens if max_tokens is None else min(max_tokens, sampling.max_tokens)
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.finish_reason: FinishReason | None = None
+        self._streamed = 0
+        self._hold = max((len(s) for s in sampling.stop), default=1) - 1
+
+    def add(self, token_id: int) -> tuple[str, FinishReason | None]:
+        """Record one sampled token; returns (new text to stream, finish reason or None)."""
+        if self.finish_reason is not None:
+            raise RuntimeError("request already finished")
+        sp = self.sampling
+        self.token_ids.append(token_id)
+        stop_token = (token_id == self.eos_token_id and not sp.ignore_eos) or token_id in sp.stop_token_ids
+        if stop_token:
+            self.finish_reason = FinishReason.STOP
+            self._flush_detok()
+        else:
+            piece = self.detok.add(token_id) if self.detok is not None else ""
+            before = len(self.text)
+            self.text += piece
+            if sp.stop and piece and self._cut_at_stop(before):
+                self.finish_reason = FinishReason.STOP
+            elif len(self.token_ids) >= self.max_tokens:
+                self.finish_reason = FinishReason.LENGTH
+                self._flush_detok()
+        return self._delta(), self.finish_reason
+
+    def abort(self, reason: FinishReason = FinishReason.ABORT) -> None:
+        if self.finish_reason is None:
+            self.finish_reason = reason
+
+    def _flush_detok(self) -> None:
+        if self.detok is not None:
+            self.text += self.detok.finish()
+
+    def _cut_at_stop(self, before: int) -> bool:
+        lo = max(0, before - self._hold)  # only a stop string overlapping the new piece is new
+        hits = [(i, s) for s in self.sampling.stop if (i := self.text.find(s, lo)) >= 0]
+        if not hits:
+            return False
+        i, s = min(hits)
+        self.text = self.text[: i + len(s)] if self.sampling.include_stop_str_in_output else self.text[:i]
+        return True
+
+    def _delta(self) -> str:
+        end = len(self.text) if self.finish_reason is not None else max(self._streamed, len(self.text) - self._hold)
+        delta = self.text[self._streamed:end]
+        self._streamed = end
+        return delta
