@@ -1,0 +1,139 @@
+"""Per-request sampling: seeds, top-k/top-p, temperature statistics, and stop rules."""
+
+from typing import ClassVar
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxserve.model.generate import generate
+from jaxserve.model.sampling import SamplingArrays, sample
+from jaxserve.request import FinishReason, SamplingError, SamplingParams
+from jaxserve.stopping import OutputTracker
+from jaxserve.tokenizer import Tokenizer
+
+PROMPTS = [[2, 10, 20, 30], [2, 99], [2, *range(40, 80)]]
+
+
+def _ids(gens):
+    return [g.token_ids for g in gens]
+
+
+def test_seeded_sampling_is_reproducible_whatever_the_batch(hf_model):
+    _, _, cfg, params = hf_model
+    sp = SamplingParams(max_tokens=24, temperature=1.0, top_p=0.95, seed=1234, ignore_eos=True)
+    batch = _ids(generate(params, cfg, PROMPTS, sp))
+    assert batch == _ids(generate(params, cfg, PROMPTS, sp))
+    alone = _ids(generate(params, cfg, [PROMPTS[1]], sp))
+    assert alone[0] == batch[1]
+    other = _ids(generate(params, cfg, PROMPTS, SamplingParams(max_tokens=24, temperature=1.0, seed=99,
+                                                              ignore_eos=True)))
+    assert other != batch
+
+
+def test_top_k_1_and_tiny_top_p_equal_greedy(hf_model):
+    _, _, cfg, params = hf_model
+    greedy = _ids(generate(params, cfg, PROMPTS, SamplingParams(max_tokens=16)))
+    k1 = _ids(generate(params, cfg, PROMPTS, SamplingParams(max_tokens=16, temperature=1.5, top_k=1, seed=3)))
+    p0 = _ids(generate(params, cfg, PROMPTS, SamplingParams(max_tokens=16, temperature=1.5, top_p=1e-6, seed=3)))
+    assert greedy == k1 == p0
+
+
+def _draws(logits, n=4000, **kw):
+    sp = [SamplingParams(temperature=kw.get("temperature", 1.0), top_k=kw.get("top_k", 0),
+                         top_p=kw.get("top_p", 1.0))] * n
+    a = SamplingArrays.from_params(sp, [7] * n, list(range(n)), n)
+    toks = sample(jnp.tile(jnp.asarray(logits, jnp.float32), (n, 1)), a.temperature, a.top_k, a.top_p,
+                  a.seed_lo, a.seed_hi, a.step)
+    return np.bincount(np.asarray(toks), minlength=len(logits)) / n
+
+
+def test_sampler_statistics():
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(probs)
+    n = 4000
+    tol = 4 * np.sqrt(0.25 / n)  # 4 sigma of a Bernoulli frequency
+    np.testing.assert_allclose(_draws(logits, n), probs, atol=tol)
+    t2 = np.exp(logits / 2.0) / np.exp(logits / 2.0).sum()
+    np.testing.assert_allclose(_draws(logits, n, temperature=2.0), t2, atol=tol)
+    np.testing.assert_allclose(_draws(logits, n, top_k=2), [0.625, 0.375, 0, 0], atol=tol)
+    # nucleus 0.6 keeps tokens whose preceding mass is < 0.6: the first two
+    np.testing.assert_allclose(_draws(logits, n, top_p=0.6), [0.625, 0.375, 0, 0], atol=tol)
+
+
+def test_stop_string_ends_output_before_it(hf_model):
+    d, _, cfg, params = hf_model
+    tok = Tokenizer.from_dir(d)
+    prompt = tok.encode("The weather today")
+    base = generate(params, cfg, [prompt], SamplingParams(max_tokens=40, ignore_eos=True), tokenizer=tok)[0]
+    assert base.text == tok.decode(base.token_ids)
+    stop = base.text[len(base.text) // 2: len(base.text) // 2 + 3]
+    assert len(stop) == 3
+    g = generate(params, cfg, [prompt], SamplingParams(max_tokens=40, ignore_eos=True, stop=[stop]),
+                 tokenizer=tok)[0]
+    assert g.finish_reason == FinishReason.STOP
+    assert g.text == base.text[: base.text.index(stop)]
+    assert stop not in g.text
+    assert g.token_ids == base.token_ids[: len(g.token_ids)]
+
+
+def test_stop_token_ids_and_max_tokens(hf_model):
+    _, _, cfg, params = hf_model
+    base = generate(params, cfg, [PROMPTS[0]], SamplingParams(max_tokens=20, ignore_eos=True))[0]
+    assert base.finish_reason == FinishReason.LENGTH and len(base.token_ids) == 20
+    stop_tok = base.token_ids[5]
+    g = generate(params, cfg, [PROMPTS[0]], SamplingParams(max_tokens=20, stop_token_ids=[stop_tok]))[0]
+    assert g.finish_reason == FinishReason.STOP
+    assert g.token_ids == base.token_ids[: base.token_ids.index(stop_tok) + 1]
+
+
+class PieceDetok:
+    """Test double: token i decodes to PIECES[i]; finish() flushes nothing."""
+
+    PIECES: ClassVar[dict[int, str]] = {5: "hello", 6: " EN", 7: "D more", 8: "!"}
+
+    def add(self, t):
+        return self.PIECES.get(t, "")
+
+    def finish(self):
+        return ""
+
+
+def _run(sp, tokens, eos=2):
+    tr = OutputTracker(sp, eos, PieceDetok())
+    deltas, reason = [], None
+    for t in tokens:
+        d, reason = tr.add(t)
+        deltas.append(d)
+        if reason:
+            break
+    assert "".join(deltas) == tr.text  # streamed pieces always add up to the final text
+    return tr, deltas, reason
+
+
+def test_output_tracker_rules():
+    tr, _, r = _run(SamplingParams(max_tokens=3), [5, 2, 8])
+    assert (r, tr.text, tr.token_ids) == (FinishReason.STOP, "hello", [5, 2])
+    tr, _, r = _run(SamplingParams(max_tokens=3, ignore_eos=True), [5, 2, 8])
+    assert (r, tr.text, tr.token_ids) == (FinishReason.LENGTH, "hello!", [5, 2, 8])
+    tr, _, r = _run(SamplingParams(max_tokens=9, stop_token_ids=(6,)), [5, 6, 7])
+    assert (r, tr.text) == (FinishReason.STOP, "hello")
+    # the stop string spans two tokens; " EN" must not be streamed before we know
+    tr, deltas, r = _run(SamplingParams(max_tokens=9, stop=("END",)), [5, 6, 7, 8])
+    assert (r, tr.text) == (FinishReason.STOP, "hello ")
+    assert deltas[:2] == ["hel", "lo "] and "EN" not in "".join(deltas)
+    tr, _, r = _run(SamplingParams(max_tokens=9, stop=("END",), include_stop_str_in_output=True), [5, 6, 7])
+    assert tr.text == "hello END"
+    tr, deltas, r = _run(SamplingParams(max_tokens=2, stop=("zzz",)), [5, 8])
+    assert (r, tr.text) == (FinishReason.LENGTH, "hello!")
+
+
+@pytest.mark.parametrize("kw,field", [
+    (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=True), "max_tokens"),
+    (dict(temperature=-1), "temperature"), (dict(temperature=float("nan")), "temperature"),
+    (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"), (dict(seed=-1), "seed"),
+    (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-3]), "stop_token_ids"),
+])
+def test_sampling_params_validation(kw, field):
+    with pytest.raises(SamplingError, match=f"^{field}:"):
+        SamplingParams(**kw)
