@@ -1,0 +1,159 @@
+#!/usr/bin/env python
+"""Offline batch generation: a JSONL file of prompts in, a JSONL file of completions out.
+
+    IN.jsonl  {"prompt": str} | {"prompt_token_ids": [int]}  (+ optional "max_tokens")   one per line
+      --validate each line (bad lines are reported by line number and skipped)-->
+    jaxserve.LLM.generate (greedy unless told otherwise)
+      --> OUT.jsonl, in input order: {"prompt", "text", "token_ids", "finish_reason"}
+          (a bad input line gets {"line": N, "error": "..."} in its place)
+
+With no --model, the built-in demo model (random weights: the text is gibberish).
+With --prompt instead of --input, prompts come from the command line and results
+go to stdout. Exit status: 0 if any line was generated, 1 if nothing could be done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+ALLOWED_KEYS = {"prompt", "prompt_token_ids", "max_tokens"}
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        description="Generate completions for a JSONL file of prompts with jaxserve (offline, batched).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="HF OPT folder or converted (orbax) folder; default: the built-in demo model")
+    p.add_argument("--config", default=None, help="deployment YAML (disaggregated instances); default: colocated")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--input", type=Path, help='JSONL input: one {"prompt": ...} or {"prompt_token_ids": [...]} per line')
+    src.add_argument("--prompt", action="append", help="a prompt given inline (repeatable), instead of --input")
+    p.add_argument("--output", type=Path, default=None, help="JSONL output path (default: stdout)")
+    p.add_argument("--max-tokens", type=int, default=64, help="default max new tokens per request")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same tokens)")
+    p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
+    p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget in GiB (default: derived)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = p.parse_args(argv)
+    if args.input is None and not args.prompt:
+        args.prompt = ["Hello, my name is", "The weather today is"]
+    if args.max_tokens <= 0:
+        p.error(f"--max-tokens must be positive, got {args.max_tokens}")
+    if args.kv_cache_gb is not None and args.kv_cache_gb <= 0:
+        p.error(f"--kv-cache-gb must be positive, got {args.kv_cache_gb}")
+    return args
+
+
+def read_lines(args: argparse.Namespace) -> list[tuple[int, Any]]:
+    """(line number, parsed JSON object or an error string) for each non-blank input line."""
+    if args.prompt:
+        return [(i + 1, {"prompt": t}) for i, t in enumerate(args.prompt)]
+    try:
+        text = args.input.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise SystemExit(f"error: cannot read --input {args.input}: {e}") from e
+    out: list[tuple[int, Any]] = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            out.append((n, json.loads(line)))
+        except json.JSONDecodeError as e:
+            out.append((n, f"not valid JSON ({e.msg} at column {e.colno})"))
+    return out
+
+
+def validate(obj: Any, llm: Any, base: Any) -> tuple[list[int], Any, Any]:
+    """One input object -> (token ids, SamplingParams, prompt); raises ValueError naming the problem."""
+    from jaxserve.request import SamplingParams
+
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    unknown = sorted(set(obj) - ALLOWED_KEYS)
+    if unknown:
+        raise ValueError(f"unknown key(s) {unknown}; allowed: {sorted(ALLOWED_KEYS)}")
+    if ("prompt" in obj) == ("prompt_token_ids" in obj):
+        raise ValueError('give exactly one of "prompt" or "prompt_token_ids"')
+    prompt = obj.get("prompt")
+    if prompt is not None and not isinstance(prompt, str):
+        raise ValueError(f'"prompt" must be a string, got {type(prompt).__name__}')
+    if prompt is None and not isinstance(obj["prompt_token_ids"], list):
+        raise ValueError('"prompt_token_ids" must be a list of integers')
+    ids = llm.tokenize(prompt if prompt is not None else obj["prompt_token_ids"])
+    sp = base
+    if "max_tokens" in obj:
+        sp = SamplingParams(**{**_fields(base), "max_tokens": obj["max_tokens"]})
+    return ids, sp, prompt
+
+
+def _fields(sp: Any) -> dict[str, Any]:
+    import dataclasses
+    return {f.name: getattr(sp, f.name) for f in dataclasses.fields(sp)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from tqdm import tqdm
+
+    from jaxserve.llm import LLM
+    from jaxserve.request import SamplingError, SamplingParams
+
+    try:
+        base = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                              top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    except SamplingError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    lines = read_lines(args)
+    engine_kw = {k: v for k, v in (("kv_cache_gb", args.kv_cache_gb), ("config", args.config)) if v is not None}
+    try:
+        llm = LLM(args.model, dtype=args.dtype, **engine_kw)
+    except (ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    results: dict[int, dict[str, Any]] = {}
+    good: list[tuple[int, list[int], Any, Any]] = []
+    for n, obj in lines:
+        try:
+            if isinstance(obj, str):
+                raise ValueError(obj)
+            ids, sp, prompt = validate(obj, llm, base)
+            good.append((n, ids, sp, prompt))
+        except ValueError as e:  # SamplingError is a ValueError
+            print(f"line {n}: {e}", file=sys.stderr)
+            results[n] = {"line": n, "error": str(e)}
+    t0 = time.perf_counter()
+    n_gen = 0
+    if good:
+        with tqdm(total=len(good), desc="generating", unit="req", file=sys.stderr) as bar:
+            outs = llm.generate([g[1] for g in good], [g[2] for g in good], progress=bar.update)
+        for (n, _, _, prompt), o in zip(good, outs, strict=True):
+            results[n] = {"prompt": prompt if prompt is not None else o.prompt_token_ids, "text": o.text,
+                          "token_ids": o.token_ids, "finish_reason": o.finish_reason.value}
+            n_gen += len(o.token_ids)
+    dt = time.perf_counter() - t0
+    out_text = "".join(json.dumps(results[n], ensure_ascii=False) + "\n" for n, _ in lines)
+    if args.output is None:
+        sys.stdout.write(out_text)
+    else:
+        args.output.write_text(out_text, encoding="utf-8")
+    n_prompt = sum(len(g[1]) for g in good)
+    print(f"model {llm.model_name}: {len(good)} requests ({len(lines) - len(good)} rejected), "
+          f"{n_prompt} prompt tokens, {n_gen} generated tokens in {dt:.2f} s "
+          f"({n_gen / dt if dt > 0 else 0.0:.1f} tok/s)", file=sys.stderr)
+    return 0 if good else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
