@@ -1,18 +1,22 @@
 """Attention over a paged KV cache: the one seam between the model and the KV layout.
 
-Tokens of a step are *packed*: ``[T]`` tokens from ``B`` sequences (prefill
-chunks, decodes, or both), each with its absolute position. Per layer:
+Tokens of a step are *packed*: ``[T]`` tokens from several sequences, each with
+its absolute position. Every layer first writes its new K/V into the pages
+(``slot_mapping``), then attends in one of two modes, fixed by ``AttnMeta``:
 
-    k, v [T, H, Dh] --write_kv(slot_mapping)--> k_pages, v_pages [N, bs, H, Dh]
-    q [T, H, Dh] --gather(query_index)--> [B, Q, H, Dh]
-        x  pages gathered through block_tables [B, MB] -> [B, S=MB*bs, H, Dh]
-        masked by (key_pos <= query_pos) & (key_pos < context_lens)
-    --> [B, Q, H, Dh] --scatter back (token_row, token_col)--> [T, H, Dh]
+* **packed** (``segment_ids`` given): prompts that start at position 0. Keys are
+  this step's own K/V; a token sees tokens of its own segment at positions <= its own
+  (block-diagonal causal mask over ``[T, T]``). Shape depends on ``T`` only.
+* **paged groups** (``segment_ids`` is None): each ``AttnGroup`` is a ``[Bg, Qg]`` grid of
+  query tokens (``query_index``; padding = ``T``, dropped) reading keys through
+  ``block_tables [Bg, MBg]`` from the pages, masked by position and ``context_lens``.
+  Decodes are a ``[B, 1]`` group; prefill chunks with a cached prefix a ``[Bc, Qc]`` group.
 
-Only int32 index arrays enter here; block bookkeeping stays on the host. The
-XLA path below is what CPU serving runs; on GPU the engine may swap in the
-Pallas kernels (``pallas_kernels``) through the same ``AttnMeta``.
-Block 0 of the cache is a reserved null block: padding tokens write there.
+    q, k, v [T, H, Dh] --write_kv--> pages [N, bs, H, Dh] --attend--> [T, H, Dh]
+
+Only int32 index arrays enter here; block bookkeeping stays on the host. This is
+the XLA path CPU serving runs; on GPU the engine may swap in the Pallas kernels
+(``pallas_kernels``) through the same metadata. Block 0 is a reserved null block.
 """
 
 from __future__ import annotations
@@ -25,15 +29,18 @@ import jax.numpy as jnp
 NEG_INF = -1e30  # finite, so fully-masked padding rows give a uniform softmax, never NaN
 
 
-class AttnMeta(NamedTuple):
-    """Int32 index arrays describing one packed step (a pytree; enters jit)."""
+class AttnGroup(NamedTuple):
+    query_index: jax.Array  # [Bg, Qg] token index of each query; padding -> T (dropped on scatter)
+    block_tables: jax.Array  # [Bg, MBg] physical block ids (0 = null block)
+    context_lens: jax.Array  # [Bg] valid keys per sequence after this step's write
 
-    slot_mapping: jax.Array  # [T]      flat cache slot (block*bs + offset) to write each token's K/V
-    query_index: jax.Array  # [B, Q]   token index of each (sequence, query) pair; padding -> any
-    token_row: jax.Array  # [T]      sequence row of each token (for scatter back)
-    token_col: jax.Array  # [T]      query column of each token
-    block_tables: jax.Array  # [B, MB]  physical block ids per sequence (0 = null block)
-    context_lens: jax.Array  # [B]      valid keys per sequence after this step's write
+
+class AttnMeta(NamedTuple):
+    """Int32 index arrays describing one packed step (a pytree; its structure is static under jit)."""
+
+    slot_mapping: jax.Array  # [T] flat cache slot (block*bs + offset) for each token's K/V
+    groups: tuple[AttnGroup, ...] = ()
+    segment_ids: jax.Array | None = None  # [T] packed mode: sequence id per token, -1 = padding
 
 
 def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
@@ -45,19 +52,40 @@ def write_kv(k_pages: jax.Array, v_pages: jax.Array, k: jax.Array, v: jax.Array,
     return k_flat.reshape(n, bs, h, d), v_flat.reshape(n, bs, h, d)
 
 
-def paged_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, positions: jax.Array,
-                        meta: AttnMeta, scale: float) -> jax.Array:
-    """Causal attention of packed queries [T, H, Dh] over the paged cache (already written)."""
-    b, mb = meta.block_tables.shape
+def packed_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array,
+                         segment_ids: jax.Array, scale: float) -> jax.Array:
+    """Block-diagonal causal attention of packed prompts over their own keys: [T, H, Dh]."""
+    s = jnp.einsum("thd,shd->hts", q, k, preferred_element_type=jnp.float32) * scale  # [H, T, T]
+    same = (segment_ids[:, None] == segment_ids[None, :]) & (segment_ids[:, None] >= 0)
+    mask = same & (positions[None, :] <= positions[:, None])  # [T, T]
+    p = jax.nn.softmax(jnp.where(mask[None], s, NEG_INF), axis=-1)
+    return jnp.einsum("hts,shd->thd", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
+
+
+def paged_group_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, positions: jax.Array,
+                              group: AttnGroup, scale: float) -> jax.Array:
+    """One group's queries over the paged cache: returns [Bg, Qg, H, Dh]."""
+    b, mb = group.block_tables.shape
     _, bs, h, d = k_pages.shape
-    qb = q[meta.query_index]  # [B, Q, H, Dh]
-    qpos = positions[meta.query_index]  # [B, Q]
-    k = k_pages[meta.block_tables].reshape(b, mb * bs, h, d)  # [B, S, H, Dh]
-    v = v_pages[meta.block_tables].reshape(b, mb * bs, h, d)  # [B, S, H, Dh]
+    qi = jnp.minimum(group.query_index, q.shape[0] - 1)  # padding reads a real row; dropped later
+    qb = q[qi]  # [B, Q, H, Dh]
+    qpos = positions[qi]  # [B, Q]
+    k = k_pages[group.block_tables].reshape(b, mb * bs, h, d)  # [B, S, H, Dh]
+    v = v_pages[group.block_tables].reshape(b, mb * bs, h, d)  # [B, S, H, Dh]
     s = jnp.einsum("bqhd,bshd->bhqs", qb, k, preferred_element_type=jnp.float32) * scale  # [B, H, Q, S]
     kpos = jnp.arange(mb * bs, dtype=jnp.int32)
-    mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < meta.context_lens[:, None, None])
-    s = jnp.where(mask[:, None, :, :], s, NEG_INF)
-    p = jax.nn.softmax(s, axis=-1)
-    o = jnp.einsum("bhqs,bshd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)  # [B, Q, H, Dh]
-    return o[meta.token_row, meta.token_col].astype(q.dtype)  # [T, H, Dh]
+    mask = (kpos[None, None, :] <= qpos[:, :, None]) & (kpos[None, None, :] < group.context_lens[:, None, None])
+    p = jax.nn.softmax(jnp.where(mask[:, None], s, NEG_INF), axis=-1)
+    return jnp.einsum("bhqs,bshd->bqhd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+
+
+def attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                  positions: jax.Array, meta: AttnMeta, scale: float) -> jax.Array:
+    """Attention for a packed step (pages already hold this step's K/V): [T, H, Dh]."""
+    if meta.segment_ids is not None:
+        return packed_attention_xla(q, k, v, positions, meta.segment_ids, scale)
+    out = jnp.zeros(q.shape, jnp.float32)
+    for g in meta.groups:
+        o = paged_group_attention_xla(q, k_pages, v_pages, positions, g, scale)
+        out = out.at[g.query_index.reshape(-1)].set(o.reshape(-1, *o.shape[2:]), mode="drop")
+    return out.astype(q.dtype)

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.inputs import SeqChunk, build_step_inputs, pow2_buckets
+from jaxserve.model.inputs import SeqChunk, StepShape, build_step_inputs, pow2_buckets
 from jaxserve.model.opt import Params, forward, init_kv_cache
 from jaxserve.model.sampling import SamplingArrays, new_seed, sample_tokens
 from jaxserve.request import FinishReason, SamplingParams
@@ -75,9 +75,10 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
     active = list(range(n))
     while active:
         b = _bucket(len(active))
-        inputs = build_step_inputs(
-            chunks, block_size, num_tokens=_bucket(sum(len(c.token_ids) for c in chunks)), num_seqs=b,
-            max_q=_bucket(max(len(c.token_ids) for c in chunks)), max_blocks=max_blocks)
+        prefill = chunks[0].start_pos == 0
+        shape = StepShape(_bucket(sum(len(c.token_ids) for c in chunks)), b, prefill,
+                          () if prefill else ((b, 1, max_blocks),))
+        inputs = build_step_inputs([chunks], shape, block_size)
         logits, kv = jit_forward(params, cfg, jnp.asarray(inputs.tokens), jnp.asarray(inputs.positions), kv,
                                  jax.tree_util.tree_map(jnp.asarray, inputs.meta),
                                  jnp.asarray(inputs.logits_index))

@@ -1,12 +1,14 @@
 """Host-side packing of one model step into bucketed int32 arrays.
 
-    [SeqChunk(token_ids, start_pos, block_table), ...]  (host Python lists)
-        --build_step_inputs(block_size, buckets)-->
-    StepInputs(tokens [T], positions [T], meta: AttnMeta, logits_index [B])  (numpy int32)
+    groups of SeqChunk(token_ids, start_pos, block_table)   (host Python lists)
+        + StepShape (bucketed sizes, chosen by the runner)
+        --build_step_inputs()-->
+    StepInputs(tokens [T], positions [T], meta: AttnMeta, logits_index [R])  (numpy int32)
 
-Every array is padded to a bucket size (T tokens, B sequences, Q queries per
-sequence, MB blocks per sequence) so jit sees a small, fixed set of shapes.
-Padding tokens write into the reserved null block 0 and are never read back.
+``StepShape`` is the whole jit signature of a step: ``packed`` steps (prompts from
+position 0) depend on ``T`` and ``R`` only; ``paged`` steps add one
+``(Bg, Qg, MBg)`` triple per attention group. Padding tokens write into the
+reserved null block 0 and are never read back; padding queries are dropped.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from jaxserve.model.attention import AttnMeta
+from jaxserve.model.attention import AttnGroup, AttnMeta
 
 NULL_BLOCK = 0
 
@@ -35,13 +37,22 @@ class SeqChunk:
 
 
 @dataclasses.dataclass(frozen=True)
+class StepShape:
+    """Bucketed sizes of one step: the jit signature."""
+
+    num_tokens: int  # T
+    logits_rows: int  # R: sequences whose last token gets logits
+    packed: bool  # prompts from position 0, attending to their own tokens
+    groups: tuple[tuple[int, int, int], ...] = ()  # paged: (Bg, Qg, MBg) per group
+
+
+@dataclasses.dataclass(frozen=True)
 class StepInputs:
     tokens: np.ndarray  # [T] int32
     positions: np.ndarray  # [T] int32
     meta: AttnMeta  # numpy int32 arrays
-    logits_index: np.ndarray  # [B] int32: last token of each sequence
-    num_seqs: int  # real sequences (rows past this are padding)
-    num_tokens: int  # real tokens
+    logits_index: np.ndarray  # [R] int32: last token of each sequence, in chunk order
+    shape: StepShape
 
 
 def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
@@ -54,46 +65,69 @@ def pow2_buckets(lo: int, hi: int) -> tuple[int, ...]:
     return tuple(out)
 
 
-def bucket_for(n: int, buckets: Sequence[int], what: str) -> int:
+def bucket_for(n: int, buckets: Sequence[int], what: str = "size") -> int:
     for b in buckets:
         if b >= n:
             return b
     raise ValueError(f"{what}: {n} exceeds the largest bucket {max(buckets)}")
 
 
-def build_step_inputs(chunks: Sequence[SeqChunk], block_size: int, *, num_tokens: int, num_seqs: int,
-                      max_q: int, max_blocks: int) -> StepInputs:
-    """Pack ``chunks`` into arrays of exactly the given (bucketed) sizes."""
+def build_step_inputs(groups: Sequence[Sequence[SeqChunk]], shape: StepShape, block_size: int) -> StepInputs:
+    """Pack chunk groups into arrays of exactly ``shape``. Packed steps take a single group."""
+    t_cap, r_cap = shape.num_tokens, shape.logits_rows
+    chunks = [c for g in groups for c in g]
     t_real = sum(len(c.token_ids) for c in chunks)
-    if len(chunks) > num_seqs or t_real > num_tokens:
-        raise ValueError(f"step of {len(chunks)} seqs / {t_real} tokens exceeds bucket {num_seqs}/{num_tokens}")
-    tokens = np.zeros(num_tokens, np.int32)
-    positions = np.zeros(num_tokens, np.int32)
-    slots = np.full(num_tokens, NULL_BLOCK * block_size, np.int32)
-    row = np.zeros(num_tokens, np.int32)
-    col = np.zeros(num_tokens, np.int32)
-    qidx = np.zeros((num_seqs, max_q), np.int32)
-    tables = np.full((num_seqs, max_blocks), NULL_BLOCK, np.int32)
-    ctx = np.zeros(num_seqs, np.int32)
-    logits_index = np.zeros(num_seqs, np.int32)
-    t = 0
-    for b, c in enumerate(chunks):
-        n = len(c.token_ids)
-        need = -(-c.end_pos // block_size)
-        if n == 0 or n > max_q or need > max_blocks or len(c.block_table) < need:
-            raise ValueError(f"sequence {b}: {n} tokens at {c.start_pos} with {len(c.block_table)} blocks does "
-                             f"not fit max_q={max_q}, max_blocks={max_blocks}")
-        pos = np.arange(c.start_pos, c.end_pos, dtype=np.int32)
-        table = np.asarray(c.block_table[:need], np.int32)
-        tokens[t:t + n] = c.token_ids
-        positions[t:t + n] = pos
-        slots[t:t + n] = table[pos // block_size] * block_size + pos % block_size
-        row[t:t + n] = b
-        col[t:t + n] = np.arange(n)
-        qidx[b, :n] = np.arange(t, t + n)
-        tables[b, :need] = table
-        ctx[b] = c.end_pos
-        logits_index[b] = t + n - 1
-        t += n
-    meta = AttnMeta(slots, qidx, row, col, tables, ctx)
-    return StepInputs(tokens, positions, meta, logits_index, len(chunks), t_real)
+    if t_real > t_cap or len(chunks) > r_cap:
+        raise ValueError(f"step of {len(chunks)} seqs / {t_real} tokens exceeds shape {shape}")
+    if shape.packed and (len(groups) > 1 or any(c.start_pos for c in chunks)):
+        raise ValueError("a packed step takes one group of chunks that start at position 0")
+    if not shape.packed and len(groups) != len(shape.groups):
+        raise ValueError(f"{len(groups)} chunk groups for a shape with {len(shape.groups)}")
+    tokens = np.zeros(t_cap, np.int32)
+    positions = np.zeros(t_cap, np.int32)
+    slots = np.full(t_cap, NULL_BLOCK * block_size, np.int32)
+    seg = np.full(t_cap, -1, np.int32)
+    logits_index = np.zeros(r_cap, np.int32)
+    attn_groups = []
+    t = row = 0
+    for gi, g in enumerate(groups):
+        if not shape.packed:
+            bg, qg, mbg = shape.groups[gi]
+            qidx = np.full((bg, qg), t_cap, np.int32)
+            tables = np.full((bg, mbg), NULL_BLOCK, np.int32)
+            ctx = np.zeros(bg, np.int32)
+            if len(g) > bg:
+                raise ValueError(f"group {gi}: {len(g)} sequences exceed {bg}")
+        for b, c in enumerate(g):
+            n = len(c.token_ids)
+            need = -(-c.end_pos // block_size)
+            if n == 0 or len(c.block_table) < need:
+                raise ValueError(f"chunk {b}: {n} tokens at {c.start_pos} but {len(c.block_table)} blocks")
+            pos = np.arange(c.start_pos, c.end_pos, dtype=np.int32)
+            table = np.asarray(c.block_table[:need], np.int32)
+            tokens[t:t + n] = c.token_ids
+            positions[t:t + n] = pos
+            slots[t:t + n] = table[pos // block_size] * block_size + pos % block_size
+            if shape.packed:
+                seg[t:t + n] = row
+            else:
+                if n > qg or need > mbg:
+                    raise ValueError(f"chunk {b}: {n} tokens / {need} blocks exceed group shape {(bg, qg, mbg)}")
+                qidx[b, :n] = np.arange(t, t + n)
+                tables[b, :need] = table
+                ctx[b] = c.end_pos
+            logits_index[row] = t + n - 1
+            t += n
+            row += 1
+        if not shape.packed:
+            attn_groups.append(AttnGroup(qidx, tables, ctx))
+    if shape.packed:
+        meta = AttnMeta(slots, (), seg)
+    else:
+        meta = AttnMeta(slots, tuple(attn_groups), None)
+    return StepInputs(tokens, positions, meta, logits_index, shape)
+
+
+def dummy_step_inputs(shape: StepShape, block_size: int) -> StepInputs:
+    """All-padding inputs of ``shape`` (for warm-up compiles): writes only touch the null block."""
+    return build_step_inputs([[] for _ in (shape.groups or [()])] if not shape.packed else [[]], shape, block_size)

@@ -30,15 +30,15 @@ import jax
 import jax.numpy as jnp
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.attention import AttnMeta, paged_attention_xla, write_kv
+from jaxserve.model.attention import AttnMeta, attention_xla, write_kv
 
 Params = dict[str, Any]
 LayerKV = tuple[jax.Array, jax.Array]
 KVCache = list[LayerKV]
 POSITION_OFFSET = 2  # OPT's learned positional embedding starts at index 2
 
-# attn_fn(q [T,H,Dh], k_pages, v_pages, positions [T], meta, scale) -> [T, H, Dh]
-AttnFn = Callable[[jax.Array, jax.Array, jax.Array, jax.Array, AttnMeta, float], jax.Array]
+# attn_fn(q, k, v [T,H,Dh], k_pages, v_pages [N,bs,H,Dh], positions [T], meta, scale) -> [T, H, Dh]
+AttnFn = Callable[..., jax.Array]
 
 
 def dtype_of(name: str) -> jnp.dtype:
@@ -49,7 +49,7 @@ class DecoderLayer(nn.Module):
     """One OPT block: self-attention over the paged cache, then a ReLU FFN."""
 
     cfg: ModelConfig
-    attn_fn: AttnFn = paged_attention_xla
+    attn_fn: AttnFn = attention_xla
 
     @nn.compact
     def __call__(self, x: jax.Array, positions: jax.Array, kv: LayerKV, meta: AttnMeta
@@ -69,7 +69,7 @@ class DecoderLayer(nn.Module):
         y = ln("attn_ln")(x).astype(dt) if pre else x
         q, k, v = proj("q")(y), proj("k")(y), proj("v")(y)  # [T, H, Dh] each
         k_pages, v_pages = write_kv(kv[0], kv[1], k, v, meta.slot_mapping)
-        a = self.attn_fn(q, k_pages, v_pages, positions, meta, dh**-0.5)  # [T, H, Dh]
+        a = self.attn_fn(q, k, v, k_pages, v_pages, positions, meta, dh**-0.5)  # [T, H, Dh]
         y = nn.DenseGeneral(cfg.hidden_size, axis=(-2, -1), dtype=dt, param_dtype=dt, name="o")(a)  # [T, D]
         x = residual + y
         if not pre:
@@ -103,7 +103,7 @@ def embed(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Ar
 
 
 def run_layers(layers: Sequence[Params], cfg: ModelConfig, x: jax.Array, positions: jax.Array,
-               kv: Sequence[LayerKV], meta: AttnMeta, attn_fn: AttnFn = paged_attention_xla
+               kv: Sequence[LayerKV], meta: AttnMeta, attn_fn: AttnFn = attention_xla
                ) -> tuple[jax.Array, KVCache]:
     """Apply a contiguous run of decoder layers; ``kv`` holds exactly those layers' pages."""
     if len(layers) != len(kv):
@@ -128,7 +128,7 @@ def head(params: Params, cfg: ModelConfig, x: jax.Array, logits_index: jax.Array
 
 
 def forward(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, kv: KVCache,
-            meta: AttnMeta, logits_index: jax.Array, attn_fn: AttnFn = paged_attention_xla
+            meta: AttnMeta, logits_index: jax.Array, attn_fn: AttnFn = attention_xla
             ) -> tuple[jax.Array, KVCache]:
     """Whole model, one packed step: returns logits [B, V] (float32) and the updated cache."""
     x = embed(params, cfg, tokens, positions)
