@@ -1,0 +1,128 @@
+"""PipelineExecutor: stages hold only their layers, numbers equal one device, micro-batches overlap safely."""
+
+import jax
+import numpy as np
+import pytest
+
+from jaxserve.model.inputs import SeqChunk
+from jaxserve.parallel.pipeline import PipelineExecutor, split_layers, split_microbatches
+from tests.parallel.scenario import BS, DECODES, NUM_BLOCKS, Scenario, max_kv_diff, run_executor, step_inputs
+
+
+@pytest.mark.parametrize(("variant", "tp", "pp"), [
+    ("pre_ln", 1, 2), ("post_ln_project", 1, 2), ("pre_ln", 1, 4), ("pre_ln", 2, 2), ("post_ln_project", 2, 2),
+])
+def test_pp_forward_equals_single_device(variant, tp, pp, tiny, reference, devices):
+    """Packed prefill + 3 paged decode steps: logits and every stage's KV within 1e-5 of one device."""
+    cfg, params = tiny(variant)
+    ref_logits, ref_kv = reference(variant)
+    ex = PipelineExecutor(cfg, params, devices[:tp * pp], tp=tp, pp=pp)
+    logits = run_executor(ex, Scenario(cfg.vocab_size))
+    for step, (got, want) in enumerate(zip(logits, ref_logits, strict=True)):
+        assert np.max(np.abs(got - want)) <= 1e-5, f"step {step}"
+    assert max_kv_diff(ex.kv, ref_kv) <= 1e-5
+    for s, kv in enumerate(ex.stage_kv):  # each stage's pages live on its own sub-mesh
+        for k, v in kv:
+            assert k.sharding.device_set == v.sharding.device_set == set(devices[s * tp:(s + 1) * tp])
+
+
+@pytest.mark.parametrize(("tp", "pp"), [(1, 2), (2, 2)])
+def test_execute_many_equals_one_by_one(tp, pp, tiny, reference, devices):
+    """3 micro-batches (one sequence each) through execute_many == execute one at a time == one device."""
+    cfg, params = tiny("pre_ln")
+    ref_logits, ref_kv = reference("pre_ln")
+    sc = Scenario(cfg.vocab_size)
+    many = PipelineExecutor(cfg, params, devices[:tp * pp], tp=tp, pp=pp)
+    one = PipelineExecutor(cfg, params, devices[8 - tp * pp:], tp=tp, pp=pp)
+    many.init_kv(NUM_BLOCKS, BS)
+    one.init_kv(NUM_BLOCKS, BS)
+    for step in range(DECODES + 1):
+        mbs = [sc.inputs(step, [b]) for b in range(3)]
+        got = many.execute_many(mbs)
+        for b, mb in enumerate(mbs):
+            want = np.asarray(one.execute(mb))[0]
+            np.testing.assert_array_equal(np.asarray(got[b])[0], want)
+            assert np.max(np.abs(want - ref_logits[step][b])) <= 1e-5, f"step {step} seq {b}"
+    assert max_kv_diff(many.kv, ref_kv) <= 1e-5
+    assert max_kv_diff(one.kv, [(np.asarray(k), np.asarray(v)) for k, v in many.kv]) == 0.0
+
+
+def test_execute_many_with_uneven_microbatches(tiny, reference, devices):
+    """split_microbatches output (different sizes) through pp=4 still gives the reference logits."""
+    cfg, params = tiny("post_ln_project")
+    ref_logits, _ = reference("post_ln_project")
+    sc = Scenario(cfg.vocab_size)
+    ex = PipelineExecutor(cfg, params, devices[4:], pp=4, microbatches=2)
+    ex.init_kv(NUM_BLOCKS, BS)
+    for step in range(2):
+        chunks = sc.chunks(step)
+        mbs = split_microbatches(chunks, ex.microbatches)
+        assert [len(m) for m in mbs] == [2, 1]
+        logits = np.concatenate([np.asarray(lg)[:len(m)] for lg, m in
+                                 zip(ex.execute_many([step_inputs(m, step == 0) for m in mbs]), mbs,
+                                     strict=True)])
+        assert np.max(np.abs(logits - ref_logits[step])) <= 1e-5
+
+
+def test_stages_hold_only_their_layers(tiny, devices):
+    cfg, params = tiny("pre_ln")  # 4 layers, final layer norm
+    ex = PipelineExecutor(cfg, params, devices[:4], pp=4)
+    assert [len(p["layers"]) for p in ex.stage_params] == [1, 1, 1, 1]
+    assert set(ex.stage_params[0]) == {"layers", "embed_tokens", "embed_positions"}
+    assert set(ex.stage_params[1]) == set(ex.stage_params[2]) == {"layers"}
+    assert set(ex.stage_params[3]) == {"layers", "final_layer_norm", "embed_tokens"}
+    for s, p in enumerate(ex.stage_params):
+        np.testing.assert_array_equal(np.asarray(p["layers"][0]["fc1"]["kernel"]),
+                                      params["layers"][s]["fc1"]["kernel"])
+        for leaf in jax.tree_util.tree_leaves(p):
+            assert leaf.sharding.device_set == {devices[s]}
+
+    cfg, params = tiny("post_ln_project")  # no final LN, project_in/out
+    ex = PipelineExecutor(cfg, params, devices[2:6], tp=2, pp=2)
+    assert [len(p["layers"]) for p in ex.stage_params] == [2, 2]
+    assert set(ex.stage_params[0]) == {"layers", "embed_tokens", "embed_positions", "project_in"}
+    assert set(ex.stage_params[1]) == {"layers", "project_out", "embed_tokens"}
+    h = cfg.num_attention_heads
+    for s, p in enumerate(ex.stage_params):
+        q = p["layers"][0]["q"]["kernel"]
+        assert {sh.device for sh in q.addressable_shards} == set(devices[2 + 2 * s:4 + 2 * s])
+        assert [sh.data.shape[1] for sh in q.addressable_shards] == [h // 2, h // 2]
+    assert ex.devices == list(devices[2:6])
+    assert ex.mesh.shape == {"pp": 2, "tp": 2}
+
+
+def test_split_layers():
+    assert split_layers(4, 2) == [range(0, 2), range(2, 4)]
+    assert split_layers(5, 2) == [range(0, 3), range(3, 5)]
+    assert split_layers(7, 3) == [range(0, 3), range(3, 5), range(5, 7)]
+    assert split_layers(3, 3) == [range(0, 1), range(1, 2), range(2, 3)]
+    with pytest.raises(ValueError, match="pp=5 stages need at least 5 layers"):
+        split_layers(4, 5)
+    with pytest.raises(ValueError):
+        split_layers(4, 0)
+
+
+def test_split_microbatches_keeps_order_and_balance():
+    def c(n):
+        return SeqChunk([5] * n, 0, [1] * 8)
+
+    chunks = [c(10), c(10), c(10), c(10)]
+    assert [len(m) for m in split_microbatches(chunks, 2)] == [2, 2]
+    assert [len(m) for m in split_microbatches(chunks, 4)] == [1, 1, 1, 1]
+    assert [len(m) for m in split_microbatches(chunks, 9)] == [1, 1, 1, 1]
+    assert [len(m) for m in split_microbatches([c(30), c(1), c(1), c(1)], 3)] == [1, 1, 2]
+    assert [len(m) for m in split_microbatches([c(1), c(1), c(1), c(30)], 2)] == [3, 1]
+    flat = [x for m in split_microbatches(chunks, 3) for x in m]
+    assert flat == chunks
+    with pytest.raises(ValueError):
+        split_microbatches(chunks, 0)
+
+
+def test_pipeline_errors(tiny, devices):
+    cfg, params = tiny("pre_ln")
+    with pytest.raises(ValueError, match="needs 4 devices, got 3"):
+        PipelineExecutor(cfg, params, devices[:3], tp=2, pp=2)
+    with pytest.raises(ValueError, match="tp=3 does not divide"):
+        PipelineExecutor(cfg, params, devices[:6], tp=3, pp=2)
+    with pytest.raises(ValueError, match="pp=8 stages need at least 8 layers"):
+        PipelineExecutor(cfg, params, devices[:8], tp=1, pp=8)
