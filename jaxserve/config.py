@@ -162,3 +162,54 @@ def load_json(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: file not found") from e
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from e
+
+
+MODES = ("colocated", "chunked", "prefill", "decode")
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineConfig:
+    """One engine instance: scheduling limits, KV cache size and shape buckets.
+
+    ``mode``: ``colocated`` (prefill-first continuous batching), ``chunked``
+    (Sarathi-style chunked prefill), ``prefill`` / ``decode`` (disaggregated roles).
+    KV capacity: ``num_blocks`` if given, else ``kv_cache_gb`` of KV, else enough for
+    ``max_num_seqs`` full-length sequences (capped by device memory where known).
+    """
+
+    mode: str = "colocated"
+    block_size: int = 16
+    max_num_seqs: int = 64
+    max_num_batched_tokens: int | None = None  # default: max_model_len (chunked: 512)
+    max_model_len: int | None = None  # default: the model's max positions
+    kv_cache_gb: float | None = None
+    num_blocks: int | None = None
+    tp: int = 1
+    pp: int = 1
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
+        for f in ("block_size", "max_num_seqs", "tp", "pp"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or v <= 0:
+                raise ConfigError(f"{f} must be a positive integer, got {v!r}")
+        if self.block_size & (self.block_size - 1):
+            raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
+        for f in ("max_num_batched_tokens", "max_model_len", "num_blocks"):
+            v = getattr(self, f)
+            if v is not None and (not isinstance(v, int) or v <= 0):
+                raise ConfigError(f"{f} must be a positive integer, got {v!r}")
+        if self.kv_cache_gb is not None and not self.kv_cache_gb > 0:
+            raise ConfigError(f"kv_cache_gb must be positive, got {self.kv_cache_gb!r}")
+
+    def resolved_max_model_len(self, model: ModelConfig) -> int:
+        n = self.max_model_len or model.max_position_embeddings
+        if n > model.max_position_embeddings:
+            raise ConfigError(f"max_model_len {n} exceeds the model's {model.max_position_embeddings} positions")
+        return n
+
+    def resolved_batched_tokens(self, model: ModelConfig) -> int:
+        if self.max_num_batched_tokens is not None:
+            return self.max_num_batched_tokens
+        return 512 if self.mode == "chunked" else self.resolved_max_model_len(model)

@@ -9,14 +9,14 @@ built-in demo model. Generation runs through the engine (``jaxserve.engine``).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
-
+from jaxserve.config import EngineConfig
+from jaxserve.engine.engine import LLMEngine, run_to_completion
 from jaxserve.model.checkpoint import load_model
-from jaxserve.request import FinishReason, SamplingError, SamplingParams
+from jaxserve.request import FinishReason, Request, SamplingError, SamplingParams
 from jaxserve.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -32,15 +32,24 @@ class RequestOutput:
 
 
 class LLM:
-    """Load a model once, then generate for batches of prompts."""
+    """Load a model once, then generate for batches of prompts through one engine instance.
 
-    def __init__(self, model: str | None = None, *, dtype: str = "float32", **engine_kw: Any) -> None:
+    Keyword arguments go to ``EngineConfig`` (``mode``, ``kv_cache_gb``, ``num_blocks``,
+    ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``block_size``, ``tp``, ``pp``).
+    Shapes compile on first use; pass ``warmup=True`` to compile them all up front.
+    """
+
+    def __init__(self, model: str | None = None, *, dtype: str = "float32", warmup: bool = False,
+                 **engine_kw: Any) -> None:
         lm = load_model(model, dtype)
         self.cfg = lm.cfg
         self.model_name = lm.source
         self.tokenizer = Tokenizer.from_dir(lm.tokenizer_dir) if lm.tokenizer_dir is not None else None
-        self.params = jax.tree_util.tree_map(jnp.asarray, lm.params)
-        self.engine_kw = engine_kw
+        self.engine = LLMEngine(lm.cfg, lm.params, EngineConfig(**engine_kw), tokenizer=self.tokenizer,
+                                name="llm-0")
+        if warmup:
+            self.engine.warmup()
+        self._counter = itertools.count()
 
     def tokenize(self, prompt: Prompt) -> list[int]:
         """Validate one prompt and return its token ids (raises SamplingError naming the problem)."""
@@ -57,23 +66,31 @@ class LLM:
             bad = [t for t in ids if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < self.cfg.vocab_size]
             if bad:
                 raise SamplingError(f"prompt_token_ids: {bad[0]!r} is not a token id in [0, {self.cfg.vocab_size})")
-        limit = self.cfg.max_position_embeddings
+        limit = self.engine.max_model_len
         if len(ids) >= limit:
-            raise SamplingError(f"prompt: {len(ids)} tokens; this model's context is {limit} positions, so the "
+            raise SamplingError(f"prompt: {len(ids)} tokens; the context is {limit} positions, so the "
                                 f"prompt may have at most {limit - 1}")
         return ids
+
+    def make_request(self, prompt: Prompt, sampling: SamplingParams | None = None) -> Request:
+        """Tokenize and check one prompt; raises ValueError naming the problem if it can never run."""
+        ids = self.tokenize(prompt)
+        req = Request(f"llm-{next(self._counter)}", ids, sampling or SamplingParams(),
+                      prompt=prompt if isinstance(prompt, str) else None)
+        self.engine.check_request(req)
+        return req
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
                  sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
                  progress: Callable[[int], Any] | None = None) -> list[RequestOutput]:
-        """Generate for each prompt; outputs come back in input order."""
-        from jaxserve.model.generate import generate
-
+        """Generate for each prompt (all batched together); outputs come back in input order."""
         if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
             prompts = [prompts]  # type: ignore[list-item]
-        ids = [self.tokenize(p) for p in prompts]
-        gens = generate(self.params, self.cfg, ids, sampling_params, tokenizer=self.tokenizer)
-        if progress is not None:
-            progress(len(gens))
-        return [RequestOutput(p if isinstance(p, str) else None, i, g.text, g.token_ids, g.finish_reason)
-                for p, i, g in zip(prompts, ids, gens, strict=True)]
+        sps = (list(sampling_params) if isinstance(sampling_params, list | tuple)
+               else [sampling_params] * len(prompts))
+        if len(sps) != len(prompts):
+            raise ValueError(f"{len(prompts)} prompts but {len(sps)} sampling params")
+        reqs = [self.make_request(p, sp) for p, sp in zip(prompts, sps, strict=True)]
+        trackers = run_to_completion(self.engine, reqs, progress)
+        return [RequestOutput(r.prompt, r.prompt_token_ids, t.text, t.token_ids, t.finish_reason)
+                for r, t in zip(reqs, trackers, strict=True)]

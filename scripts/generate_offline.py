@@ -32,7 +32,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None,
                    help="HF OPT folder or converted (orbax) folder; default: the built-in demo model")
-    p.add_argument("--config", default=None, help="deployment YAML (disaggregated instances); default: colocated")
+    p.add_argument("--mode", default="colocated", choices=["colocated", "chunked"],
+                   help="colocated: prefill-first continuous batching; chunked: Sarathi-style chunked prefill")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--input", type=Path, help='JSONL input: one {"prompt": ...} or {"prompt_token_ids": [...]} per line')
     src.add_argument("--prompt", action="append", help="a prompt given inline (repeatable), instead of --input")
@@ -90,11 +91,11 @@ def validate(obj: Any, llm: Any, base: Any) -> tuple[list[int], Any, Any]:
         raise ValueError(f'"prompt" must be a string, got {type(prompt).__name__}')
     if prompt is None and not isinstance(obj["prompt_token_ids"], list):
         raise ValueError('"prompt_token_ids" must be a list of integers')
-    ids = llm.tokenize(prompt if prompt is not None else obj["prompt_token_ids"])
     sp = base
     if "max_tokens" in obj:
         sp = SamplingParams(**{**_fields(base), "max_tokens": obj["max_tokens"]})
-    return ids, sp, prompt
+    req = llm.make_request(prompt if prompt is not None else obj["prompt_token_ids"], sp)
+    return req.prompt_token_ids, sp, prompt
 
 
 def _fields(sp: Any) -> dict[str, Any]:
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     lines = read_lines(args)
-    engine_kw = {k: v for k, v in (("kv_cache_gb", args.kv_cache_gb), ("config", args.config)) if v is not None}
+    engine_kw = {k: v for k, v in (("kv_cache_gb", args.kv_cache_gb), ("mode", args.mode)) if v is not None}
     try:
         llm = LLM(args.model, dtype=args.dtype, **engine_kw)
     except (ValueError, OSError) as e:

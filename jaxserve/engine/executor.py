@@ -1,0 +1,129 @@
+"""One instance's model on its devices: sharded params, the paged KV pytree, jitted steps.
+
+    StepInputs (numpy, host) --device_put(replicated on this mesh)--> jitted forward (KV donated)
+        --> logits [R, V] (on this mesh) --sample()--> token ids (numpy)
+
+The executor owns a ``('pp', 'tp')`` mesh with ``pp == 1`` (pipeline stages live
+in ``jaxserve.parallel.pipeline``, which offers the same methods). Parameters and
+KV pages are placed by the logical-axis table (``jaxserve.parallel.sharding``), so
+tensor parallelism is XLA's SPMD partitioning of the same pure ``forward``.
+Compilations are counted process-wide (``compile_count()``) so the engine can
+prove that serving after warm-up compiles nothing new.
+"""
+
+from __future__ import annotations
+
+import functools
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxserve.config import ModelConfig
+from jaxserve.model.attention import attention_xla
+from jaxserve.model.inputs import StepInputs
+from jaxserve.model.opt import KVCache, Params, dtype_of, forward
+from jaxserve.model.sampling import SamplingArrays, greedy, sample
+from jaxserve.parallel.sharding import kv_sharding, make_mesh, param_shardings, replicated
+
+_compiles = 0
+_lock = threading.Lock()
+_installed = False
+
+
+def _on_event(name: str, *_: Any, **__: Any) -> None:
+    global _compiles
+    if name == "/jax/core/compile/backend_compile_duration":
+        with _lock:
+            _compiles += 1
+
+
+def compile_count() -> int:
+    """Backend compilations in this process since the counter was installed."""
+    global _installed
+    if not _installed:
+        jax.monitoring.register_event_duration_secs_listener(_on_event)
+        _installed = True
+    return _compiles
+
+
+def kv_bytes_per_block(cfg: ModelConfig, block_size: int, num_layers: int | None = None,
+                       dtype: str | None = None) -> int:
+    layers = cfg.num_hidden_layers if num_layers is None else num_layers
+    itemsize = jnp.dtype(dtype_of(dtype or cfg.dtype)).itemsize
+    return 2 * layers * block_size * cfg.hidden_size * itemsize
+
+
+@functools.partial(jax.jit, static_argnums=(1, 7), donate_argnums=(4,))
+def _step(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, kv: KVCache,
+          meta: Any, logits_index: jax.Array, attn_fn: Any) -> tuple[jax.Array, KVCache]:
+    return forward(params, cfg, tokens, positions, kv, meta, logits_index, attn_fn)
+
+
+class ModelExecutor:
+    """Params + paged KV of one instance on a (pp=1, tp) mesh."""
+
+    def __init__(self, cfg: ModelConfig, params: Params, devices: Sequence[jax.Device], tp: int = 1,
+                 attn_fn: Any = attention_xla) -> None:
+        self.cfg = cfg
+        self.mesh = make_mesh(list(devices), tp, 1)
+        self.tp = tp
+        self.params = jax.device_put(params, param_shardings(cfg, self.mesh))
+        self._repl = replicated(self.mesh)
+        self._kv_sharding = kv_sharding(self.mesh)
+        self.attn_fn = attn_fn
+        self.kv: KVCache = []
+        self.num_blocks = 0
+        self.block_size = 0
+
+    @property
+    def devices(self) -> list[jax.Device]:
+        return list(self.mesh.devices.flat)
+
+    def init_kv(self, num_blocks: int, block_size: int) -> None:
+        """Allocate zeroed pages ``[num_blocks, block_size, H, Dh]`` per layer, heads split over tp."""
+        shape = (num_blocks, block_size, self.cfg.num_attention_heads, self.cfg.head_dim)
+        dt = dtype_of(self.cfg.dtype)
+        zeros = jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=self._kv_sharding)
+        self.kv = [(zeros(), zeros()) for _ in range(self.cfg.num_hidden_layers)]
+        self.num_blocks, self.block_size = num_blocks, block_size
+
+    def execute(self, inputs: StepInputs) -> jax.Array:
+        """Run one step; returns logits [R, V] (float32, on this mesh). Updates the KV in place."""
+        tokens, positions, meta, logits_index = jax.device_put(
+            (inputs.tokens, inputs.positions, inputs.meta, inputs.logits_index), self._repl)
+        logits, self.kv = _step(self.params, self.cfg, tokens, positions, self.kv, meta, logits_index,
+                                self.attn_fn)
+        return logits
+
+    def sample(self, logits: jax.Array, arrays: SamplingArrays) -> np.ndarray:
+        if arrays.all_greedy:
+            return np.asarray(greedy(logits))
+        a = jax.device_put((arrays.temperature, arrays.top_k, arrays.top_p, arrays.seed_lo, arrays.seed_hi,
+                            arrays.step), self._repl)
+        return np.asarray(sample(logits, *a))
+
+    # ---- KV blocks as host/device arrays (transfer between instances) ----------------------
+    def gather_blocks(self, block_ids: Sequence[int]) -> list[tuple[jax.Array, jax.Array]]:
+        """Per-layer (k, v) ``[n, bs, H, Dh]`` copies of the given blocks (on this mesh)."""
+        idx = jax.device_put(np.asarray(block_ids, np.int32), self._repl)
+        return _gather(self.kv, idx)
+
+    def scatter_blocks(self, block_ids: Sequence[int], blocks: list[tuple[jax.Array, jax.Array]]) -> None:
+        """Write per-layer (k, v) ``[n, bs, H, Dh]`` into the given blocks (donating the cache)."""
+        idx = jax.device_put(np.asarray(block_ids, np.int32), self._repl)
+        blocks = jax.device_put(blocks, self._kv_sharding)
+        self.kv = _scatter(self.kv, idx, blocks)
+
+
+@jax.jit
+def _gather(kv: KVCache, idx: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    return [(k[idx], v[idx]) for k, v in kv]
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _scatter(kv: KVCache, idx: jax.Array, blocks: list[tuple[jax.Array, jax.Array]]) -> KVCache:
+    return [(k.at[idx].set(bk), v.at[idx].set(bv)) for (k, v), (bk, bv) in zip(kv, blocks, strict=True)]

@@ -1,0 +1,121 @@
+"""Turns a scheduled step into bucketed executor calls and sampled tokens.
+
+    SchedulerOutput.chunks
+      -> decode call        (one token per sequence, cache prefix)   shape: B x MB buckets
+      -> packed prefill call (prompts from position 0)               shape: T x R buckets
+      -> continuation calls (a prompt chunk after a cached prefix)   shape: Qc x MB buckets, one per chunk
+      -> logits --sample (per-request settings)--> {sequence id: token id}
+
+Calls of different kinds run one after another inside a step, so the number of
+compiled shapes is the *sum* of the three bucket sets, not their product; the
+price is that in chunked mode decodes and prompt chunks do not share one matmul.
+``warmup()`` compiles every shape the configured scheduler can produce.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+
+from jaxserve.engine.block_manager import blocks_needed
+from jaxserve.engine.scheduler import ScheduledChunk
+from jaxserve.model.inputs import (
+    SeqChunk,
+    StepShape,
+    bucket_for,
+    build_step_inputs,
+    dummy_step_inputs,
+    pow2_buckets,
+)
+from jaxserve.model.sampling import SamplingArrays
+
+
+@dataclasses.dataclass(frozen=True)
+class Buckets:
+    decode_batch: tuple[int, ...]
+    blocks: tuple[int, ...]  # blocks per sequence (decode and continuation calls)
+    prefill_tokens: tuple[int, ...]
+    prefill_rows: tuple[int, ...]
+    chunk_tokens: tuple[int, ...]
+
+    @classmethod
+    def for_limits(cls, *, max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int,
+                   block_size: int) -> Buckets:
+        max_blocks = blocks_needed(max_model_len, block_size)
+        tokens = pow2_buckets(16, max_num_batched_tokens)
+        return cls(
+            decode_batch=pow2_buckets(1, max_num_seqs),
+            blocks=pow2_buckets(min(4, max_blocks), max_blocks),
+            prefill_tokens=tokens,
+            prefill_rows=tuple(r for r in (1, 4, 16, 64, 256) if r < max_num_seqs) + (max_num_seqs,),
+            chunk_tokens=tokens,
+        )
+
+    def shapes(self, *, decode: bool, prefill: bool, chunks: bool) -> list[StepShape]:
+        out = []
+        if prefill:
+            out += [StepShape(t, r, True) for t in self.prefill_tokens for r in self.prefill_rows if r <= t]
+        if decode:
+            out += [StepShape(b, b, False, ((b, 1, mb),)) for b in self.decode_batch for mb in self.blocks]
+        if chunks:
+            out += [StepShape(q, 1, False, ((1, q, mb),)) for q in self.chunk_tokens for mb in self.blocks]
+        return out
+
+
+class Runner:
+    def __init__(self, executor: Any, block_tables: Any, buckets: Buckets) -> None:
+        self.executor = executor
+        self.tables = block_tables  # seq id -> list of block ids (BlockManager.tables)
+        self.block_size = executor.block_size
+        self.buckets = buckets
+
+    def run(self, chunks: Sequence[ScheduledChunk]) -> dict[str, int]:
+        """Execute one scheduled step; returns the token sampled for each chunk that completes a prompt/decode."""
+        decodes = [c for c in chunks if c.is_decode]
+        packed = [c for c in chunks if c.start == 0]
+        conts = [c for c in chunks if c.start > 0 and not c.is_decode]
+        out: dict[str, int] = {}
+        b = self.buckets
+        if packed:
+            shape = StepShape(bucket_for(sum(c.num_tokens for c in packed), b.prefill_tokens, "prefill tokens"),
+                              bucket_for(len(packed), b.prefill_rows, "prefill rows"), True)
+            out.update(self._call(packed, shape))
+        if decodes:
+            bb = bucket_for(len(decodes), b.decode_batch, "decode batch")
+            mb = bucket_for(max(len(self.tables[c.seq.id]) for c in decodes), b.blocks, "blocks per sequence")
+            out.update(self._call(decodes, StepShape(bb, bb, False, ((bb, 1, mb),))))
+        for c in conts:
+            q = bucket_for(c.num_tokens, b.chunk_tokens, "chunk tokens")
+            mb = bucket_for(len(self.tables[c.seq.id]), b.blocks, "blocks per sequence")
+            out.update(self._call([c], StepShape(q, 1, False, ((1, q, mb),))))
+        return out
+
+    def _call(self, chunks: list[ScheduledChunk], shape: StepShape) -> dict[str, int]:
+        seq_chunks = [SeqChunk(c.seq.token_ids[c.start:c.start + c.num_tokens], c.start, self.tables[c.seq.id])
+                      for c in chunks]
+        inputs = build_step_inputs([seq_chunks], shape, self.block_size)
+        logits = self.executor.execute(inputs)
+        sampling = [c for c in chunks if c.samples]
+        if not sampling:
+            return {}
+        arrays = SamplingArrays.from_params(
+            [c.seq.request.sampling for c in chunks], [c.seq.seed for c in chunks],
+            [len(c.seq.request.output_token_ids) for c in chunks], shape.logits_rows)
+        tokens = self.executor.sample(logits, arrays)
+        return {c.seq.id: int(tokens[i]) for i, c in enumerate(chunks) if c.samples}
+
+    def warmup(self, *, decode: bool, prefill: bool, chunks: bool) -> int:
+        """Compile every step shape (and the samplers for every row count) this engine can produce."""
+        shapes = self.buckets.shapes(decode=decode, prefill=prefill, chunks=chunks)
+        logits_by_rows: dict[int, Any] = {}
+        for s in shapes:
+            logits_by_rows[s.logits_rows] = self.executor.execute(dummy_step_inputs(s, self.block_size))
+        for r, logits in logits_by_rows.items():
+            greedy = SamplingArrays.from_params([], [], [], r)
+            self.executor.sample(logits, greedy)
+            self.executor.sample(logits, dataclasses.replace(greedy, temperature=greedy.temperature + 1.0))
+        jax.block_until_ready(self.executor.kv)
+        return len(shapes)

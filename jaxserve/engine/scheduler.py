@@ -1,0 +1,230 @@
+"""Continuous-batching scheduler (pure Python, no jax): which tokens run in the next step.
+
+    add(Sequence) -> waiting queue
+    schedule() -> SchedulerOutput(chunks=[ScheduledChunk(seq, start, n)], preempted=[...])
+    (runner executes the chunks; engine appends sampled tokens)
+    on_step_done(chunks) / finish(seq) / abort(request_id)
+
+Sequence states::
+
+    WAITING --admitted (blocks allocated)--> RUNNING --EOS/stop/length--> FINISHED (blocks freed)
+       ^                                        |
+       +------- preempted (blocks freed, KV recomputed from scratch later) --+
+
+Policies:
+* ``prefill-first`` (vLLM-style colocated): if prompts wait and fit (token budget,
+  ``max_num_seqs``, free blocks), the step is a prefill of whole prompts; otherwise
+  every running sequence decodes one token.
+* ``chunked`` (Sarathi-Serve): each step carries all decodes, then fills the rest of
+  the token budget with prompt chunks (a long prompt spans several steps).
+* ``prefill-only`` (a disaggregated prefill instance): whole prompts, FCFS, up to the budget;
+  nothing decodes here.
+When a decode needs a block and none is free, the most recently admitted running
+sequence is preempted (recompute) and goes back to the front of the queue.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+from collections import deque
+
+from jaxserve.engine.block_manager import BlockManager, blocks_needed
+from jaxserve.request import Request
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"
+    RUNNING = "running"
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Sequence:
+    """Scheduler-side state of one request."""
+
+    request: Request
+    num_computed: int = 0  # tokens whose K/V are in this instance's cache
+    status: SeqStatus = SeqStatus.WAITING
+    num_preemptions: int = 0
+    seed: int = 0  # sampling seed (the request's, or a fresh one)
+
+    @property
+    def id(self) -> str:
+        return self.request.request_id
+
+    @property
+    def num_tokens(self) -> int:
+        return self.request.num_tokens
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.request.all_token_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class ScheduledChunk:
+    seq: Sequence
+    start: int  # first position computed this step (== seq.num_computed)
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """Whether this chunk reaches the sequence's end, so a token is sampled from it."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+    @property
+    def is_decode(self) -> bool:
+        return self.num_tokens == 1 and self.start > 0
+
+
+@dataclasses.dataclass
+class SchedulerOutput:
+    chunks: list[ScheduledChunk]
+    preempted: list[Sequence]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+POLICIES = ("prefill-first", "chunked", "prefill-only")
+
+
+class Scheduler:
+    def __init__(self, blocks: BlockManager, *, policy: str = "prefill-first", max_num_seqs: int = 64,
+                 max_num_batched_tokens: int = 2048, max_model_len: int = 2048) -> None:
+        if policy not in POLICIES:
+            raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
+        if policy != "chunked" and max_num_batched_tokens < max_model_len:
+            raise ValueError(f"max_num_batched_tokens ({max_num_batched_tokens}) must be >= max_model_len "
+                             f"({max_model_len}) unless prompts are chunked")
+        self.blocks = blocks
+        self.policy = policy
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ---- admission ---------------------------------------------------------------------------
+    def check_fits(self, request: Request) -> None:
+        """Raise ValueError if the request could never run here, whatever else is running."""
+        worst = min(request.num_prompt_tokens + request.sampling.max_tokens, self.max_model_len)
+        if request.num_prompt_tokens >= self.max_model_len:
+            raise ValueError(f"prompt has {request.num_prompt_tokens} tokens; the limit is "
+                             f"{self.max_model_len - 1} (max_model_len {self.max_model_len})")
+        need = blocks_needed(worst, self.blocks.block_size)
+        if need > self.blocks.capacity:
+            raise ValueError(f"request needs up to {worst} tokens of KV cache ({need} blocks) but the cache holds "
+                             f"{self.blocks.capacity} blocks of {self.blocks.block_size}; lower max_tokens or "
+                             "raise the KV cache size")
+
+    def add(self, seq: Sequence) -> None:
+        self.check_fits(seq.request)
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ---- the step ----------------------------------------------------------------------------
+    def schedule(self) -> SchedulerOutput:
+        preempted: list[Sequence] = []
+        if self.policy == "chunked":
+            decodes = self._schedule_decodes(preempted, only_prefilled=True)
+            budget = self.max_num_batched_tokens - len(decodes)
+            return SchedulerOutput(decodes + self._schedule_prompts(budget, chunk=True), preempted)
+        prompts = self._schedule_prompts(self.max_num_batched_tokens, chunk=False)
+        if prompts or self.policy == "prefill-only":
+            return SchedulerOutput(prompts, preempted)
+        return SchedulerOutput(self._schedule_decodes(preempted, only_prefilled=False), preempted)
+
+    def _schedule_prompts(self, budget: int, chunk: bool) -> list[ScheduledChunk]:
+        out: list[ScheduledChunk] = []
+        # running sequences still in their prompt (chunked mode) continue first
+        candidates = [s for s in self.running if s.num_computed < s.num_tokens - 1] if chunk else []
+        for seq in candidates:
+            c = self._admit_chunk(seq, budget, chunk)
+            if c is None:
+                return out
+            out.append(c)
+            budget -= c.num_tokens
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            c = self._admit_chunk(self.waiting[0], budget, chunk)
+            if c is None:
+                break
+            seq = self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.append(c)
+            budget -= c.num_tokens
+        return out
+
+    def _admit_chunk(self, seq: Sequence, budget: int, chunk: bool) -> ScheduledChunk | None:
+        remaining = seq.num_tokens - seq.num_computed
+        n = min(remaining, budget) if chunk else remaining
+        if n <= 0 or n > budget:
+            return None
+        if not self.blocks.can_allocate(self.blocks.extra_blocks_for(seq.id, seq.num_computed + n)):
+            return None
+        self.blocks.grow(seq.id, seq.num_computed + n)
+        return ScheduledChunk(seq, seq.num_computed, n)
+
+    def _schedule_decodes(self, preempted: list[Sequence], only_prefilled: bool) -> list[ScheduledChunk]:
+        queue = deque(s for s in self.running if s.num_computed == s.num_tokens - 1)
+        if not only_prefilled:
+            assert len(queue) == len(self.running), "prefill-first: a running sequence is mid-prompt"
+        out: list[ScheduledChunk] = []
+        while queue:
+            seq = queue.popleft()
+            while self.blocks.extra_blocks_for(seq.id, seq.num_tokens) > self.blocks.num_free:
+                victim = self._pick_victim(exclude=[*(c.seq for c in out), seq])
+                if victim is None:  # nothing else to take from: this sequence waits itself
+                    victim = seq
+                self._preempt(victim, preempted)
+                if victim in queue:
+                    queue.remove(victim)
+                if victim is seq:
+                    break
+            else:
+                self.blocks.grow(seq.id, seq.num_tokens)
+                out.append(ScheduledChunk(seq, seq.num_tokens - 1, 1))
+        return out
+
+    def _pick_victim(self, exclude: list[Sequence]) -> Sequence | None:
+        for s in reversed(self.running):  # most recently admitted first
+            if s not in exclude:
+                return s
+        return None
+
+    def _preempt(self, seq: Sequence, preempted: list[Sequence]) -> None:
+        self.blocks.free(seq.id)
+        self.running.remove(seq)
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+        preempted.append(seq)
+
+    # ---- after the step ----------------------------------------------------------------------
+    def on_step_done(self, chunks: list[ScheduledChunk]) -> None:
+        for c in chunks:
+            c.seq.num_computed = c.start + c.num_tokens
+
+    def finish(self, seq: Sequence) -> None:
+        """Remove a finished sequence and free its blocks at once."""
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.blocks.free(seq.id)
+        seq.status = SeqStatus.FINISHED
+
+    def abort(self, request_id: str) -> Sequence | None:
+        for seq in [*self.running, *self.waiting]:
+            if seq.id == request_id:
+                self.finish(seq)
+                return seq
+        return None

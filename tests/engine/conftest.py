@@ -1,0 +1,38 @@
+"""Engine fixtures: one tiny HF model, its params, and HF's greedy reference outputs for a mixed workload."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+
+from jaxserve.model.loader import load_hf_checkpoint
+from jaxserve.tokenizer import Tokenizer
+from tests.model_fixtures import make_hf_opt
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory):
+    d, model = make_hf_opt(tmp_path_factory.mktemp("engine-model"), "pre_ln")
+    cfg, params = load_hf_checkpoint(d)
+    return d, model, cfg, jax.tree_util.tree_map(jnp.asarray, params), Tokenizer.from_dir(d)
+
+
+@pytest.fixture(scope="session")
+def workload(tiny):
+    """64 prompts of lengths 1..300 with different max_tokens, and HF's greedy output for each alone."""
+    _, model, cfg, _, _ = tiny
+    rng = np.random.default_rng(7)
+    lens = np.concatenate([[1, 2, 16, 17, 299, 300], rng.integers(1, 301, 58)])
+    prompts = [[2, *rng.integers(3, cfg.vocab_size, int(n) - 1).tolist()] for n in lens]
+    max_tokens = rng.integers(1, 40, len(prompts)).tolist()
+    refs = []
+    for p, m in zip(prompts, max_tokens, strict=True):
+        with torch.no_grad():
+            out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                                 max_new_tokens=m, do_sample=False)
+        ref = out[0, len(p):].tolist()
+        if cfg.eos_token_id in ref:
+            ref = ref[: ref.index(cfg.eos_token_id) + 1]
+        refs.append(ref)
+    return prompts, max_tokens, refs
