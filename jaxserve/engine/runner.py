@@ -50,7 +50,7 @@ class Buckets:
             decode_batch=pow2_buckets(1, max_num_seqs),
             blocks=pow2_buckets(min(4, max_blocks), max_blocks),
             prefill_tokens=tokens,
-            prefill_rows=tuple(r for r in (1, 4, 16, 64, 256) if r < max_num_seqs) + (max_num_seqs,),
+            prefill_rows=(*(r for r in (1, 4, 16, 64, 256) if r < max_num_seqs), max_num_seqs),
             chunk_tokens=tokens,
         )
 
