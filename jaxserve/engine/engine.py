@@ -40,9 +40,10 @@ class StepOutput:
     finish_reason: FinishReason | None
 
 
-def make_executor(cfg: ModelConfig, params: Any, devices: Seq[jax.Device], tp: int, pp: int) -> Any:
+def make_executor(cfg: ModelConfig, params: Any, devices: Seq[jax.Device], tp: int, pp: int,
+                  attention: str = "auto") -> Any:
     if pp == 1:
-        return ModelExecutor(cfg, params, devices, tp)
+        return ModelExecutor(cfg, params, devices, tp, attention)
     from jaxserve.parallel.pipeline import PipelineExecutor
     return PipelineExecutor(cfg, params, devices, tp, pp)
 
@@ -80,7 +81,7 @@ class LLMEngine:
         self.max_model_len = config.resolved_max_model_len(cfg)
         batched = config.resolved_batched_tokens(cfg)
         num_blocks = resolve_num_blocks(cfg, config, self.max_model_len, devices)
-        self.executor = make_executor(cfg, params, devices, config.tp, config.pp)
+        self.executor = make_executor(cfg, params, devices, config.tp, config.pp, config.attention)
         self.executor.init_kv(num_blocks, config.block_size)
         self.blocks = BlockManager(num_blocks, config.block_size)
         self.policy = POLICY_FOR_MODE[config.mode]

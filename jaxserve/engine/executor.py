@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.attention import attention_xla
+from jaxserve.engine.attention_backends import make_attention
 from jaxserve.model.inputs import StepInputs
 from jaxserve.model.opt import KVCache, Params, dtype_of, forward
 from jaxserve.model.sampling import SamplingArrays, greedy, sample
@@ -67,14 +67,14 @@ class ModelExecutor:
     """Params + paged KV of one instance on a (pp=1, tp) mesh."""
 
     def __init__(self, cfg: ModelConfig, params: Params, devices: Sequence[jax.Device], tp: int = 1,
-                 attn_fn: Any = attention_xla) -> None:
+                 attention: str = "auto") -> None:
         self.cfg = cfg
         self.mesh = make_mesh(list(devices), tp, 1)
         self.tp = tp
         self.params = jax.device_put(params, param_shardings(cfg, self.mesh))
         self._repl = replicated(self.mesh)
         self._kv_sharding = kv_sharding(self.mesh)
-        self.attn_fn = attn_fn
+        self.attn_fn = make_attention(attention, self.mesh)
         self.kv: KVCache = []
         self.num_blocks = 0
         self.block_size = 0
