@@ -4,8 +4,12 @@ import jax
 import numpy as np
 import pytest
 
+from jaxserve.engine.executor import ModelExecutor
 from jaxserve.model.inputs import SeqChunk
+from jaxserve.model.sampling import SamplingArrays
 from jaxserve.parallel.pipeline import PipelineExecutor, split_layers, split_microbatches
+from jaxserve.parallel.sharding import replicated
+from jaxserve.request import SamplingParams
 from tests.parallel.scenario import BS, DECODES, NUM_BLOCKS, Scenario, max_kv_diff, run_executor, step_inputs
 
 
@@ -126,3 +130,17 @@ def test_pipeline_errors(tiny, devices):
         PipelineExecutor(cfg, params, devices[:6], tp=3, pp=2)
     with pytest.raises(ValueError, match="pp=8 stages need at least 8 layers"):
         PipelineExecutor(cfg, params, devices[:8], tp=1, pp=8)
+
+
+def test_sample_on_last_stage_matches_model_executor(tiny, devices):
+    """Greedy and seeded sampling from logits on the last stage equal ModelExecutor's on the same logits."""
+    cfg, params = tiny("pre_ln")
+    pp = PipelineExecutor(cfg, params, devices[:4], tp=2, pp=2)
+    ref = ModelExecutor(cfg, params, devices[4:6], tp=2)
+    logits = np.random.default_rng(0).normal(size=(4, cfg.vocab_size)).astype(np.float32)
+    sps = [SamplingParams(temperature=0.0), SamplingParams(temperature=0.8, top_k=20),
+           SamplingParams(temperature=1.0, top_p=0.9)]
+    arrays = SamplingArrays.from_params(sps, [1, 2, 3], [0, 4, 7], batch=4)
+    got = pp.sample(jax.device_put(logits, replicated(pp.stage_meshes[-1])), arrays)
+    np.testing.assert_array_equal(got, ref.sample(jax.device_put(logits, replicated(ref.mesh)), arrays))
+    assert got[0] == np.argmax(logits[0])
