@@ -15,6 +15,10 @@ stage holds the final layer norm, ``project_out`` and its own copy of
 ``embed_tokens`` for the tied lm_head. ``kv``, ``gather_blocks`` and
 ``scatter_blocks`` speak per-layer lists in layer order across all stages, the
 same as ``engine.executor.ModelExecutor``, so KV transfer treats both alike.
+``mesh`` is the whole ``(pp, tp)`` mesh (for the record; a KV sharding derived from
+it would replicate over ``pp``: place blocks with ``scatter_blocks``). ``attention``
+is a backend name as for ``ModelExecutor`` (``engine.attention_backends``), resolved
+per stage so Pallas kernels under TP are shard_mapped over that stage's sub-mesh.
 
 How stages overlap (inter-op parallelism). Every jitted stage call and every
 ``device_put`` between sub-meshes is dispatched asynchronously: the call returns
@@ -55,9 +59,9 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxserve.config import ModelConfig
-from jaxserve.model.attention import attention_xla
+from jaxserve.engine.attention_backends import make_attention
 from jaxserve.model.inputs import SeqChunk, StepInputs
-from jaxserve.model.opt import KVCache, Params, dtype_of, embed, head, run_layers
+from jaxserve.model.opt import AttnFn, KVCache, Params, dtype_of, embed, head, run_layers
 from jaxserve.model.sampling import SamplingArrays, greedy, sample
 from jaxserve.parallel.sharding import check_tp, kv_sharding, make_mesh, param_shardings, replicated
 
@@ -134,12 +138,12 @@ class PipelineExecutor:
     """Params + paged KV of one instance split into ``pp`` stages of ``tp`` devices each."""
 
     def __init__(self, cfg: ModelConfig, params: Params, devices: Sequence[jax.Device], tp: int = 1,
-                 pp: int = 1, attn_fn: Any = attention_xla, microbatches: int | None = None) -> None:
+                 pp: int = 1, attention: str | AttnFn = "auto", microbatches: int | None = None) -> None:
         devices = list(devices)
         check_tp(cfg, tp)
         if len(devices) != tp * pp:
             raise ValueError(f"tp={tp} x pp={pp} needs {tp * pp} devices, got {len(devices)}")
-        self.cfg, self.tp, self.pp, self.attn_fn = cfg, tp, pp, attn_fn
+        self.cfg, self.tp, self.pp = cfg, tp, pp
         self.microbatches = pp if microbatches is None else microbatches  # advice for the step builder
         if self.microbatches <= 0:
             raise ValueError(f"microbatches must be >= 1, got {microbatches}")
@@ -147,6 +151,10 @@ class PipelineExecutor:
         self.mesh = make_mesh(devices, tp, pp)  # [pp, tp]
         self.stage_meshes = [Mesh(self.mesh.devices[s:s + 1], ("pp", "tp")) for s in range(pp)]  # [1, tp]
         self._repl = [replicated(m) for m in self.stage_meshes]
+        # a backend name gives each stage its own attention (Pallas under TP is shard_mapped over that
+        # stage's sub-mesh); a function is used as is by every stage
+        self.stage_attn: list[AttnFn] = [make_attention(attention, m) if isinstance(attention, str)
+                                         else attention for m in self.stage_meshes]
         self._kv_sharding = [kv_sharding(m) for m in self.stage_meshes]
         self.stage_params: list[Params] = []
         for s, (layers, mesh) in enumerate(zip(self.stage_layers, self.stage_meshes, strict=True)):
@@ -207,7 +215,7 @@ class PipelineExecutor:
                 positions, meta = placed[m][s]
                 last = s == pp - 1
                 h[m], self.stage_kv[s] = _stage_step(
-                    self.stage_params[s], self.cfg, self.attn_fn, s == 0, last, h[m], positions,
+                    self.stage_params[s], self.cfg, self.stage_attn[s], s == 0, last, h[m], positions,
                     self.stage_kv[s], meta, idx[m] if last else None)
         return h
 
