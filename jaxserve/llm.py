@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jaxserve.config import EngineConfig
-from jaxserve.engine.engine import LLMEngine, run_to_completion
+from jaxserve.engine.engine import LLMEngine
+from jaxserve.engine.frontend import run_requests
 from jaxserve.model.checkpoint import load_model
 from jaxserve.request import FinishReason, Request, SamplingError, SamplingParams
 from jaxserve.tokenizer import Tokenizer
@@ -45,8 +46,7 @@ class LLM:
         self.cfg = lm.cfg
         self.model_name = lm.source
         self.tokenizer = Tokenizer.from_dir(lm.tokenizer_dir) if lm.tokenizer_dir is not None else None
-        self.engine = LLMEngine(lm.cfg, lm.params, EngineConfig(**engine_kw), tokenizer=self.tokenizer,
-                                name="llm-0")
+        self.engine = LLMEngine(lm.cfg, lm.params, EngineConfig(**engine_kw), name="llm-0")
         if warmup:
             self.engine.warmup()
         self._counter = itertools.count()
@@ -78,6 +78,8 @@ class LLM:
         req = Request(f"llm-{next(self._counter)}", ids, sampling or SamplingParams(),
                       prompt=prompt if isinstance(prompt, str) else None)
         self.engine.check_request(req)
+        if req.sampling.stop and self.tokenizer is None:
+            raise SamplingError("stop: stop strings need a tokenizer, and this model folder has none")
         return req
 
     def generate(self, prompts: Prompt | Sequence[Prompt],
@@ -91,6 +93,6 @@ class LLM:
         if len(sps) != len(prompts):
             raise ValueError(f"{len(prompts)} prompts but {len(sps)} sampling params")
         reqs = [self.make_request(p, sp) for p, sp in zip(prompts, sps, strict=True)]
-        trackers = run_to_completion(self.engine, reqs, progress)
+        trackers = run_requests(self.engine, reqs, self.tokenizer, progress)
         return [RequestOutput(r.prompt, r.prompt_token_ids, t.text, t.token_ids, t.finish_reason)
                 for r, t in zip(reqs, trackers, strict=True)]

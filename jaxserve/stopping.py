@@ -20,6 +20,16 @@ from typing import Any
 from jaxserve.request import FinishReason, SamplingParams
 
 
+def token_finish_reason(token_id: int, num_output_tokens: int, sampling: SamplingParams,
+                        eos_token_id: int | None, max_tokens: int) -> FinishReason | None:
+    """The token-level rules (EOS, stop ids, length) that engines apply without a tokenizer."""
+    if (token_id == eos_token_id and not sampling.ignore_eos) or token_id in sampling.stop_token_ids:
+        return FinishReason.STOP
+    if num_output_tokens >= max_tokens:
+        return FinishReason.LENGTH
+    return None
+
+
 class OutputTracker:
     """Per-request output state: token ids, text, streamed prefix, finish reason."""
 
@@ -43,19 +53,16 @@ class OutputTracker:
             raise RuntimeError("request already finished")
         sp = self.sampling
         self.token_ids.append(token_id)
-        stop_token = (token_id == self.eos_token_id and not sp.ignore_eos) or token_id in sp.stop_token_ids
-        if stop_token:
-            self.finish_reason = FinishReason.STOP
+        reason = token_finish_reason(token_id, len(self.token_ids), sp, self.eos_token_id, self.max_tokens)
+        stop_token = reason == FinishReason.STOP
+        piece = "" if stop_token or self.detok is None else self.detok.add(token_id)
+        before = len(self.text)
+        self.text += piece
+        if sp.stop and piece and self._cut_at_stop(before):
+            reason = FinishReason.STOP
+        elif reason is not None:
             self._flush_detok()
-        else:
-            piece = self.detok.add(token_id) if self.detok is not None else ""
-            before = len(self.text)
-            self.text += piece
-            if sp.stop and piece and self._cut_at_stop(before):
-                self.finish_reason = FinishReason.STOP
-            elif len(self.token_ids) >= self.max_tokens:
-                self.finish_reason = FinishReason.LENGTH
-                self._flush_detok()
+        self.finish_reason = reason
         return self._delta(), self.finish_reason
 
     def abort(self, reason: FinishReason = FinishReason.ABORT) -> None:

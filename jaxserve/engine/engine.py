@@ -1,14 +1,17 @@
-"""One engine instance: scheduler + runner + executor + per-request output trackers.
+"""One engine instance: scheduler + runner + executor, in tokens (text lives in the front end).
 
     add_request(Request) --> Scheduler.waiting
     step():  schedule --> Runner.run (jitted calls on this instance's mesh) --> sampled tokens
-             --> OutputTracker (text delta, stop rules) --> [StepOutput]; finished requests free blocks at once
-    abort_request(id): frees the request's blocks at once
+             --> token-level stops (EOS, stop ids, length) --> [StepOutput]; finished requests free blocks
+    abort_request(id): frees the request's blocks at once, wherever it is
 
-``step()`` is the whole loop body (schedule, run, postprocess). The engine stamps
-lifecycle events (prefill queued/began/ended, decode began, token, preempted,
-finished/aborted) on each Request. ``compilations_since_warmup`` proves that a
-serving run after ``warmup()`` compiled nothing new.
+Roles (``EngineConfig.mode``): ``colocated``/``chunked`` run whole requests. A
+``prefill`` instance stops a request after its first token and *holds* its KV
+blocks (``take_ready`` lists them) until a decode instance has pulled them
+(``release``). A ``decode`` instance takes requests in with ``admit`` (blocks
+allocated for the transferred KV), then decodes them by continuous batching.
+The engine stamps lifecycle events on each Request. ``compilations_since_warmup``
+proves that a serving run after ``warmup()`` compiled nothing new.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from jaxserve.engine.runner import Buckets, Runner
 from jaxserve.engine.scheduler import Scheduler, Sequence
 from jaxserve.model.sampling import new_seed
 from jaxserve.request import Event, FinishReason, Request
-from jaxserve.stopping import OutputTracker
+from jaxserve.stopping import token_finish_reason
 
 POLICY_FOR_MODE = {"colocated": "prefill-first", "chunked": "chunked", "prefill": "prefill-only",
                    "decode": "prefill-first"}
@@ -35,9 +38,8 @@ POLICY_FOR_MODE = {"colocated": "prefill-first", "chunked": "chunked", "prefill"
 @dataclasses.dataclass
 class StepOutput:
     request_id: str
-    new_token_ids: list[int]
-    text_delta: str
-    finish_reason: FinishReason | None
+    token_id: int
+    finish_reason: FinishReason | None  # token-level (EOS, stop ids, length); stop strings are the front end's
 
 
 def make_executor(cfg: ModelConfig, params: Any, devices: Seq[jax.Device], tp: int, pp: int,
@@ -71,9 +73,9 @@ class LLMEngine:
     """A single instance serving requests by continuous batching."""
 
     def __init__(self, cfg: ModelConfig, params: Any, config: EngineConfig | None = None, *,
-                 devices: Seq[jax.Device] | None = None, tokenizer: Any = None, name: str = "engine-0") -> None:
+                 devices: Seq[jax.Device] | None = None, name: str = "engine-0") -> None:
         config = config or EngineConfig()
-        self.cfg, self.config, self.tokenizer, self.name = cfg, config, tokenizer, name
+        self.cfg, self.config, self.name = cfg, config, name
         n_dev = config.tp * config.pp
         devices = list(devices) if devices is not None else jax.devices()[:n_dev]
         if len(devices) != n_dev:
@@ -91,7 +93,7 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
             max_num_batched_tokens=batched, block_size=config.block_size))
         self.seqs: dict[str, Sequence] = {}
-        self.trackers: dict[str, OutputTracker] = {}
+        self.ready: dict[str, Sequence] = {}  # prefill role: prefilled, KV held for transfer
         self._compiles_at_warmup: int | None = None
         self.num_warmup_shapes = 0
 
@@ -115,36 +117,67 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
         self.scheduler.check_fits(request)
-        if request.sampling.stop and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, and this model has none")
 
     def add_request(self, request: Request) -> None:
         if request.request_id in self.seqs:
             raise ValueError(f"duplicate request id {request.request_id!r}")
         self.check_request(request)
-        detok = self.tokenizer.detokenizer(request.prompt_token_ids) if self.tokenizer is not None else None
-        self.trackers[request.request_id] = OutputTracker(
-            request.sampling, self.cfg.eos_token_id, detok,
-            max_tokens=self.max_model_len - request.num_prompt_tokens)
-        seed = request.sampling.seed if request.sampling.seed is not None else new_seed()
-        seq = Sequence(request, seed=seed)
+        seq = Sequence(request, seed=_seed_of(request))
         self.seqs[request.request_id] = seq
         self.scheduler.add(seq)
         request.stamp(Event.PREFILL_QUEUED, instance=self.name)
 
-    def abort_request(self, request_id: str) -> bool:
-        """Drop a request wherever it is; its blocks are free on return."""
+    def abort_request(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> bool:
+        """Drop a request wherever it is (queued, running, or held for transfer); frees its blocks now.
+
+        ``reason`` STOP is the front end ending a request on a stop string (stamped FINISHED)."""
         seq = self.seqs.pop(request_id, None)
         if seq is None:
             return False
-        self.scheduler.abort(request_id)
-        self.trackers.pop(request_id).abort()
-        seq.request.finish_reason = seq.request.finish_reason or FinishReason.ABORT
-        seq.request.stamp(Event.ABORTED, instance=self.name)
+        if self.ready.pop(request_id, None) is not None:
+            self.blocks.free(request_id)
+        else:
+            self.scheduler.abort(request_id)
+        seq.request.finish_reason = seq.request.finish_reason or reason
+        seq.request.stamp(Event.ABORTED if reason == FinishReason.ABORT else Event.FINISHED, instance=self.name)
         return True
 
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work()
+
+    @property
+    def num_queued_tokens(self) -> int:
+        """Prompt tokens not yet prefilled here (the orchestrator's prefill dispatch key)."""
+        return sum(s.num_tokens - s.num_computed for s in [*self.scheduler.waiting, *self.scheduler.running])
+
+    # ---- disaggregation ----------------------------------------------------------------------
+    def take_ready(self) -> list[str]:
+        """Prefill role: ids of prefilled requests whose KV waits to be pulled (oldest first)."""
+        return list(self.ready)
+
+    def kv_of(self, request_id: str) -> tuple[list[int], int]:
+        """(block ids, number of tokens with KV) of a request held for transfer."""
+        seq = self.ready[request_id]
+        return list(self.blocks.table(request_id)), seq.num_computed
+
+    def release(self, request_id: str) -> None:
+        """Prefill role: the KV has been copied out; free the blocks and forget the request."""
+        self.ready.pop(request_id)
+        self.seqs.pop(request_id)
+        self.blocks.free(request_id)
+
+    def can_admit(self, request: Request) -> bool:
+        return self.scheduler.can_admit(request.num_tokens - 1)
+
+    def admit(self, request: Request) -> list[int]:
+        """Decode role: take in a prefilled request; returns the blocks its KV must be written to."""
+        if request.request_id in self.seqs:
+            raise ValueError(f"duplicate request id {request.request_id!r}")
+        seq = Sequence(request, seed=_seed_of(request))
+        table = self.scheduler.admit_prefilled(seq, request.num_tokens - 1)
+        self.seqs[request.request_id] = seq
+        request.stamp(Event.DECODE_QUEUED, instance=self.name)
+        return list(table)
 
     # ---- the loop body -----------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
@@ -166,7 +199,9 @@ class LLMEngine:
     def _postprocess(self, seq: Sequence, token: int) -> StepOutput:
         req = seq.request
         req.output_token_ids.append(token)
-        delta, reason = self.trackers[seq.id].add(token)
+        max_tokens = min(req.sampling.max_tokens, self.max_model_len - req.num_prompt_tokens)
+        reason = token_finish_reason(token, len(req.output_token_ids), req.sampling, self.cfg.eos_token_id,
+                                     max_tokens)
         if len(req.output_token_ids) == 1:
             req.stamp(Event.PREFILL_ENDED, instance=self.name)
         req.stamp(Event.TOKEN, instance=self.name)
@@ -175,13 +210,10 @@ class LLMEngine:
             self.scheduler.finish(seq)
             del self.seqs[seq.id]
             req.stamp(Event.FINISHED, instance=self.name)
-        return StepOutput(seq.id, [token], delta, reason)
-
-    def output_text(self, request_id: str) -> str:
-        return self.trackers[request_id].text
-
-    def pop_tracker(self, request_id: str) -> OutputTracker:
-        return self.trackers.pop(request_id)
+        elif self.policy == "prefill-only":  # hand over: keep the blocks until a decode instance pulls them
+            self.scheduler.detach(seq)
+            self.ready[seq.id] = seq
+        return StepOutput(seq.id, token, reason)
 
     # ---- introspection -----------------------------------------------------------------------
     @property
@@ -193,12 +225,7 @@ class LLMEngine:
         return self.blocks.num_used
 
 
-def run_to_completion(engine: LLMEngine, requests: Seq[Request], progress: Any = None) -> list[OutputTracker]:
-    """Add every request, step until all finish; returns their trackers in input order."""
-    for r in requests:
-        engine.add_request(r)
-    while engine.has_unfinished():
-        for o in engine.step():
-            if o.finish_reason is not None and progress is not None:
-                progress(1)
-    return [engine.pop_tracker(r.request_id) for r in requests]
+def _seed_of(request: Request) -> int:
+    if request.sampling.seed is None:  # fix it once, so a moved or recomputed request samples the same
+        request.sampling = dataclasses.replace(request.sampling, seed=new_seed())
+    return request.sampling.seed

@@ -222,6 +222,26 @@ class Scheduler:
         self.blocks.free(seq.id)
         seq.status = SeqStatus.FINISHED
 
+    # ---- disaggregation: hand a prefilled sequence over, take one in ------------------------
+    def detach(self, seq: Sequence) -> list[int]:
+        """Prefill side: stop scheduling ``seq`` but keep its blocks (until ``finish``); returns them."""
+        self.running.remove(seq)
+        return self.blocks.table(seq.id)
+
+    def can_admit(self, num_tokens: int) -> bool:
+        """Decode side: room for one more running sequence whose first ``num_tokens`` have KV."""
+        need = blocks_needed(num_tokens + 1, self.blocks.block_size)  # + the next token's slot
+        return len(self.running) < self.max_num_seqs and self.blocks.can_allocate(need)
+
+    def admit_prefilled(self, seq: Sequence, num_computed: int) -> list[int]:
+        """Decode side: allocate blocks for ``num_computed`` tokens of KV arriving by transfer."""
+        self.check_fits(seq.request)
+        table = self.blocks.grow(seq.id, num_computed)
+        seq.num_computed = num_computed
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+        return table
+
     def abort(self, request_id: str) -> Sequence | None:
         for seq in [*self.running, *self.waiting]:
             if seq.id == request_id:

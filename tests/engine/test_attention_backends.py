@@ -3,7 +3,8 @@
 import pytest
 
 from jaxserve.config import EngineConfig
-from jaxserve.engine.engine import LLMEngine, run_to_completion
+from jaxserve.engine.engine import LLMEngine
+from jaxserve.engine.frontend import run_requests
 from jaxserve.request import Request, SamplingParams
 
 
@@ -16,6 +17,6 @@ def test_pallas_path_equals_xla_path(tiny, workload, tp):
     for backend in ("xla", "pallas-interpret"):
         eng = LLMEngine(cfg, params, EngineConfig(max_num_seqs=8, max_model_len=512, tp=tp, attention=backend))
         reqs = [Request(f"{backend}-{i}", prompts[i], SamplingParams(max_tokens=6)) for i in picks]
-        outs[backend] = [t.token_ids for t in run_to_completion(eng, reqs)]
+        outs[backend] = [t.token_ids for t in run_requests(eng, reqs)]
         assert eng.num_held_blocks == 0
     assert outs["pallas-interpret"] == outs["xla"] == [refs[i][:6] for i in picks]

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 
 from jaxserve.config import EngineConfig
-from jaxserve.engine.engine import LLMEngine, run_to_completion
+from jaxserve.engine.engine import LLMEngine
+from jaxserve.engine.frontend import run_requests
 from jaxserve.request import Event, FinishReason, Request, SamplingParams
 
 
@@ -14,10 +15,10 @@ def _requests(prompts, max_tokens, tag):
 
 
 def _engine(tiny, **kw):
-    _, _, cfg, params, tok = tiny
+    _, _, cfg, params, _ = tiny
     base = dict(max_num_seqs=32, max_model_len=512)
     base.update(kw)
-    return LLMEngine(cfg, params, EngineConfig(**base), tokenizer=tok)
+    return LLMEngine(cfg, params, EngineConfig(**base))
 
 
 @pytest.mark.parametrize("mode,kw", [
@@ -30,7 +31,7 @@ def test_engine_greedy_equals_hf_alone(tiny, workload, mode, kw):
     prompts, max_tokens, refs = workload
     engine = _engine(tiny, mode=mode.split("-")[0], **kw)
     reqs = _requests(prompts, max_tokens, mode)
-    trackers = run_to_completion(engine, reqs)
+    trackers = run_requests(engine, reqs)
     for i, (r, t, ref) in enumerate(zip(reqs, trackers, refs, strict=True)):
         assert t.token_ids == ref, f"request {i} (prompt {len(r.prompt_token_ids)} tokens)"
         assert r.output_token_ids == ref
@@ -48,7 +49,7 @@ def test_lifecycle_events_complete_and_monotone(tiny, workload):
     prompts, max_tokens, _ = workload
     engine = _engine(tiny)
     reqs = _requests(prompts[:12], max_tokens[:12], "ev")
-    run_to_completion(engine, reqs)
+    run_requests(engine, reqs)
     for r in reqs:
         kinds = [e.kind for e in r.events]
         times = [e.time for e in r.events]
@@ -102,7 +103,20 @@ def test_no_compilation_after_warmup(tiny):
                     SamplingParams(max_tokens=int(rng.integers(1, 50)), temperature=float(rng.choice([0.0, 0.8])),
                                    seed=i))
             for i in range(200)]
-    run_to_completion(engine, reqs)
+    run_requests(engine, reqs)
     assert engine.compilations_since_warmup == 0
     assert engine.num_held_blocks == 0
     assert all(r.finished for r in reqs)
+
+
+def test_stop_string_through_the_front_end_frees_blocks(tiny):
+    tok = tiny[4]
+    engine = _engine(tiny)
+    prompt = tok.encode("The weather today")
+    base = run_requests(engine, [Request("s0", prompt, SamplingParams(max_tokens=40, ignore_eos=True))], tok)[0]
+    stop = base.text[len(base.text) // 2: len(base.text) // 2 + 2]
+    req = Request("s1", prompt, SamplingParams(max_tokens=40, ignore_eos=True, stop=[stop]))
+    t = run_requests(engine, [req], tok)[0]
+    assert t.finish_reason == FinishReason.STOP and t.text == base.text[: base.text.index(stop)]
+    assert req.finish_reason == FinishReason.STOP and req.events[-1].kind == Event.FINISHED
+    assert engine.num_held_blocks == 0 and not engine.has_unfinished()
