@@ -176,7 +176,6 @@ class LLMEngine:
         seq = Sequence(request, seed=_seed_of(request))
         table = self.scheduler.admit_prefilled(seq, request.num_tokens - 1)
         self.seqs[request.request_id] = seq
-        request.stamp(Event.DECODE_QUEUED, instance=self.name)
         return list(table)
 
     # ---- the loop body -----------------------------------------------------------------------
