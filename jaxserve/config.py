@@ -216,3 +216,101 @@ class EngineConfig:
         if self.max_num_batched_tokens is not None:
             return self.max_num_batched_tokens
         return 512 if self.mode == "chunked" else self.resolved_max_model_len(model)
+
+
+ROLES = ("prefill", "decode", "colocated")
+_INSTANCE_ENGINE_KEYS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_gb",
+                         "num_blocks", "attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class InstanceSpec:
+    """One kind of instance in a deployment: role, layout, replicas, optional device ids, engine limits."""
+
+    role: str
+    tp: int = 1
+    pp: int = 1
+    replicas: int = 1
+    devices: tuple[int, ...] | None = None  # explicit device ids for all replicas, in order
+    engine: tuple[tuple[str, Any], ...] = ()  # EngineConfig overrides
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ConfigError(f"instance role must be one of {ROLES}, got {self.role!r}")
+        for f in ("tp", "pp", "replicas"):
+            v = getattr(self, f)
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise ConfigError(f"instance {self.role}: {f} must be a positive integer, got {v!r}")
+        if self.devices is not None and len(self.devices) != self.tp * self.pp * self.replicas:
+            raise ConfigError(f"instance {self.role}: {len(self.devices)} device ids given, tp*pp*replicas = "
+                              f"{self.tp * self.pp * self.replicas}")
+
+    def engine_config(self, mode_for_colocated: str = "colocated", **defaults: Any) -> EngineConfig:
+        mode = mode_for_colocated if self.role == "colocated" else self.role
+        return EngineConfig(mode=mode, tp=self.tp, pp=self.pp, **{**defaults, **dict(self.engine)})
+
+
+@dataclasses.dataclass(frozen=True)
+class DeploymentConfig:
+    """What instances to run. Fed by a deployment YAML (``configs/deploy/``) or the planner's plan JSON."""
+
+    instances: tuple[InstanceSpec, ...]
+    model: str | None = None
+    dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        roles = [i.role for i in self.instances]
+        if not roles:
+            raise ConfigError("a deployment needs at least one instance")
+        if "colocated" in roles and len(set(roles)) > 1:
+            raise ConfigError("a deployment is either colocated or disaggregated (prefill + decode), not both")
+        if "colocated" not in roles and not ("prefill" in roles and "decode" in roles):
+            raise ConfigError(f"a disaggregated deployment needs prefill and decode instances, got {roles}")
+
+    @property
+    def num_devices(self) -> int:
+        return sum(i.tp * i.pp * i.replicas for i in self.instances)
+
+    @classmethod
+    def from_dict(cls, d: Any, *, source: str = "<deployment>") -> DeploymentConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"{source}: expected a mapping at the top level")
+        if d.get("feasible") is False:
+            raise ConfigError(f"{source}: the plan is not feasible ({d.get('reason', 'no reason given')})")
+        allowed = {"instances", "model", "dtype"}
+        is_plan = "per_device_goodput" in d  # a planner plan carries many more fields; read what we need
+        unknown = sorted(set(d) - allowed)
+        if unknown and not is_plan:
+            raise ConfigError(f"{source}: unknown keys {unknown}; allowed: {sorted(allowed)}")
+        raw = d.get("instances")
+        if not isinstance(raw, list) or not raw:
+            raise ConfigError(f"{source}: 'instances' must be a non-empty list")
+        specs = []
+        for n, item in enumerate(raw):
+            if not isinstance(item, dict):
+                raise ConfigError(f"{source}: instances[{n}] must be a mapping")
+            keys = {"role", "tp", "pp", "replicas", "devices", *_INSTANCE_ENGINE_KEYS}
+            extra = sorted(set(item) - keys)
+            if extra and not is_plan:
+                raise ConfigError(f"{source}: instances[{n}] has unknown keys {extra}")
+            try:
+                specs.append(InstanceSpec(
+                    role=item.get("role"), tp=item.get("tp", 1), pp=item.get("pp", 1),
+                    replicas=item.get("replicas", 1),
+                    devices=tuple(item["devices"]) if item.get("devices") is not None else None,
+                    engine=tuple((k, item[k]) for k in _INSTANCE_ENGINE_KEYS if k in item)))
+            except ConfigError as e:
+                raise ConfigError(f"{source}: instances[{n}]: {e}") from e
+        return cls(tuple(specs), model=d.get("model") if not is_plan else None, dtype=d.get("dtype", "float32"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> DeploymentConfig:
+        """A deployment YAML, or a plan JSON written by ``python -m planner``."""
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: deployment file not found")
+        try:
+            d = json.loads(path.read_text()) if path.suffix == ".json" else yaml.safe_load(path.read_text())
+        except (json.JSONDecodeError, yaml.YAMLError) as e:
+            raise ConfigError(f"{path}: cannot parse ({e})") from e
+        return cls.from_dict(d, source=str(path))

@@ -13,7 +13,9 @@ import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jaxserve.config import EngineConfig
+from jaxserve.config import DeploymentConfig, EngineConfig
+from jaxserve.engine.build import build_engine
+from jaxserve.engine.disagg import DisaggEngine
 from jaxserve.engine.engine import LLMEngine
 from jaxserve.engine.frontend import run_requests
 from jaxserve.model.checkpoint import load_model
@@ -37,16 +39,27 @@ class LLM:
 
     Keyword arguments go to ``EngineConfig`` (``mode``, ``kv_cache_gb``, ``num_blocks``,
     ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``block_size``, ``tp``, ``pp``).
+    ``config`` (a deployment YAML, a planner plan JSON, or a DeploymentConfig) runs the listed
+    instances instead, e.g. one prefill and one decode instance (then the keywords fill in
+    every instance's unset limits, and ``mode`` applies to colocated instances).
     Shapes compile on first use; pass ``warmup=True`` to compile them all up front.
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "float32", warmup: bool = False,
-                 **engine_kw: Any) -> None:
+                 config: str | DeploymentConfig | None = None, **engine_kw: Any) -> None:
+        deployment = DeploymentConfig.load(config) if isinstance(config, str) else config
+        if model is None and deployment is not None:
+            model = deployment.model
         lm = load_model(model, dtype)
         self.cfg = lm.cfg
         self.model_name = lm.source
         self.tokenizer = Tokenizer.from_dir(lm.tokenizer_dir) if lm.tokenizer_dir is not None else None
-        self.engine = LLMEngine(lm.cfg, lm.params, EngineConfig(**engine_kw), name="llm-0")
+        self.engine: LLMEngine | DisaggEngine
+        if deployment is None:
+            self.engine = LLMEngine(lm.cfg, lm.params, EngineConfig(**engine_kw), name="llm-0")
+        else:
+            mode = engine_kw.pop("mode", "colocated")
+            self.engine = build_engine(lm.cfg, lm.params, deployment, mode_for_colocated=mode, **engine_kw)
         if warmup:
             self.engine.warmup()
         self._counter = itertools.count()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--model", default=None,
                    help="HF OPT folder or converted (orbax) folder; default: the built-in demo model")
+    p.add_argument("--config", default=None,
+                   help="deployment YAML (configs/deploy/) or a planner plan JSON: e.g. one prefill and one "
+                        "decode instance; default: one colocated instance on one device")
     p.add_argument("--mode", default="colocated", choices=["colocated", "chunked"],
                    help="colocated: prefill-first continuous batching; chunked: Sarathi-style chunked prefill")
     src = p.add_mutually_exclusive_group()
@@ -103,8 +107,22 @@ def _fields(sp: Any) -> dict[str, Any]:
     return {f.name: getattr(sp, f.name) for f in dataclasses.fields(sp)}
 
 
+def ensure_cpu_devices(config: str | None) -> None:
+    """A multi-instance deployment on a CPU host needs that many virtual devices, set before jax starts."""
+    if config is None or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+        return
+    from jaxserve.config import ConfigError, DeploymentConfig
+
+    try:
+        n = DeploymentConfig.load(config).num_devices
+    except ConfigError:
+        return  # reported properly when the engine is built
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    ensure_cpu_devices(args.config)
     from tqdm import tqdm
 
     from jaxserve.llm import LLM
@@ -117,7 +135,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     lines = read_lines(args)
-    engine_kw = {k: v for k, v in (("kv_cache_gb", args.kv_cache_gb), ("mode", args.mode)) if v is not None}
+    engine_kw = {k: v for k, v in (("kv_cache_gb", args.kv_cache_gb), ("mode", args.mode),
+                                   ("config", args.config)) if v is not None}
     try:
         llm = LLM(args.model, dtype=args.dtype, **engine_kw)
     except (ValueError, OSError) as e:

@@ -20,7 +20,6 @@ instance stamps decode began, tokens and finished.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
 
 from jaxserve.engine.engine import LLMEngine, StepOutput
 from jaxserve.engine.kv_transfer import KVTransport, LocalTransport
@@ -116,18 +115,3 @@ class DisaggEngine:
 
     def held_blocks(self) -> dict[str, int]:
         return {e.name: e.num_held_blocks for e in self.instances}
-
-
-def build_local(cfg: Any, params: Any, layouts: Sequence[tuple[str, Any]], devices: Sequence[Any],
-                transport: KVTransport | None = None) -> DisaggEngine | LLMEngine:
-    """Instances from ``[(role, EngineConfig), ...]`` on consecutive device slices."""
-    from jaxserve.parallel.devices import split_devices
-
-    sets = split_devices(list(devices), [c.tp * c.pp for _, c in layouts])
-    engines = [LLMEngine(cfg, params, c, devices=ds, name=f"{role}-{i}")
-               for i, ((role, c), ds) in enumerate(zip(layouts, sets, strict=True))]
-    pre = [e for e in engines if e.config.mode == "prefill"]
-    dec = [e for e in engines if e.config.mode == "decode"]
-    if not pre and not dec and len(engines) == 1:
-        return engines[0]
-    return DisaggEngine(pre, dec, transport)

@@ -4,7 +4,8 @@ import jax
 import pytest
 
 from jaxserve.config import EngineConfig
-from jaxserve.engine.disagg import DisaggEngine, build_local
+from jaxserve.engine.build import build_local
+from jaxserve.engine.disagg import DisaggEngine
 from jaxserve.engine.frontend import run_requests
 from jaxserve.engine.kv_transfer import HostTransport
 from jaxserve.request import Event, FinishReason, Request, SamplingParams

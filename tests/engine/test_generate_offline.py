@@ -78,3 +78,27 @@ def test_bad_arguments_and_missing_model(tmp_path):
     assert r.returncode == 2 and "--max-tokens must be positive, got 0" in r.stderr
     r = _run(["--model", str(tmp_path / "missing"), "--prompt", "hi"], tmp_path)
     assert r.returncode == 1 and "model folder does not exist" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_disaggregated_config_gives_the_same_output(tiny, workload, tmp_path):
+    d, _, _, _, _ = tiny
+    prompts, _, refs = workload
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"prompt_token_ids": prompts[i], "max_tokens": 6}) + "\n" for i in (1, 4, 9)))
+    outs = {}
+    for name, extra in (("colocated", []), ("disagg", ["--config", str(ROOT / "configs/deploy/disagg-1p1d.yaml")]),
+                        ("tp2-2dec", ["--config", str(ROOT / "configs/deploy/disagg-tp2-tp1x2.yaml")])):
+        out = tmp_path / f"{name}.jsonl"
+        r = _run(["--model", str(d), "--input", str(inp), "--output", str(out), *extra], tmp_path)
+        assert r.returncode == 0, r.stderr
+        outs[name] = [json.loads(x)["token_ids"] for x in out.read_text().splitlines()]
+    assert outs["colocated"] == outs["disagg"] == outs["tp2-2dec"] == [refs[i][:6] for i in (1, 4, 9)]
+
+
+def test_bad_config_is_named(tiny, tmp_path):
+    d, _, _, _, _ = tiny
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("instances:\n  - role: prefill\n    tp: 2\n    colour: red\n  - role: decode\n")
+    r = _run(["--model", str(d), "--prompt", "hi", "--config", str(bad)], tmp_path)
+    assert r.returncode == 1 and "instances[0] has unknown keys ['colour']" in r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,56 @@
+"""Deployment descriptions: YAML and planner plan JSON into validated records, and into instances."""
+
+import json
+
+import jax
+import pytest
+
+from jaxserve.config import ConfigError, DeploymentConfig
+from jaxserve.engine.build import build_engine
+from jaxserve.engine.disagg import DisaggEngine
+from jaxserve.engine.frontend import run_requests
+from jaxserve.request import Request, SamplingParams
+
+
+def test_plan_json_is_read(tmp_path):
+    plan = {"feasible": True, "per_device_goodput": 1.2, "devices": 3, "slo": {}, "workload": {},
+            "instances": [{"role": "prefill", "tp": 2, "pp": 1, "replicas": 1, "nodes": [[0]]},
+                          {"role": "decode", "tp": 1, "pp": 1, "replicas": 1, "nodes": [[0]]}]}
+    p = tmp_path / "plan.json"
+    p.write_text(json.dumps(plan))
+    d = DeploymentConfig.load(p)
+    assert [(i.role, i.tp) for i in d.instances] == [("prefill", 2), ("decode", 1)] and d.num_devices == 3
+    p.write_text(json.dumps({"feasible": False, "reason": "TTFT 0.01 s cannot be met"}))
+    with pytest.raises(ConfigError, match="not feasible"):
+        DeploymentConfig.load(p)
+
+
+@pytest.mark.parametrize("doc,msg", [
+    ({"instances": []}, "non-empty list"),
+    ({"instances": [{"role": "prefill"}]}, "needs prefill and decode"),
+    ({"instances": [{"role": "colocated"}, {"role": "decode"}]}, "not both"),
+    ({"instances": [{"role": "mystery"}]}, "role must be one of"),
+    ({"instances": [{"role": "prefill", "tp": 0}, {"role": "decode"}]}, "tp must be a positive integer"),
+    ({"instances": [{"role": "prefill", "devices": [0, 1]}, {"role": "decode"}]}, "2 device ids given"),
+    ({"instance": []}, "unknown keys"),
+])
+def test_bad_deployments(doc, msg):
+    with pytest.raises(ConfigError, match=msg):
+        DeploymentConfig.from_dict(doc)
+
+
+def test_explicit_device_ids(tiny, workload):
+    _, _, cfg, params, _ = tiny
+    prompts, _, refs = workload
+    dep = DeploymentConfig.from_dict({"instances": [
+        {"role": "prefill", "tp": 2, "devices": [6, 7]}, {"role": "decode", "devices": [3], "max_num_seqs": 4}]})
+    eng = build_engine(cfg, params, dep, max_model_len=512)
+    assert isinstance(eng, DisaggEngine)
+    assert [d.id for d in eng.prefills[0].executor.devices] == [6, 7]
+    assert [d.id for d in eng.decodes[0].executor.devices] == [3]
+    out = run_requests(eng, [Request("x", prompts[9], SamplingParams(max_tokens=5))])
+    assert out[0].token_ids == refs[9][:5]
+    with pytest.raises(ConfigError, match="overlap"):
+        build_engine(cfg, params, DeploymentConfig.from_dict({"instances": [
+            {"role": "prefill", "devices": [1]}, {"role": "decode", "devices": [1]}]}))
+    assert len(jax.devices()) == 8
