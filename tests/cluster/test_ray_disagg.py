@@ -1,0 +1,186 @@
+"""Disaggregated prefill/decode through Ray actors on CPU: exact tokens, true Request records, no leaks, failures.
+
+One local Ray (2 CPUs) per module; one prefill actor + one decode actor serve the tiny HF OPT folder.
+The KV of each request goes prefill actor -> object store -> decode actor as numpy.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+ray = pytest.importorskip("ray")
+
+from transformers import OPTForCausalLM  # noqa: E402
+
+from jaxserve.cluster.actors import ActorOptions, start_instance  # noqa: E402
+from jaxserve.cluster.ray_engine import NO_TOKEN, ClusterError, InstanceFailed, RayDisaggEngine  # noqa: E402
+from jaxserve.config import EngineConfig  # noqa: E402
+from jaxserve.engine.frontend import run_requests  # noqa: E402
+from jaxserve.request import Event, FinishReason, Request, SamplingParams  # noqa: E402
+from tests.model_fixtures import make_hf_opt  # noqa: E402
+
+LENS = [1, 2, 16, 17, 60, 130, 299, 300]
+
+
+def _cfg(role: str, **kw) -> EngineConfig:
+    return EngineConfig(**{"mode": role, "max_num_seqs": 16, "max_model_len": 512, **kw})
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d, _ = make_hf_opt(tmp_path_factory.mktemp("ray-model"), "pre_ln")
+    return d
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
+                 logging_level="warning")
+    yield
+    if started:
+        ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def actors(cluster, model_dir):
+    """Two prefill/decode pairs, started at once so their model loads overlap the HF reference run; half
+    a CPU each so all four fit on the 2-CPU cluster. The second pair is the failure test's to kill."""
+    opts = ActorOptions(num_cpus=0.5)
+    handles = [start_instance(model_dir, _cfg(role), f"{role}-{i}", options=opts)
+               for i, role in enumerate(["prefill", "decode", "prefill", "decode"])]
+    yield handles
+    for h in handles:
+        ray.kill(h)
+
+
+@pytest.fixture(scope="module")
+def model(model_dir):
+    """The tiny HF folder, 8 prompts, and HF's greedy output for each alone."""
+    hf = OPTForCausalLM.from_pretrained(model_dir).eval()
+    rng = np.random.default_rng(11)
+    prompts = [[2, *rng.integers(3, hf.config.vocab_size, n - 1).tolist()] for n in LENS]
+    max_tokens = [1, *rng.integers(2, 40, len(LENS) - 1).tolist()]
+    refs = []
+    for p, m in zip(prompts, max_tokens, strict=True):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                              max_new_tokens=m, do_sample=False)
+        ref = out[0, len(p):].tolist()
+        if hf.config.eos_token_id in ref:
+            ref = ref[: ref.index(hf.config.eos_token_id) + 1]
+        refs.append(ref)
+    return model_dir, prompts, max_tokens, refs
+
+
+@pytest.fixture(scope="module")
+def engine(actors, model):
+    eng = RayDisaggEngine(actors[:1], actors[1:2], timeout_s=120)
+    yield eng
+    eng.shutdown()
+
+
+def test_two_actors_equal_hf_tokens(engine, model):
+    _, prompts, max_tokens, refs = model
+    reqs = [Request(f"r{i}", p, SamplingParams(max_tokens=m)) for i, (p, m) in enumerate(zip(prompts, max_tokens, strict=True))]
+    trackers = run_requests(engine, reqs)
+    for i, t in enumerate(trackers):
+        assert t.token_ids == refs[i], f"request {i} (prompt of {LENS[i]} tokens)"
+    assert engine.num_transfers == sum(len(r) > 1 and r[0] != 2 for r in refs)
+    assert engine.transfer_bytes > 0
+    held = engine.held_blocks()
+    assert set(held) == {"prefill-0", "decode-1"} and all(v == 0 for v in held.values()), held
+    assert not engine.has_unfinished() and not engine.where and not engine.requests
+    for r, ref in zip(reqs, refs, strict=True):
+        # the driver's Request objects were kept true by the actors' replies
+        assert r.output_token_ids == ref and r.finished and r.sampling.seed is not None
+        kinds = [e.kind for e in r.events]
+        assert [e.time for e in r.events] == sorted(e.time for e in r.events), kinds
+        assert kinds[:5] == [Event.ARRIVED, Event.PREFILL_QUEUED, Event.PREFILL_BEGAN, Event.PREFILL_ENDED,
+                             Event.TOKEN]
+        assert kinds[-1] == Event.FINISHED and kinds.count(Event.TOKEN) == len(ref)
+        assert r.events[1].instance == "prefill-0"
+        if len(ref) > 1:
+            i = kinds.index(Event.TRANSFER_BEGAN)
+            assert kinds[i:i + 4] == [Event.TRANSFER_BEGAN, Event.TRANSFER_ENDED, Event.DECODE_QUEUED,
+                                      Event.DECODE_BEGAN]
+            assert r.events[i].instance == "prefill-0->decode-1" and r.events[-1].instance == "decode-1"
+
+
+def test_sampled_request_carries_its_seed(engine, model):
+    _, prompts, _, _ = model
+    sp = SamplingParams(max_tokens=12, temperature=0.8, top_k=20, ignore_eos=True)
+    a, b = Request("s-a", prompts[4], sp), Request("s-b", prompts[4], sp)
+    run_requests(engine, [a])
+    assert a.sampling.seed is not None and len(a.output_token_ids) == 12
+    b.sampling = a.sampling  # same seed: the same tokens, whichever instance samples each one
+    run_requests(engine, [b])
+    assert b.output_token_ids == a.output_token_ids
+
+
+def test_abort_anywhere_frees_blocks(engine, model):
+    _, prompts, _, _ = model
+    reqs = [Request(f"a{i}", prompts[i], SamplingParams(max_tokens=30, ignore_eos=True)) for i in range(2, 8)]
+    for r in reqs:
+        engine.add_request(r)
+    p, d = engine.prefills[0], engine.decodes[0]
+    assert engine.abort_request("a7")  # queued on the prefill actor
+    engine._step_all([p])  # prefill only: the rest are held there for transfer
+    assert p.ready and p.stats.held_blocks > 0
+    held = p.ready[-1]
+    assert engine.abort_request(held)  # mid-transfer: KV held on the prefill side
+    engine.pull()
+    engine.step()
+    decoding = [r for r, i in engine.where.items() if i is d]
+    assert decoding and d.stats.held_blocks > 0
+    assert engine.abort_request(decoding[0])  # mid-decode
+    engine.step()
+    for r in reqs:
+        engine.abort_request(r.request_id)
+    assert not engine.has_unfinished()
+    assert all(v == 0 for v in engine.held_blocks().values()), engine.held_blocks()
+    for r in reqs:
+        assert r.finish_reason == FinishReason.ABORT and r.events[-1].kind == Event.ABORTED, r.request_id
+    assert len(reqs[-1].output_token_ids) == 0 and len(reqs[0].output_token_ids) >= 2
+
+
+def test_dead_decode_actor_fails_its_requests(actors, model):
+    _, prompts, _, _ = model
+    with RayDisaggEngine(actors[2:3], actors[3:4], timeout_s=60, own_actors=True) as eng:
+        reqs = [Request(f"x{i}", prompts[i], SamplingParams(max_tokens=40, ignore_eos=True)) for i in (1, 2, 3)]
+        for r in reqs:
+            eng.add_request(r)
+        dec = eng.decodes[0]
+        while not all(eng.where.get(r.request_id) is dec for r in reqs):
+            eng.step()
+        ray.kill(dec.actor, no_restart=True)
+        outs = []
+        while eng.has_unfinished():
+            outs += eng.step()
+        errors = {o.request_id: o for o in outs if o.finish_reason == FinishReason.ERROR}
+        assert set(errors) == {r.request_id for r in reqs} and all(o.token_id == NO_TOKEN for o in errors.values())
+        for r in reqs:
+            assert r.finish_reason == FinishReason.ERROR and r.events[-1].kind == Event.ABORTED
+            assert "decode-3" in eng.failures[r.request_id]
+        assert not dec.alive and eng.held_blocks() == {"prefill-2": 0}
+        with pytest.raises(ClusterError, match="no live decode instance"):
+            eng.add_request(Request("late", prompts[1]))
+        # an actor that stops answering is treated the same way once the deadline passes
+        pre, eng.timeout_s = eng.prefills[0], 0.5
+        silent = _never_answers.remote()
+        with pytest.raises(InstanceFailed, match="no reply within"):
+            eng._call(pre, silent)
+        ray.cancel(silent, force=True)
+        assert not pre.alive and eng.held_blocks() == {}
+
+
+@ray.remote(num_cpus=0)
+def _never_answers() -> None:
+    import time
+    time.sleep(600)
