@@ -1,7 +1,9 @@
 """Disaggregated prefill/decode through Ray actors on CPU: exact tokens, true Request records, no leaks, failures.
 
-One local Ray (2 CPUs) per module; one prefill actor + one decode actor serve the tiny HF OPT folder.
-The KV of each request goes prefill actor -> object store -> decode actor as numpy.
+One local Ray (2 CPUs) per module. One prefill actor + one decode actor serve the tiny HF OPT folder
+for the token, seed and abort tests; a second pair (decode pages in blocks of 8, so transfers are
+re-paged) serves the failure test, which kills its decode actor. The KV of each request goes
+prefill actor -> object store -> decode actor as numpy.
 """
 
 from __future__ import annotations
@@ -10,18 +12,16 @@ import os
 
 import numpy as np
 import pytest
+import ray
 import torch
+from transformers import OPTForCausalLM
 
-ray = pytest.importorskip("ray")
-
-from transformers import OPTForCausalLM  # noqa: E402
-
-from jaxserve.cluster.actors import ActorOptions, start_instance  # noqa: E402
-from jaxserve.cluster.ray_engine import NO_TOKEN, ClusterError, InstanceFailed, RayDisaggEngine  # noqa: E402
-from jaxserve.config import EngineConfig  # noqa: E402
-from jaxserve.engine.frontend import run_requests  # noqa: E402
-from jaxserve.request import Event, FinishReason, Request, SamplingParams  # noqa: E402
-from tests.model_fixtures import make_hf_opt  # noqa: E402
+from jaxserve.cluster.actors import ActorOptions, start_instance
+from jaxserve.cluster.ray_engine import NO_TOKEN, ClusterError, InstanceFailed, RayDisaggEngine
+from jaxserve.config import EngineConfig
+from jaxserve.engine.frontend import run_requests
+from jaxserve.request import Event, FinishReason, Request, SamplingParams
+from tests.model_fixtures import make_hf_opt
 
 LENS = [1, 2, 16, 17, 60, 130, 299, 300]
 
@@ -53,8 +53,9 @@ def actors(cluster, model_dir):
     """Two prefill/decode pairs, started at once so their model loads overlap the HF reference run; half
     a CPU each so all four fit on the 2-CPU cluster. The second pair is the failure test's to kill."""
     opts = ActorOptions(num_cpus=0.5)
-    handles = [start_instance(model_dir, _cfg(role), f"{role}-{i}", options=opts)
-               for i, role in enumerate(["prefill", "decode", "prefill", "decode"])]
+    configs = [_cfg("prefill"), _cfg("decode"), _cfg("prefill"),
+               _cfg("decode", block_size=8)]  # the second pair re-pages KV from blocks of 16 to 8
+    handles = [start_instance(model_dir, c, f"{c.mode}-{i}", options=opts) for i, c in enumerate(configs)]
     yield handles
     for h in handles:
         ray.kill(h)
@@ -116,12 +117,14 @@ def test_two_actors_equal_hf_tokens(engine, model):
 def test_sampled_request_carries_its_seed(engine, model):
     _, prompts, _, _ = model
     sp = SamplingParams(max_tokens=12, temperature=0.8, top_k=20, ignore_eos=True)
-    a, b = Request("s-a", prompts[4], sp), Request("s-b", prompts[4], sp)
-    run_requests(engine, [a])
-    assert a.sampling.seed is not None and len(a.output_token_ids) == 12
-    b.sampling = a.sampling  # same seed: the same tokens, whichever instance samples each one
-    run_requests(engine, [b])
-    assert b.output_token_ids == a.output_token_ids
+    a = Request("s-a", prompts[4], sp)
+    engine.add_request(a)
+    assert a.sampling.seed is not None  # fixed by the prefill actor, reported back at once
+    b = Request("s-b", prompts[4], a.sampling)  # same seed: the same tokens, whichever instance samples
+    engine.add_request(b)
+    while engine.has_unfinished():
+        engine.step()
+    assert len(a.output_token_ids) == 12 and b.output_token_ids == a.output_token_ids
 
 
 def test_abort_anywhere_frees_blocks(engine, model):
@@ -151,8 +154,10 @@ def test_abort_anywhere_frees_blocks(engine, model):
 
 
 def test_dead_decode_actor_fails_its_requests(actors, model):
-    _, prompts, _, _ = model
+    _, prompts, max_tokens, refs = model
     with RayDisaggEngine(actors[2:3], actors[3:4], timeout_s=60, own_actors=True) as eng:
+        ok = [Request(f"ok{i}", prompts[i], SamplingParams(max_tokens=max_tokens[i])) for i in range(1, 4)]
+        assert [t.token_ids for t in run_requests(eng, ok)] == refs[1:4]  # block size 16 -> 8
         reqs = [Request(f"x{i}", prompts[i], SamplingParams(max_tokens=40, ignore_eos=True)) for i in (1, 2, 3)]
         for r in reqs:
             eng.add_request(r)
