@@ -38,7 +38,7 @@ POLICY_FOR_MODE = {"colocated": "prefill-first", "chunked": "chunked", "prefill"
 @dataclasses.dataclass
 class StepOutput:
     request_id: str
-    token_id: int
+    token_id: int  # -1: no token (the request failed: finish_reason ERROR)
     finish_reason: FinishReason | None  # token-level (EOS, stop ids, length); stop strings are the front end's
 
 

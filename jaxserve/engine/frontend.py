@@ -39,6 +39,10 @@ def run_requests(engine: Any, requests: Sequence[Request], tokenizer: Any = None
         for o in outs:
             if o.request_id not in pending:
                 continue
+            if o.finish_reason == FinishReason.ERROR:  # the instance holding it failed; no token
+                trackers[o.request_id].abort(FinishReason.ERROR)
+                pending.discard(o.request_id)
+                continue
             _, reason = trackers[o.request_id].add(o.token_id)
             if reason is not None and o.finish_reason is None:  # a stop string: the engine did not know
                 engine.abort_request(o.request_id, FinishReason.STOP)
