@@ -61,3 +61,13 @@ def make_hf_opt(out_dir: Path, variant: str = "pre_ln", fmt: str = "safetensors"
         raise ValueError(fmt)
     save_demo_tokenizer(out_dir)
     return out_dir, model
+
+
+def hf_greedy(model: OPTForCausalLM, prompt: list[int], max_new_tokens: int) -> list[int]:
+    """HF's greedy continuation of one prompt alone, cut after EOS (HF pads after it; we stop)."""
+    with torch.no_grad():
+        out = model.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+                             max_new_tokens=max_new_tokens, do_sample=False)
+    ref = out[0, len(prompt):].tolist()
+    eos = model.config.eos_token_id
+    return ref[: ref.index(eos) + 1] if eos in ref else ref

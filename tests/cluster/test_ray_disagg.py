@@ -13,7 +13,6 @@ import os
 import numpy as np
 import pytest
 import ray
-import torch
 from transformers import OPTForCausalLM
 
 from jaxserve.cluster.actors import ActorOptions, start_instance
@@ -21,7 +20,7 @@ from jaxserve.cluster.ray_engine import NO_TOKEN, ClusterError, InstanceFailed, 
 from jaxserve.config import EngineConfig
 from jaxserve.engine.frontend import run_requests
 from jaxserve.request import Event, FinishReason, Request, SamplingParams
-from tests.model_fixtures import make_hf_opt
+from tests.model_fixtures import hf_greedy, make_hf_opt
 
 LENS = [1, 2, 16, 17, 60, 130, 299, 300]
 
@@ -68,15 +67,7 @@ def model(model_dir):
     rng = np.random.default_rng(11)
     prompts = [[2, *rng.integers(3, hf.config.vocab_size, n - 1).tolist()] for n in LENS]
     max_tokens = [1, *rng.integers(2, 40, len(LENS) - 1).tolist()]
-    refs = []
-    for p, m in zip(prompts, max_tokens, strict=True):
-        with torch.no_grad():
-            out = hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                              max_new_tokens=m, do_sample=False)
-        ref = out[0, len(p):].tolist()
-        if hf.config.eos_token_id in ref:
-            ref = ref[: ref.index(hf.config.eos_token_id) + 1]
-        refs.append(ref)
+    refs = [hf_greedy(hf, p, m) for p, m in zip(prompts, max_tokens, strict=True)]
     return model_dir, prompts, max_tokens, refs
 
 

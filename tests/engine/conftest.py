@@ -4,11 +4,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import torch
 
 from jaxserve.model.loader import load_hf_checkpoint
 from jaxserve.tokenizer import Tokenizer
-from tests.model_fixtures import make_hf_opt
+from tests.model_fixtures import hf_greedy, make_hf_opt
 
 
 @pytest.fixture(scope="session")
@@ -26,13 +25,5 @@ def workload(tiny):
     lens = np.concatenate([[1, 2, 16, 17, 299, 300], rng.integers(1, 301, 58)])
     prompts = [[2, *rng.integers(3, cfg.vocab_size, int(n) - 1).tolist()] for n in lens]
     max_tokens = rng.integers(1, 40, len(prompts)).tolist()
-    refs = []
-    for p, m in zip(prompts, max_tokens, strict=True):
-        with torch.no_grad():
-            out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                 max_new_tokens=m, do_sample=False)
-        ref = out[0, len(p):].tolist()
-        if cfg.eos_token_id in ref:
-            ref = ref[: ref.index(cfg.eos_token_id) + 1]
-        refs.append(ref)
+    refs = [hf_greedy(model, p, m) for p, m in zip(prompts, max_tokens, strict=True)]
     return prompts, max_tokens, refs

@@ -9,6 +9,7 @@ from jaxserve.model.generate import generate, jit_forward
 from jaxserve.model.inputs import SeqChunk, StepShape, build_step_inputs
 from jaxserve.model.opt import init_kv_cache
 from jaxserve.request import SamplingParams
+from tests.model_fixtures import hf_greedy
 
 BS = 16
 
@@ -65,13 +66,7 @@ def test_greedy_generation_matches_hf_generate(hf_model):
     prompts = [[2, *rng.integers(3, cfg.vocab_size, int(n)).tolist()] for n in rng.integers(0, 60, 16)]
     ours = generate(params, cfg, prompts, SamplingParams(max_tokens=32))
     for p, g in zip(prompts, ours, strict=True):
-        with torch.no_grad():
-            out = model.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
-                                 max_new_tokens=32, do_sample=False)
-        ref = out[0, len(p):].tolist()
-        if cfg.eos_token_id in ref:  # HF stops at EOS (and pads after); so do we
-            ref = ref[: ref.index(cfg.eos_token_id) + 1]
-        assert g.token_ids == ref
+        assert g.token_ids == hf_greedy(model, p, 32)
 
 
 def test_chunked_prefill_with_decode_group_matches_hf(hf_model):
