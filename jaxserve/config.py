@@ -137,6 +137,17 @@ class ModelConfig:
         )
 
 
+def ensure_host_devices(n: int) -> None:
+    """On a CPU host, expose ``n`` virtual devices for a multi-instance deployment.
+
+    Must run before jax initialises; an explicit device count in XLA_FLAGS wins."""
+    import os
+
+    flags = os.environ.get("XLA_FLAGS", "")
+    if "xla_force_host_platform_device_count" not in flags:
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={max(n, 1)}".strip()
+
+
 def list_model_presets() -> list[str]:
     """Names of the OPT presets shipped in ``configs/models``."""
     return sorted(p.stem for p in MODEL_PRESETS_DIR.glob("*.yaml"))

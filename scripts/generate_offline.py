@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -109,15 +108,14 @@ def _fields(sp: Any) -> dict[str, Any]:
 
 def ensure_cpu_devices(config: str | None) -> None:
     """A multi-instance deployment on a CPU host needs that many virtual devices, set before jax starts."""
-    if config is None or "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", ""):
+    if config is None:
         return
-    from jaxserve.config import ConfigError, DeploymentConfig
+    from jaxserve.config import ConfigError, DeploymentConfig, ensure_host_devices
 
     try:
-        n = DeploymentConfig.load(config).num_devices
+        ensure_host_devices(DeploymentConfig.load(config).num_devices)
     except ConfigError:
         return  # reported properly when the engine is built
-    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={n}").strip()
 
 
 def main(argv: list[str] | None = None) -> int:

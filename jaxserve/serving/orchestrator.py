@@ -50,6 +50,7 @@ class Orchestrator:
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[Delta]]] = {}
         self._wake = threading.Event()
         self._stopping = threading.Event()
+        self._admitting = True
         self._thread: threading.Thread | None = None
         self.num_steps = 0
         self.num_errors = 0
@@ -60,6 +61,10 @@ class Orchestrator:
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="jaxserve-engine", daemon=True)
             self._thread.start()
+
+    def stop_admitting(self) -> None:
+        """New requests get QueueFull (503) from now on; requests in flight carry on."""
+        self._admitting = False
 
     def stop(self, timeout: float = 30.0) -> None:
         """Stop the engine thread; requests still in flight end with finish_reason ``abort``."""
@@ -76,7 +81,9 @@ class Orchestrator:
     # ---- the async side ----------------------------------------------------------------------
     async def generate(self, request: Request) -> AsyncIterator[Delta]:
         """Stream one request's deltas. Raises ValueError (bad request) or QueueFull before the first."""
-        if self._thread is None or self._stopping.is_set():
+        if self._thread is None:
+            raise QueueFull("the server is not ready yet (warming up)")
+        if self._stopping.is_set() or not self._admitting:
             raise QueueFull("the server is shutting down")
         if len(self._streams) >= self.max_queue:
             raise QueueFull(f"{len(self._streams)} requests in flight (limit {self.max_queue})")

@@ -1,0 +1,191 @@
+"""``python -m jaxserve.launch``: model + deployment -> instances -> orchestrator -> HTTP server.
+
+    args --> DeploymentConfig (--plan plan.json | --config deploy.yaml | --mode)   [no jax yet]
+         --> on a CPU host: enough virtual devices for the deployment (XLA_FLAGS, before jax)
+         --> load_model (HF folder / converted folder / built-in demo) + tokenizer
+         --> instances in this process (build_engine) or as Ray actors (--ray / --ray-address)
+         --> aiohttp server on host:port (/health answers 503 until warm-up is done)
+         --> warm-up (every jit shape), then the orchestrator starts and /health turns 200
+    SIGINT / SIGTERM: stop admitting (503), let in-flight requests finish (up to
+    --shutdown-timeout), abort the rest, stop the engine thread, release Ray actors.
+
+With no arguments: the built-in demo model, one prefill + one decode instance on the
+local devices, on 127.0.0.1:8000.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+import time
+from typing import Any
+
+from jaxserve.config import ConfigError, DeploymentConfig, InstanceSpec, ensure_host_devices
+
+MODES = ("disaggregated", "colocated", "chunked")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(
+        prog="python -m jaxserve.launch",
+        description="Serve an OPT model over an OpenAI-compatible HTTP API, with prefill and decode "
+                    "on separate instances (DistServe-style) or colocated.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--model", default=None,
+                   help="HF OPT folder or converted (orbax) folder; default: the built-in demo model")
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--config", default=None, help="deployment YAML (see configs/deploy/)")
+    src.add_argument("--plan", default=None, help="a plan JSON written by `python -m planner`")
+    p.add_argument("--mode", default="disaggregated", choices=MODES,
+                   help="without --config/--plan: disaggregated = 1 prefill + 1 decode instance; "
+                        "colocated = one prefill-first instance; chunked = one chunked-prefill instance")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--max-queue", type=int, default=256, help="requests in flight before new ones get 503")
+    p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache per instance in GiB (default: derived)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="running sequences per instance")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="auto: bfloat16 on GPU, float32 on CPU")
+    p.add_argument("--served-model-name", default=None, help="model id in the API (default: folder name)")
+    p.add_argument("--ray", action="store_true", help="run each instance as a Ray actor on a local Ray")
+    p.add_argument("--ray-address", default=None, help="connect to an existing Ray cluster (implies --ray)")
+    p.add_argument("--no-warmup", action="store_true", help="skip compiling every shape up front")
+    p.add_argument("--shutdown-timeout", type=float, default=30.0,
+                   help="seconds to let in-flight requests finish on SIGINT/SIGTERM")
+    args = p.parse_args(argv)
+    if not 0 < args.port < 65536:
+        p.error(f"--port must be in 1..65535, got {args.port}")
+    if args.max_queue <= 0:
+        p.error(f"--max-queue must be positive, got {args.max_queue}")
+    if args.kv_cache_gb is not None and args.kv_cache_gb <= 0:
+        p.error(f"--kv-cache-gb must be positive, got {args.kv_cache_gb}")
+    return args
+
+
+def deployment_from_args(args: argparse.Namespace) -> DeploymentConfig:
+    if args.plan or args.config:
+        return DeploymentConfig.load(args.plan or args.config)
+    if args.mode == "disaggregated":
+        return DeploymentConfig((InstanceSpec("prefill"), InstanceSpec("decode")))
+    return DeploymentConfig((InstanceSpec("colocated"),))
+
+
+def engine_defaults(args: argparse.Namespace) -> dict[str, Any]:
+    kw: dict[str, Any] = {}
+    for name in ("kv_cache_gb", "max_model_len", "max_num_seqs"):
+        v = getattr(args, name)
+        if v is not None:
+            kw[name] = v
+    return kw
+
+
+def build(args: argparse.Namespace, deployment: DeploymentConfig) -> tuple[Any, Any, Any, str]:
+    """(engine, tokenizer, model config, model name) for the deployment."""
+    import jax
+
+    from jaxserve.engine.build import build_engine
+    from jaxserve.model import demo
+    from jaxserve.model.checkpoint import load_model
+    from jaxserve.tokenizer import Tokenizer
+
+    dtype = args.dtype if args.dtype != "auto" else ("bfloat16" if jax.default_backend() == "gpu" else "float32")
+    model = args.model or deployment.model
+    lm = load_model(model, dtype)
+    tok = Tokenizer.from_dir(lm.tokenizer_dir) if lm.tokenizer_dir is not None else None
+    name = args.served_model_name or (demo.DEMO_NAME if model is None else os.path.basename(os.path.normpath(model)))
+    colocated_mode = "chunked" if args.mode == "chunked" else "colocated"
+    kw = engine_defaults(args)
+    if args.ray or args.ray_address:
+        engine = _build_ray(args, deployment, model if model is not None else str(demo.ensure_demo_model()),
+                            dtype, kw)
+    else:
+        engine = build_engine(lm.cfg, lm.params, deployment, mode_for_colocated=colocated_mode, **kw)
+    return engine, tok, lm.cfg, name
+
+
+def _build_ray(args: argparse.Namespace, deployment: DeploymentConfig, model: str, dtype: str,
+               kw: dict[str, Any]) -> Any:
+    import ray
+
+    from jaxserve.cluster.ray_engine import RayDisaggEngine
+
+    if any(i.role == "colocated" for i in deployment.instances):
+        raise ConfigError("--ray serves disaggregated deployments (prefill + decode instances)")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if args.ray_address:
+        ray.init(address=args.ray_address)
+    else:
+        ray.init(include_dashboard=False)
+    expand = [(i, i.engine_config(**kw)) for i in deployment.instances for _ in range(i.replicas)]
+    return RayDisaggEngine.launch(model, [c for i, c in expand if i.role == "prefill"],
+                                  [c for i, c in expand if i.role == "decode"], dtype=dtype)
+
+
+async def serve(args: argparse.Namespace, engine: Any, tokenizer: Any, cfg: Any, name: str) -> None:
+    from aiohttp import web
+
+    from jaxserve.serving.api_server import create_app
+    from jaxserve.serving.orchestrator import Orchestrator
+
+    orch = Orchestrator(engine, tokenizer, max_queue=args.max_queue)
+    ready = {"ok": False}
+    app = create_app(orch, tokenizer, model_name=name, max_model_len=engine.max_model_len,
+                     vocab_size=cfg.vocab_size, api_key=args.api_key, is_ready=lambda: ready["ok"])
+    runner = web.AppRunner(app, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, args.host, args.port)
+    await site.start()
+    print(f"jaxserve: serving {name} on http://{args.host}:{args.port} (warming up...)", flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    if not args.no_warmup and hasattr(engine, "warmup"):
+        t0 = time.perf_counter()
+        shapes = await loop.run_in_executor(None, engine.warmup)
+        print(f"jaxserve: compiled {shapes} step shapes in {time.perf_counter() - t0:.1f} s", flush=True)
+    orch.start()
+    ready["ok"] = True
+    print(f"jaxserve: ready on http://{args.host}:{args.port}/v1 (model {name!r})", flush=True)
+    await stop.wait()
+    print("jaxserve: shutting down: no new requests; finishing the ones in flight", flush=True)
+    ready["ok"] = False
+    orch.stop_admitting()
+    deadline = time.monotonic() + args.shutdown_timeout
+    while orch.num_in_flight and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+    await loop.run_in_executor(None, orch.stop)
+    await runner.cleanup()
+    if hasattr(engine, "shutdown"):
+        engine.shutdown()
+    print("jaxserve: stopped", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        deployment = deployment_from_args(args)
+        ensure_host_devices(deployment.num_devices)
+        engine, tok, cfg, name = build(args, deployment)
+    except (ConfigError, ValueError, OSError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    try:
+        asyncio.run(serve(args, engine, tok, cfg, name))
+    except OSError as e:  # e.g. the port is taken
+        print(f"error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 1
+    finally:
+        if args.ray or args.ray_address:
+            import ray
+            ray.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
