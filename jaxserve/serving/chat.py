@@ -1,0 +1,75 @@
+"""The chat template: OpenAI ``messages`` in, one prompt string out (OPT ships no template).
+
+    [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+      --render_chat-->  "System: Be brief.\\nUser: Hi\\nAssistant:"
+      --tokenizer.encode--> [bos] + ids --> the same path as /v1/completions
+
+The template, one line per message, then the cue for the reply:
+
+    System: <content>
+    User: <content>
+    Assistant: <content>
+    ...
+    Assistant:
+
+Roles are ``system``, ``user`` and ``assistant``; ``content`` is a string or a list of
+``{"type": "text", "text": ...}`` parts (joined with no separator). The model continues
+after ``Assistant:``; nothing stops it at the next turn unless the client passes
+``stop: ["\\nUser:"]`` (``CHAT_TURN_STOP``). Invalid messages raise ``ChatError``, whose
+``param`` names the offending field (``messages[1].role``) for the server's 400 answer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+ROLE_PREFIX = {"system": "System", "user": "User", "assistant": "Assistant"}
+REPLY_CUE = "Assistant:"
+CHAT_TURN_STOP = "\nUser:"  # what a client may pass as a stop string to end the reply at the next turn
+MAX_MESSAGES = 4096
+
+
+class ChatError(ValueError):
+    """A message is invalid; ``param`` names the field (``messages[i].content``)."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+def _content_text(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for j, part in enumerate(content):
+            p = f"{where}[{j}]"
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise ChatError(f"{p}: only {{\"type\": \"text\", \"text\": ...}} parts are supported", p)
+            if not isinstance(part.get("text"), str):
+                raise ChatError(f"{p}.text: must be a string", f"{p}.text")
+            parts.append(part["text"])
+        return "".join(parts)
+    raise ChatError(f"{where}: must be a string or a list of text parts, got {type(content).__name__}", where)
+
+
+def render_chat(messages: Sequence[Any]) -> str:
+    """The prompt for ``messages`` under the template above; raises ChatError naming the bad field."""
+    if not isinstance(messages, list) or not messages:
+        raise ChatError("messages: must be a non-empty list of {role, content} objects", "messages")
+    if len(messages) > MAX_MESSAGES:
+        raise ChatError(f"messages: at most {MAX_MESSAGES} messages, got {len(messages)}", "messages")
+    lines = []
+    for i, m in enumerate(messages):
+        where = f"messages[{i}]"
+        if not isinstance(m, dict):
+            raise ChatError(f"{where}: must be an object with role and content", where)
+        role = m.get("role")
+        if role not in ROLE_PREFIX:
+            raise ChatError(f"{where}.role: must be one of {', '.join(ROLE_PREFIX)}, got {role!r}", f"{where}.role")
+        if "content" not in m or m["content"] is None:
+            raise ChatError(f"{where}.content: is required", f"{where}.content")
+        lines.append(f"{ROLE_PREFIX[role]}: {_content_text(m['content'], f'{where}.content')}")
+    lines.append(REPLY_CUE)
+    return "\n".join(lines)

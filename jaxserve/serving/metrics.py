@@ -1,0 +1,229 @@
+"""Server metrics: finished requests and engine gauges in, Prometheus text out.
+
+    api_server, per request:  admitted (prompt tokens) ... finished (server-side times:
+        arrival, first token out, last token out; output length; finish reason; the
+        Request's TRANSFER_BEGAN/ENDED events)
+      --ServerMetrics.observe_finished--> counters + histograms (TTFT, TPOT, e2e via jaxserve.slo)
+    GET /metrics --ServerMetrics.render(engine, orchestrator)--> text exposition format 0.0.4
+
+Names follow vLLM's (``vllm:`` -> ``jaxserve:``) so its dashboards fit:
+
+    jaxserve:request_success_total{finished_reason}   counter (stop, length, abort, error)
+    jaxserve:request_rejected_total{reason}           counter (invalid, queue_full, ...)
+    jaxserve:prompt_tokens_total / generation_tokens_total   counters
+    jaxserve:time_to_first_token_seconds      histogram  server arrival -> first token out
+    jaxserve:time_per_output_token_seconds    histogram  slo.tpot; requests with >= 2 output tokens
+    jaxserve:e2e_request_latency_seconds      histogram  server arrival -> last token out
+    jaxserve:kv_transfer_seconds              histogram  TRANSFER_BEGAN -> TRANSFER_ENDED, per hand-off
+    jaxserve:num_requests_running / num_requests_waiting   gauges: the total (no ``instance``
+        label) and one series per instance (``instance="prefill-0"``); a scraper that adds its
+        own ``instance`` label keeps ours as ``exported_instance``
+    jaxserve:kv_cache_usage_perc              gauge, 0..1 (as vLLM's), total and per instance
+    jaxserve:num_requests_in_flight           gauge, requests the server is streaming now
+
+Only stop/length requests feed the latency histograms (an aborted or failed request has
+no meaningful latency). Every series carries ``model_name``. Updates come from the
+event loop only; engine gauges are read at scrape time without locks (ints, racing with
+the engine thread, which is fine for a gauge).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from jaxserve import slo
+from jaxserve.request import Event, Request
+
+TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
+TPOT_BUCKETS = (0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
+                20.0, 40.0, 80.0)
+E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0,
+               240.0, 480.0, 960.0, 1920.0, 7680.0)
+TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+PREFIX = "jaxserve:"
+
+
+def _escape(v: str) -> str:
+    return v.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def _labels(labels: dict[str, str]) -> str:
+    return "{" + ",".join(f'{k}="{_escape(str(v))}"' for k, v in labels.items()) + "}" if labels else ""
+
+
+def _num(v: float) -> str:
+    if math.isnan(v):
+        return "NaN"
+    if math.isinf(v):
+        return "+Inf" if v > 0 else "-Inf"
+    return repr(float(v))
+
+
+class Histogram:
+    """Cumulative-bucket histogram as Prometheus renders it."""
+
+    def __init__(self, buckets: Sequence[float]) -> None:
+        self.bounds = tuple(sorted(float(b) for b in buckets))
+        self.counts = [0] * (len(self.bounds) + 1)  # last: above every bound (+Inf only)
+        self.sum = 0.0
+        self.count = 0
+
+    def observe(self, v: float) -> None:
+        v = float(v)
+        if not math.isfinite(v):
+            return
+        i = next((i for i, b in enumerate(self.bounds) if v <= b), len(self.bounds))
+        self.counts[i] += 1
+        self.sum += v
+        self.count += 1
+
+    def lines(self, name: str, labels: dict[str, str]) -> Iterable[str]:
+        acc = 0
+        for b, c in zip((*self.bounds, math.inf), self.counts, strict=True):
+            acc += c
+            yield f"{name}_bucket{_labels({**labels, 'le': _num(b)})} {acc}"
+        yield f"{name}_sum{_labels(labels)} {_num(self.sum)}"
+        yield f"{name}_count{_labels(labels)} {self.count}"
+
+
+def transfer_durations(request: Request) -> list[float]:
+    """Seconds of each KV hand-off of ``request`` (TRANSFER_BEGAN paired with the next TRANSFER_ENDED)."""
+    out, began = [], None
+    for e in list(request.events):  # a copy: another thread may still stamp it
+        if e.kind == Event.TRANSFER_BEGAN:
+            began = e.time
+        elif e.kind == Event.TRANSFER_ENDED and began is not None:
+            out.append(e.time - began)
+            began = None
+    return out
+
+
+def instance_gauges(engine: Any) -> list[dict[str, Any]]:
+    """Per instance: name, held/capacity blocks, running/waiting requests (keys only where known).
+
+    Reads what exists: an ``LLMEngine`` (one instance), a ``DisaggEngine`` (``.instances`` of
+    LLMEngines) or a ``RayDisaggEngine`` (``.instances`` with cached ``.stats``; no remote calls).
+    """
+    if engine is None:
+        return []
+    try:
+        insts = list(engine.instances) if hasattr(engine, "instances") else [engine]
+    except Exception:  # a racing read; try again at the next scrape
+        return []
+    out = []
+    for i, inst in enumerate(insts):
+        g: dict[str, Any] = {"name": str(getattr(inst, "name", f"instance-{i}"))}
+        try:
+            stats = getattr(inst, "stats", None)
+            if hasattr(inst, "num_held_blocks") and hasattr(inst, "blocks"):
+                g["held"] = int(inst.num_held_blocks)
+                g["capacity"] = int(inst.blocks.capacity)
+            elif stats is not None and hasattr(stats, "held_blocks"):
+                g["held"] = int(stats.held_blocks)
+                g["capacity"] = int(stats.held_blocks) + int(stats.free_blocks)
+            sched = getattr(inst, "scheduler", None)
+            if sched is not None:
+                g["running"] = len(sched.running)
+                g["waiting"] = len(sched.waiting) + len(getattr(inst, "ready", ()))  # ready: waits for a pull
+            elif stats is not None and hasattr(stats, "num_ready"):
+                g["waiting"] = int(stats.num_ready)
+        except Exception:  # the engine thread changed something under us
+            continue
+        if len(g) > 1:
+            out.append(g)
+    return out
+
+
+class ServerMetrics:
+    """Counters and histograms of one server; ``render`` adds the engine gauges at scrape time."""
+
+    def __init__(self, model_name: str = "") -> None:
+        self.model_name = model_name
+        self.finished: dict[str, int] = {}
+        self.rejected: dict[str, int] = {}
+        self.prompt_tokens = 0
+        self.generation_tokens = 0
+        self.ttft = Histogram(TTFT_BUCKETS)
+        self.tpot = Histogram(TPOT_BUCKETS)
+        self.e2e = Histogram(E2E_BUCKETS)
+        self.transfer = Histogram(TRANSFER_BUCKETS)
+
+    # ---- recording (event loop) --------------------------------------------------------------
+    def observe_rejected(self, reason: str) -> None:
+        self.rejected[reason] = self.rejected.get(reason, 0) + 1
+
+    def observe_admitted(self, num_prompt_tokens: int) -> None:
+        self.prompt_tokens += int(num_prompt_tokens)
+
+    def observe_finished(self, request: Request | None, *, arrival: float, first_token: float | None,
+                         finish: float, num_output_tokens: int, finish_reason: str) -> None:
+        """One request ended (any reason); times are ``time.perf_counter()`` seconds at the server."""
+        self.finished[finish_reason] = self.finished.get(finish_reason, 0) + 1
+        self.generation_tokens += int(num_output_tokens)
+        if request is not None:
+            for d in transfer_durations(request):
+                self.transfer.observe(d)
+        if finish_reason not in ("stop", "length") or first_token is None or num_output_tokens < 1:
+            return
+        t = slo.ttft(np.array([arrival]), np.array([first_token]))
+        latency = finish - arrival
+        self.ttft.observe(float(t[0]))
+        self.e2e.observe(latency)
+        if num_output_tokens > 1:  # one token has no decoding phase (slo.tpot says 0); keep it out
+            self.tpot.observe(float(slo.tpot(t, np.array([latency]), np.array([num_output_tokens]))[0]))
+
+    # ---- exposition ---------------------------------------------------------------------------
+    def render(self, engine: Any = None, num_in_flight: int | None = None) -> str:
+        base = {"model_name": self.model_name}
+        out: list[str] = []
+
+        def family(name: str, kind: str, help_: str) -> str:
+            full = PREFIX + name
+            out.append(f"# HELP {full} {help_}")
+            out.append(f"# TYPE {full} {kind}")
+            return full
+
+        n = family("request_success_total", "counter", "Finished requests by finish reason.")
+        for reason in sorted({"stop", "length", *self.finished}):
+            out.append(f"{n}{_labels({**base, 'finished_reason': reason})} {self.finished.get(reason, 0)}")
+        n = family("request_rejected_total", "counter", "Requests answered with an error before running.")
+        for reason, c in sorted(self.rejected.items()):
+            out.append(f"{n}{_labels({**base, 'reason': reason})} {c}")
+        n = family("prompt_tokens_total", "counter", "Prompt tokens of admitted requests.")
+        out.append(f"{n}{_labels(base)} {self.prompt_tokens}")
+        n = family("generation_tokens_total", "counter", "Generated tokens streamed to clients.")
+        out.append(f"{n}{_labels(base)} {self.generation_tokens}")
+        for name, h, help_ in (
+            ("time_to_first_token_seconds", self.ttft, "Server arrival to first token out (slo.ttft)."),
+            ("time_per_output_token_seconds", self.tpot, "(latency - TTFT) / (output tokens - 1) (slo.tpot)."),
+            ("e2e_request_latency_seconds", self.e2e, "Server arrival to last token out."),
+            ("kv_transfer_seconds", self.transfer, "KV cache hand-off time, prefill to decode instance."),
+        ):
+            out.extend(h.lines(family(name, "histogram", help_), base))
+
+        gauges = instance_gauges(engine)
+        if num_in_flight is not None:
+            n = family("num_requests_in_flight", "gauge", "Requests the server is streaming now.")
+            out.append(f"{n}{_labels(base)} {int(num_in_flight)}")
+        for key, name, help_ in (("running", "num_requests_running", "Requests in a running batch."),
+                                 ("waiting", "num_requests_waiting",
+                                  "Requests queued for prefill, or prefilled and waiting for a decode instance.")):
+            have = [g for g in gauges if key in g]
+            n = family(name, "gauge", help_ + " Without an instance label: the total.")
+            if have:
+                out.append(f"{n}{_labels(base)} {sum(g[key] for g in have)}")
+            for g in have:
+                out.append(f"{n}{_labels({**base, 'instance': g['name']})} {g[key]}")
+        have = [g for g in gauges if g.get("capacity")]
+        n = family("kv_cache_usage_perc", "gauge", "KV cache blocks in use, 0..1. Without an instance label: total.")
+        if have:
+            total = sum(g["held"] for g in have) / sum(g["capacity"] for g in have)
+            out.append(f"{n}{_labels(base)} {_num(total)}")
+        for g in have:
+            out.append(f"{n}{_labels({**base, 'instance': g['name']})} {_num(g['held'] / g['capacity'])}")
+        return "\n".join(out) + "\n"
