@@ -35,6 +35,7 @@ Choices (documented, as vLLM does them):
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import hmac
 import json
@@ -59,6 +60,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 MAX_STOP_STRINGS = 4
+CLIENT_POLL_S = 0.25  # how often a request waiting for its first token checks that its client is still there
 # fields that are fine at their default and refused otherwise
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "suffix": ("",), "logit_bias": ({},),
@@ -356,11 +358,35 @@ def client_gone(http: web.Request) -> bool:
     return t is None or t.is_closing()
 
 
-async def admit(st: ServerState, job: Job) -> tuple[Any, Delta]:
-    """Start the request; returns (delta iterator, first delta). Errors before the first token -> ApiError."""
+async def first_delta(http: web.Request, agen: Any) -> Delta | None:
+    """The first delta; None if the client left while the request queued (it is aborted then).
+
+    The wait for a first token can be long (queueing under a burst), so the socket is checked
+    every ``CLIENT_POLL_S``; later deltas come every engine step and are checked as they come.
+    """
+    task = asyncio.ensure_future(agen.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=CLIENT_POLL_S)
+            if done:
+                return task.result()
+            if client_gone(http):
+                task.cancel()  # the generator's cleanup tells the orchestrator to abort
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return None
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+
+
+async def admit(http: web.Request, st: ServerState, job: Job) -> tuple[Any, Delta | None]:
+    """Start the request; returns (delta iterator, first delta or None if the client left).
+
+    Errors before the first token become ApiError (400 / 503 / 500)."""
     agen = st.orchestrator.generate(job.request)
     try:
-        return agen, await agen.__anext__()
+        return agen, await first_delta(http, agen)
     except QueueFull as e:
         st.metrics.observe_rejected("queue_full")
         raise ApiError(503, f"server busy: {e}", code="queue_full", headers={"Retry-After": "1"}) from e
@@ -379,7 +405,11 @@ async def admit(st: ServerState, job: Job) -> tuple[Any, Delta]:
 
 async def run_job(http: web.Request, st: ServerState, job: Job) -> web.StreamResponse:
     arrival = job.request.arrival_time
-    agen, d = await admit(st, job)
+    agen, d = await admit(http, st, job)
+    if d is None:
+        st.metrics.observe_finished(job.request, arrival=arrival, first_token=None, finish=time.perf_counter(),
+                                    num_output_tokens=0, finish_reason="abort")
+        return web.Response(status=499, text="client closed the connection")
     st.metrics.observe_admitted(job.request.num_prompt_tokens)
     text: list[str] = []
     ids: list[int] = []
@@ -417,7 +447,8 @@ async def run_job(http: web.Request, st: ServerState, job: Job) -> web.StreamRes
         if reason == "error":
             await resp.write(sse(ApiError(500, ENGINE_ERROR, code="engine_error").body()))
         elif job.include_usage:
-            await resp.write(sse({"id": job.request.request_id, "object": chunk(job, d, False)["object"],
+            await resp.write(sse({"id": job.request.request_id,
+                                  "object": "chat.completion.chunk" if job.chat else "text_completion",
                                   "created": job.created, "model": job.model, "choices": [],
                                   "usage": usage(job, len(ids))}))
         await resp.write(SSE_DONE)

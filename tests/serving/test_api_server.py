@@ -37,8 +37,10 @@ class CountingEngine:
 
     cfg = _Cfg()
 
-    def __init__(self, fail_at_step=None, max_model_len=1000, step_sleep=0.0):
+    def __init__(self, fail_at_step=None, max_model_len=1000, step_sleep=0.0, max_running=None):
         self.reqs: dict[str, Request] = {}
+        self.added: list[Request] = []
+        self.max_running = max_running  # only the oldest this many requests advance
         self.aborted: list[str] = []
         self.steps = 0
         self.fail_at_step = fail_at_step
@@ -49,6 +51,7 @@ class CountingEngine:
         if r.prompt_token_ids == [666]:
             raise ValueError("prompt: 666 is not allowed")
         self.reqs[r.request_id] = r
+        self.added.append(r)
 
     def abort_request(self, rid, reason=FinishReason.ABORT):
         if self.reqs.pop(rid, None) is not None:
@@ -66,7 +69,7 @@ class CountingEngine:
         if self.fail_at_step == self.steps:
             raise RuntimeError("boom")
         out = []
-        for rid, r in list(self.reqs.items()):
+        for rid, r in list(self.reqs.items())[: self.max_running]:
             tok = 100 + len(r.output_token_ids)
             r.output_token_ids.append(tok)
             done = len(r.output_token_ids) >= r.sampling.max_tokens
@@ -411,6 +414,22 @@ def test_queue_full_503_and_disconnect_aborts():
         assert m[("jaxserve:request_success_total", (("finished_reason", "abort"), ("model_name", MODEL)))] == 2
 
     serve(fn, engine=CountingEngine(step_sleep=0.005), max_queue=2)
+
+
+def test_client_leaving_before_its_first_token_aborts_it():
+    async def fn(client, eng, orch):
+        running = await client.post("/v1/completions", json={"prompt": "a", "max_tokens": 900, "stream": True})
+        assert len(await read_sse(running, limit=1)) == 1
+        with pytest.raises(asyncio.TimeoutError):  # queued behind it: no first token, the client gives up
+            await asyncio.wait_for(client.post("/v1/completions", json={"prompt": "b", "max_tokens": 5}), 0.3)
+        for _ in range(300):
+            if eng.aborted:
+                break
+            await asyncio.sleep(0.01)
+        assert [r.prompt_token_ids for r in eng.added if r.request_id in eng.aborted] == [[2, 98]]
+        running.close()
+
+    serve(fn, engine=CountingEngine(step_sleep=0.005, max_running=1))
 
 
 def test_engine_failure_is_500_or_an_error_chunk():
