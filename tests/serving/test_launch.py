@@ -1,0 +1,110 @@
+"""The real launcher as a user runs it: a free 127.0.0.1 port, the official openai client, clean shutdown."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(args, tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "JAXSERVE_CACHE": str(tmp_path / "cache"),
+           "PYTHONUNBUFFERED": "1"}
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "jaxserve.launch", *args], cwd=ROOT, env=env,
+                            stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 240
+    while time.monotonic() < deadline:
+        text = (tmp_path / "server.log").read_text()
+        if "jaxserve: ready" in text:
+            return proc, log
+        if proc.poll() is not None:
+            raise AssertionError(f"launcher exited early:\n{text}")
+        time.sleep(0.2)
+    proc.kill()
+    raise AssertionError("launcher did not get ready in 240 s:\n" + (tmp_path / "server.log").read_text())
+
+
+def _stop(proc, log):
+    proc.send_signal(signal.SIGINT)
+    try:
+        rc = proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()
+    return rc
+
+
+@pytest.fixture(scope="module")
+def server(tiny, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("launch")
+    port = _free_port()
+    proc, log = _start(["--model", str(tiny[0]), "--port", str(port), "--max-model-len", "256",
+                        "--max-num-seqs", "8", "--served-model-name", "tiny-opt", "--no-warmup"], tmp)
+    yield f"http://127.0.0.1:{port}/v1", tmp
+    rc = _stop(proc, log)
+    text = (tmp / "server.log").read_text()
+    assert rc == 0 and "jaxserve: stopped" in text and "Traceback" not in text, text
+
+
+def test_openai_client_completions_and_chat(server, workload, tiny, tmp_path):
+    from openai import OpenAI
+
+    url, _ = server
+    prompts, max_tokens, refs = workload
+    tok = tiny[4]
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    assert [m.id for m in client.models.list().data] == ["tiny-opt"]
+    # token-id prompt, greedy: the HF reference
+    i = next(i for i, p in enumerate(prompts) if 20 < len(p) < 200 and len(refs[i]) > 3)
+    r = client.completions.create(model="tiny-opt", prompt=prompts[i], max_tokens=max_tokens[i], temperature=0)
+    assert r.usage.prompt_tokens == len(prompts[i]) and r.usage.completion_tokens == len(refs[i])
+    assert r.choices[0].text == tok.decode(refs[i])
+    # text prompt: non-streaming == streaming == generate_offline.py
+    r = client.completions.create(model="tiny-opt", prompt="The weather today", max_tokens=12, temperature=0,
+                                  extra_body={"ignore_eos": True})
+    chunks = client.completions.create(model="tiny-opt", prompt="The weather today", max_tokens=12, temperature=0,
+                                       stream=True, extra_body={"ignore_eos": True})
+    streamed = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert streamed == r.choices[0].text and r.usage.completion_tokens == 12
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"prompt": "The weather today", "max_tokens": 12}) + "\n")
+    out = tmp_path / "out.jsonl"
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": ""}
+    p = subprocess.run([sys.executable, str(ROOT / "scripts/generate_offline.py"), "--model", str(tiny[0]),
+                        "--input", str(inp), "--output", str(out), "--ignore-eos"],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert p.returncode == 0, p.stderr
+    assert json.loads(out.read_text())["text"] == r.choices[0].text
+    # chat, both ways
+    msgs = [{"role": "user", "content": "Hello there"}]
+    c = client.chat.completions.create(model="tiny-opt", messages=msgs, max_tokens=6, temperature=0)
+    cs = client.chat.completions.create(model="tiny-opt", messages=msgs, max_tokens=6, temperature=0, stream=True)
+    assert "".join(ch.choices[0].delta.content or "" for ch in cs if ch.choices) == c.choices[0].message.content
+
+
+def test_errors_through_the_client(server):
+    import openai
+    from openai import OpenAI
+
+    url, _ = server
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="hi", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model="tiny-opt", prompt="hi", max_tokens=-3)
+    assert "max_tokens" in str(e.value)
