@@ -44,8 +44,8 @@ class SamplingParams:
             raise bad("max_tokens", "must be a positive integer")
         if not _is_num(self.temperature) or not (0.0 <= self.temperature <= 100.0):
             raise bad("temperature", "must be a number in [0, 100]")
-        if not _is_int(self.top_k) or self.top_k < -1:
-            raise bad("top_k", "must be an integer >= -1 (0 or -1 disables it)")
+        if not _is_int(self.top_k) or not -1 <= self.top_k < 2**31:
+            raise bad("top_k", "must be an integer in [-1, 2**31) (0 or -1 disables it)")
         if not _is_num(self.top_p) or not (0.0 < self.top_p <= 1.0):
             raise bad("top_p", "must be a number in (0, 1]")
         if self.seed is not None and (not _is_int(self.seed) or not (0 <= self.seed < 2**63)):

@@ -99,7 +99,7 @@ class Orchestrator:
             await asyncio.wait_for(admitted, self.admit_timeout_s)
         except BaseException:
             self._streams.pop(rid, None)
-            if not admitted.done() or admitted.exception() is None:
+            if not admitted.done() or admitted.cancelled() or admitted.exception() is None:
                 self._send(("abort", rid))
             raise
         done = False

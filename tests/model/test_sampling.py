@@ -131,7 +131,7 @@ def test_output_tracker_rules():
 @pytest.mark.parametrize("kw,field", [
     (dict(max_tokens=0), "max_tokens"), (dict(max_tokens=True), "max_tokens"),
     (dict(temperature=-1), "temperature"), (dict(temperature=float("nan")), "temperature"),
-    (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"), (dict(seed=-1), "seed"),
+    (dict(top_p=0.0), "top_p"), (dict(top_k=-2), "top_k"), (dict(top_k=2**31), "top_k"), (dict(seed=-1), "seed"),
     (dict(stop=[""]), "stop"), (dict(stop_token_ids=[-3]), "stop_token_ids"),
 ])
 def test_sampling_params_validation(kw, field):
