@@ -20,6 +20,7 @@ import asyncio
 import os
 import signal
 import sys
+import threading
 import time
 from typing import Any
 
@@ -100,6 +101,9 @@ def build(args: argparse.Namespace, deployment: DeploymentConfig) -> tuple[Any, 
     name = args.served_model_name or (demo.DEMO_NAME if model is None else os.path.basename(os.path.normpath(model)))
     colocated_mode = "chunked" if args.mode == "chunked" else "colocated"
     kw = engine_defaults(args)
+    if model is None:  # the demo is for trying things out: smaller limits, so warm-up compiles few shapes
+        kw.setdefault("max_model_len", 512)
+        kw.setdefault("max_num_seqs", 16)
     if args.ray or args.ray_address:
         engine = _build_ray(args, deployment, model if model is not None else str(demo.ensure_demo_model()),
                             dtype, kw)
@@ -147,8 +151,24 @@ async def serve(args: argparse.Namespace, engine: Any, tokenizer: Any, cfg: Any,
         loop.add_signal_handler(sig, stop.set)
     if not args.no_warmup and hasattr(engine, "warmup"):
         t0 = time.perf_counter()
-        shapes = await loop.run_in_executor(None, engine.warmup)
-        print(f"jaxserve: compiled {shapes} step shapes in {time.perf_counter() - t0:.1f} s", flush=True)
+        warm: asyncio.Future[Any] = loop.create_future()
+
+        def run_warmup() -> None:  # a daemon thread, so Ctrl-C during warm-up can still exit
+            try:
+                n = engine.warmup()
+                loop.call_soon_threadsafe(lambda: warm.done() or warm.set_result(n))
+            except Exception as e:  # surfaces in the event loop as the warm-up's failure
+                loop.call_soon_threadsafe(lambda err=e: warm.done() or warm.set_exception(err))
+
+        threading.Thread(target=run_warmup, name="jaxserve-warmup", daemon=True).start()
+        stopper = asyncio.ensure_future(stop.wait())
+        await asyncio.wait([warm, stopper], return_when=asyncio.FIRST_COMPLETED)
+        if stop.is_set():
+            print("jaxserve: interrupted during warm-up; exiting", flush=True)
+            await runner.cleanup()
+            return
+        stopper.cancel()
+        print(f"jaxserve: compiled {warm.result()} step shapes in {time.perf_counter() - t0:.1f} s", flush=True)
     orch.start()
     ready["ok"] = True
     print(f"jaxserve: ready on http://{args.host}:{args.port}/v1 (model {name!r})", flush=True)
