@@ -1,62 +1,15 @@
 """The orchestrator: async streams over an engine thread, with a hand-checkable test double and the real engine."""
 
 import asyncio
-import dataclasses
 
 import jax
 import pytest
 
 from jaxserve.config import EngineConfig
 from jaxserve.engine.build import build_local
-from jaxserve.engine.engine import StepOutput
 from jaxserve.request import FinishReason, Request, SamplingParams
 from jaxserve.serving.orchestrator import Orchestrator, QueueFull
-
-
-@dataclasses.dataclass(frozen=True)
-class _Cfg:
-    eos_token_id: int = 2
-
-
-class CountingEngine:
-    """Test double: request r emits 100, 101, ... one per step, up to max_tokens; prompt [666] is rejected."""
-
-    cfg = _Cfg()
-    max_model_len = 1000
-
-    def __init__(self, fail_at_step=None):
-        self.reqs: dict[str, Request] = {}
-        self.aborted: list[str] = []
-        self.steps = 0
-        self.fail_at_step = fail_at_step
-
-    def add_request(self, r):
-        if r.prompt_token_ids == [666]:
-            raise ValueError("prompt: 666 is not allowed")
-        self.reqs[r.request_id] = r
-
-    def abort_request(self, rid, reason=FinishReason.ABORT):
-        if self.reqs.pop(rid, None) is not None:
-            self.aborted.append(rid)
-            return True
-        return False
-
-    def has_unfinished(self):
-        return bool(self.reqs)
-
-    def step(self):
-        self.steps += 1
-        if self.fail_at_step == self.steps:
-            raise RuntimeError("boom")
-        out = []
-        for rid, r in list(self.reqs.items()):
-            tok = 100 + len(r.output_token_ids)
-            r.output_token_ids.append(tok)
-            done = len(r.output_token_ids) >= r.sampling.max_tokens
-            out.append(StepOutput(rid, tok, FinishReason.LENGTH if done else None))
-            if done:
-                del self.reqs[rid]
-        return out
+from tests.serving.doubles import CountingEngine
 
 
 async def _collect(orch, req):
