@@ -62,9 +62,53 @@ def packed_attention_xla(q: jax.Array, k: jax.Array, v: jax.Array, positions: ja
     return jnp.einsum("hts,shd->thd", p.astype(v.dtype), v, preferred_element_type=jnp.float32).astype(q.dtype)
 
 
+DECODE_BLOCKS_PER_ITER = 2  # measured best of 1/2/4 on the CPU (scripts/bench_offline.py notes)
+
+
+def paged_decode_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, group: AttnGroup,
+                               scale: float) -> jax.Array:
+    """One query per sequence over its pages, a block pair at a time with an online softmax: [Bg, 1, H, Dh].
+
+    The loop runs to the longest *real* context in the batch (not the block bucket), and each
+    iteration gathers only ``[Bg, 2*bs, H, Dh]``, so K/V are read once and never materialised
+    whole. (Gathering every page up front cost 4x more at batch 64, and ~500x at batch 1, where
+    XLA's CPU gather of a single row copies far more than the row.)
+    """
+    b, mb = group.block_tables.shape
+    _, bs, h, d = k_pages.shape
+    per = DECODE_BLOCKS_PER_ITER
+    qi = jnp.minimum(group.query_index[:, 0], q.shape[0] - 1)
+    qb = q[qi].astype(jnp.float32)  # [B, H, Dh]
+    ctx = group.context_lens
+    tables = jnp.pad(group.block_tables, ((0, 0), (0, (-mb) % per)))
+    n_iter = (jnp.max(ctx) + per * bs - 1) // (per * bs)
+
+    def body(i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
+        m, l, acc = carry
+        blk = jax.lax.dynamic_slice_in_dim(tables, i * per, per, axis=1)  # [B, per]
+        k = k_pages[blk].reshape(b, per * bs, h, d)
+        v = v_pages[blk].reshape(b, per * bs, h, d)
+        s = jnp.einsum("bhd,bthd->bht", qb, k, preferred_element_type=jnp.float32) * scale
+        kpos = i * per * bs + jnp.arange(per * bs, dtype=jnp.int32)
+        s = jnp.where(kpos[None, None, :] < ctx[:, None, None], s, NEG_INF)
+        m_new = jnp.maximum(m, s.max(-1))
+        alpha = jnp.exp(m - m_new)
+        p = jnp.exp(s - m_new[..., None])
+        l_new = l * alpha + p.sum(-1)
+        acc_new = acc * alpha[..., None] + jnp.einsum("bht,bthd->bhd", p, v.astype(jnp.float32))
+        return m_new, l_new, acc_new
+
+    init = (jnp.full((b, h), NEG_INF, jnp.float32), jnp.zeros((b, h), jnp.float32),
+            jnp.zeros((b, h, d), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, n_iter, body, init)
+    return (acc / jnp.maximum(l, 1e-30)[..., None])[:, None]
+
+
 def paged_group_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, positions: jax.Array,
                               group: AttnGroup, scale: float) -> jax.Array:
     """One group's queries over the paged cache: returns [Bg, Qg, H, Dh]."""
+    if group.query_index.shape[1] == 1:
+        return paged_decode_attention_xla(q, k_pages, v_pages, group, scale)
     b, mb = group.block_tables.shape
     _, bs, h, d = k_pages.shape
     qi = jnp.minimum(group.query_index, q.shape[0] - 1)  # padding reads a real row; dropped later
