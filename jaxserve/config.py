@@ -244,6 +244,8 @@ class InstanceSpec:
     replicas: int = 1
     devices: tuple[int, ...] | None = None  # explicit device ids for all replicas, in order
     engine: tuple[tuple[str, Any], ...] = ()  # EngineConfig overrides
+    # plan JSON: per replica, the cluster node of each pipeline stage ([[0], [1]]: replica 0 on node 0, ...)
+    nodes: tuple[tuple[int, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         if self.role not in ROLES:
@@ -252,6 +254,11 @@ class InstanceSpec:
             v = getattr(self, f)
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise ConfigError(f"instance {self.role}: {f} must be a positive integer, got {v!r}")
+        if self.nodes is not None:
+            if len(self.nodes) != self.replicas or any(
+                    not r or any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in r) for r in self.nodes):
+                raise ConfigError(f"instance {self.role}: nodes must list, per replica ({self.replicas}), "
+                                  f"non-negative node indexes of its stages; got {self.nodes!r}")
         if self.devices is not None and len(self.devices) != self.tp * self.pp * self.replicas:
             raise ConfigError(f"instance {self.role}: {len(self.devices)} device ids given, tp*pp*replicas = "
                               f"{self.tp * self.pp * self.replicas}")
@@ -259,6 +266,15 @@ class InstanceSpec:
     def engine_config(self, mode_for_colocated: str = "colocated", **defaults: Any) -> EngineConfig:
         mode = mode_for_colocated if self.role == "colocated" else self.role
         return EngineConfig(mode=mode, tp=self.tp, pp=self.pp, **{**defaults, **dict(self.engine)})
+
+
+def _nodes(raw: Any) -> tuple[tuple[int, ...], ...] | None:
+    """A plan's ``nodes`` ([[node per stage] per replica]; a flat [n, ...] means one stage each)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, list):
+        raise ConfigError(f"nodes must be a list, got {raw!r}")
+    return tuple(tuple(r) if isinstance(r, list) else (r,) for r in raw)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -300,7 +316,7 @@ class DeploymentConfig:
         for n, item in enumerate(raw):
             if not isinstance(item, dict):
                 raise ConfigError(f"{source}: instances[{n}] must be a mapping")
-            keys = {"role", "tp", "pp", "replicas", "devices", *_INSTANCE_ENGINE_KEYS}
+            keys = {"role", "tp", "pp", "replicas", "devices", "nodes", *_INSTANCE_ENGINE_KEYS}
             extra = sorted(set(item) - keys)
             if extra and not is_plan:
                 raise ConfigError(f"{source}: instances[{n}] has unknown keys {extra}")
@@ -309,6 +325,7 @@ class DeploymentConfig:
                     role=item.get("role"), tp=item.get("tp", 1), pp=item.get("pp", 1),
                     replicas=item.get("replicas", 1),
                     devices=tuple(item["devices"]) if item.get("devices") is not None else None,
+                    nodes=_nodes(item.get("nodes")),
                     engine=tuple((k, item[k]) for k in _INSTANCE_ENGINE_KEYS if k in item)))
             except ConfigError as e:
                 raise ConfigError(f"{source}: instances[{n}]: {e}") from e

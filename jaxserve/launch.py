@@ -106,28 +106,41 @@ def build(args: argparse.Namespace, deployment: DeploymentConfig) -> tuple[Any, 
         kw.setdefault("max_num_seqs", 16)
     if args.ray or args.ray_address:
         engine = _build_ray(args, deployment, model if model is not None else str(demo.ensure_demo_model()),
-                            dtype, kw)
+                            dtype, kw, colocated_mode)
     else:
         engine = build_engine(lm.cfg, lm.params, deployment, mode_for_colocated=colocated_mode, **kw)
     return engine, tok, lm.cfg, name
 
 
 def _build_ray(args: argparse.Namespace, deployment: DeploymentConfig, model: str, dtype: str,
-               kw: dict[str, Any]) -> Any:
+               kw: dict[str, Any], mode_for_colocated: str = "colocated") -> Any:
+    """One Ray actor per instance replica (prefill + decode, or colocated replicas), in placement groups."""
     import ray
 
     from jaxserve.cluster.ray_engine import RayDisaggEngine
 
-    if any(i.role == "colocated" for i in deployment.instances):
-        raise ConfigError("--ray serves disaggregated deployments (prefill + decode instances)")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if args.ray_address:
         ray.init(address=args.ray_address)
     else:
         ray.init(include_dashboard=False)
-    expand = [(i, i.engine_config(**kw)) for i in deployment.instances for _ in range(i.replicas)]
-    return RayDisaggEngine.launch(model, [c for i, c in expand if i.role == "prefill"],
-                                  [c for i, c in expand if i.role == "decode"], dtype=dtype)
+    from jaxserve.cluster.placement import place, release
+
+    gpus = ray.cluster_resources().get("GPU", 0) > 0
+    placement = place(deployment, gpus=gpus)  # one bundle per replica, grouped by the plan's nodes
+    configs = {role: [i.engine_config(mode_for_colocated, **kw) for i in deployment.instances if i.role == role
+                      for _ in range(i.replicas)] for role in ("prefill", "decode", "colocated")}
+    try:
+        engine = RayDisaggEngine.launch(model, configs["prefill"], configs["decode"], colocated=configs["colocated"],
+                                        dtype=dtype, options=placement.options)
+    except BaseException:
+        release(placement)
+        raise
+    engine.placement = placement
+    groups = {k for k in placement.node_of_actor}
+    print(f"jaxserve: {len(placement.options)} Ray actors in {len(placement.groups)} placement group(s)"
+          + (f" (plan nodes {sorted(groups)})" if None not in groups else ""), flush=True)
+    return engine
 
 
 async def serve(args: argparse.Namespace, engine: Any, tokenizer: Any, cfg: Any, name: str) -> None:
@@ -183,6 +196,9 @@ async def serve(args: argparse.Namespace, engine: Any, tokenizer: Any, cfg: Any,
     await runner.cleanup()
     if hasattr(engine, "shutdown"):
         engine.shutdown()
+    if getattr(engine, "placement", None) is not None:
+        from jaxserve.cluster.placement import release
+        release(engine.placement)
     print("jaxserve: stopped", flush=True)
 
 

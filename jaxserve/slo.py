@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -114,3 +114,33 @@ def per_device_goodput(rate: float, devices: int) -> float:
     if devices <= 0:
         raise ValueError(f"devices must be positive, got {devices!r}")
     return rate / devices
+
+
+STAGES = ("prefill_queue", "prefill_exec", "transfer", "decode_queue", "decode_exec")
+
+
+def breakdown(events: Sequence[tuple[str, float]]) -> dict[str, float]:
+    """The paper's five stages of one request (seconds) from its lifecycle events ``(kind, time)``.
+
+    prefill_queue = first prefill began - arrived;  prefill_exec = first prefill ended - first prefill
+    began (chunked prefill: across its chunks);  transfer = transfer ended - transfer began;
+    decode_queue = decode began - prefill ended - transfer (waiting to be pulled / to join a batch);
+    decode_exec = last event - decode began. A stage a request never had is 0 (colocated: no transfer).
+    """
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    for kind, t in events:
+        k = getattr(kind, "value", kind)
+        first.setdefault(k, t)
+        last[k] = t
+    if not events or "arrived" not in first:
+        return dict.fromkeys(STAGES, 0.0)
+    end = max(t for _, t in events)
+    arrived = first["arrived"]
+    pb = first.get("prefill_began", arrived)
+    pe = first.get("prefill_ended", pb)
+    transfer = max(0.0, last.get("transfer_ended", 0.0) - last.get("transfer_began", 0.0)) \
+        if "transfer_ended" in last else 0.0
+    db = first.get("decode_began", pe)
+    return {"prefill_queue": pb - arrived, "prefill_exec": pe - pb, "transfer": transfer,
+            "decode_queue": max(0.0, db - pe - transfer), "decode_exec": end - db}

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from jaxserve.config import ConfigError, EngineConfig, ModelConfig
-from jaxserve.request import FinishReason, LifecycleEvent, Request
+from jaxserve.request import Event, FinishReason, LifecycleEvent, Request
 
 
 @dataclasses.dataclass
@@ -77,6 +77,9 @@ class Reply:
 class StepResult:
     outputs: list[Any]  # [StepOutput]
     ready: list[str]  # prefill role: ids held for transfer, oldest first
+    # step(export=True): KV of the requests that became ready in this step, already in the object
+    # store (ObjectRef of a KVPayload), so a decode actor can import it while this actor keeps working
+    exported: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -104,6 +107,22 @@ class InstanceInfo:
     node_id: str | None
 
 
+def pin_threads() -> set[int] | None:
+    """Pin every thread of this process to the cores in ``JAXSERVE_CPU_AFFINITY`` (e.g. "0" or "0,1").
+
+    Runs first in an actor, before XLA starts its thread pools; threads started later inherit it."""
+    spec = os.environ.get("JAXSERVE_CPU_AFFINITY")
+    if not spec or not hasattr(os, "sched_setaffinity"):
+        return None
+    cpus = {int(c) for c in spec.split(",") if c.strip()}
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except OSError:  # a thread that just exited
+            pass
+    return cpus
+
+
 class InstanceActor:
     """An ``LLMEngine`` plus the bookkeeping that keeps the driver's Request objects true."""
 
@@ -113,6 +132,7 @@ class InstanceActor:
         from jaxserve.engine.engine import LLMEngine
         from jaxserve.model.checkpoint import load_model
 
+        pin_threads()
         n = config.tp * config.pp
         devices = jax.devices()
         if len(devices) < n:
@@ -122,6 +142,7 @@ class InstanceActor:
         self.engine = LLMEngine(loaded.cfg, loaded.params, config, devices=devices[:n], name=name)
         self.name = name
         self._tracked: dict[str, tuple[Request, int, int]] = {}  # id -> (request, events sent, tokens sent)
+        self._exported: set[str] = set()  # prefill role: ids whose KV step(export=True) already put
 
     # ---- bookkeeping -------------------------------------------------------------------------
     def _track(self, request: Request) -> None:
@@ -179,12 +200,19 @@ class InstanceActor:
         self._tracked[request.request_id] = (request, *sent)
         return self._reply()
 
-    def step(self) -> Reply:
+    def step(self, export: bool = False) -> Reply:
+        """One engine step. ``export``: also put the KV of newly prefilled requests in the object store."""
         outs = self.engine.step()
-        return self._reply(StepResult(outs, self.engine.take_ready()))
+        ready = self.engine.take_ready()
+        exported = {}
+        if export:
+            import ray
 
-    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> Reply:
-        return self._reply(self.engine.abort_request(request_id, reason))
+            for rid in ready:
+                if rid not in self._exported:
+                    self._exported.add(rid)
+                    exported[rid] = ray.put(self.export_kv(rid))
+        return self._reply(StepResult(outs, ready, exported))
 
     # ---- disaggregation ----------------------------------------------------------------------
     def export_kv(self, request_id: str) -> KVPayload:
@@ -198,10 +226,19 @@ class InstanceActor:
         return KVPayload(n, e.config.block_size, export_kv(e.executor, used))
 
     def release(self, request_id: str) -> Reply:
-        """Prefill role: the KV has been exported; free its blocks and forget the request."""
-        self.engine.release(request_id)
+        """Prefill role: the KV has been exported; free its blocks and forget the request.
+
+        A request aborted here meanwhile is already gone: nothing to free (value False)."""
+        self._exported.discard(request_id)
         self._tracked.pop(request_id, None)
-        return self._reply()
+        if request_id not in self.engine.ready:
+            return self._reply(False)
+        self.engine.release(request_id)
+        return self._reply(True)
+
+    def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> Reply:
+        self._exported.discard(request_id)
+        return self._reply(self.engine.abort_request(request_id, reason))
 
     def admit(self, request: Request) -> Reply:
         """Decode role: take in a prefilled request; value = the block ids its KV goes to."""
@@ -214,6 +251,24 @@ class InstanceActor:
         if not self.engine.can_admit(request):
             return self._reply(None)
         return self.admit(request)
+
+    def admit_import(self, request: Request, payload: KVPayload, source: str = "") -> Reply:
+        """Decode role, one call per hand-off: if there is room, admit the request and write its KV
+        (stamping transfer ended and decode queued here, in this actor's clock order); value = bytes
+        imported, or None (no room now: the prefill side keeps holding it)."""
+        if not self.engine.can_admit(request):
+            return self._reply(None)
+        dst = self.engine.admit(request)
+        self._track(request)
+        try:
+            self.import_kv(request.request_id, dst, payload)
+        except BaseException:
+            self.engine.abort_request(request.request_id, FinishReason.ERROR)
+            self._tracked.pop(request.request_id, None)
+            raise
+        request.stamp(Event.TRANSFER_ENDED, instance=f"{source}->{self.name}")
+        request.stamp(Event.DECODE_QUEUED, instance=self.name)
+        return self._reply(payload.nbytes)
 
     def import_kv(self, request_id: str, block_ids: Sequence[int], payload: KVPayload) -> Reply:
         """Decode role: write transferred KV into the blocks ``admit`` gave (re-paged if block sizes differ)."""
@@ -243,6 +298,8 @@ class ActorOptions:
 
     num_cpus: float = 1.0
     num_gpus: float = 0.0
+    cpu_affinity: tuple[int, ...] | None = None  # pin the actor's threads to these cores (Linux)
+    xla_threads: int | None = None  # 1: XLA CPU runs single-threaded (one core per instance experiments)
     resources: tuple[tuple[str, float], ...] = ()
     node_id: str | None = None
     scheduling_strategy: Any = None
@@ -250,7 +307,12 @@ class ActorOptions:
     env_vars: tuple[tuple[str, str], ...] = ()
 
     def ray_options(self, config: EngineConfig) -> dict[str, Any]:
-        env = {"XLA_FLAGS": f"--xla_force_host_platform_device_count={config.tp * config.pp}"}
+        flags = f"--xla_force_host_platform_device_count={config.tp * config.pp}"
+        if self.xla_threads == 1:
+            flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
+        env = {"XLA_FLAGS": flags}
+        if self.cpu_affinity is not None:
+            env["JAXSERVE_CPU_AFFINITY"] = ",".join(map(str, self.cpu_affinity))
         if self.platform is not None:
             env["JAX_PLATFORMS"] = self.platform
         env.update(dict(self.env_vars))

@@ -28,8 +28,8 @@ def build_instances(cfg: ModelConfig, params: Any, layouts: Sequence[tuple[str, 
     dec = [e for e in engines if e.config.mode == "decode"]
     if not pre and not dec:
         if len(engines) != 1:
-            raise ConfigError(f"{len(engines)} colocated replicas need the server's orchestrator; "
-                              "offline generation runs one colocated instance")
+            raise ConfigError(f"{len(engines)} colocated replicas run as Ray actors (python -m jaxserve.launch "
+                              "--ray); in one process, run one colocated instance")
         return engines[0]
     return DisaggEngine(pre, dec, transport)
 

@@ -84,7 +84,7 @@ def paged_decode_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Ar
     n_iter = (jnp.max(ctx) + per * bs - 1) // (per * bs)
 
     def body(i: jax.Array, carry: tuple[jax.Array, jax.Array, jax.Array]) -> tuple[jax.Array, jax.Array, jax.Array]:
-        m, l, acc = carry
+        m, denom, acc = carry
         blk = jax.lax.dynamic_slice_in_dim(tables, i * per, per, axis=1)  # [B, per]
         k = k_pages[blk].reshape(b, per * bs, h, d)
         v = v_pages[blk].reshape(b, per * bs, h, d)
@@ -94,14 +94,14 @@ def paged_decode_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Ar
         m_new = jnp.maximum(m, s.max(-1))
         alpha = jnp.exp(m - m_new)
         p = jnp.exp(s - m_new[..., None])
-        l_new = l * alpha + p.sum(-1)
+        denom_new = denom * alpha + p.sum(-1)
         acc_new = acc * alpha[..., None] + jnp.einsum("bht,bthd->bhd", p, v.astype(jnp.float32))
-        return m_new, l_new, acc_new
+        return m_new, denom_new, acc_new
 
     init = (jnp.full((b, h), NEG_INF, jnp.float32), jnp.zeros((b, h), jnp.float32),
             jnp.zeros((b, h, d), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, n_iter, body, init)
-    return (acc / jnp.maximum(l, 1e-30)[..., None])[:, None]
+    _, denom, acc = jax.lax.fori_loop(0, n_iter, body, init)
+    return (acc / jnp.maximum(denom, 1e-30)[..., None])[:, None]
 
 
 def paged_group_attention_xla(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, positions: jax.Array,

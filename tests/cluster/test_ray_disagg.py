@@ -110,7 +110,7 @@ def test_sampled_request_carries_its_seed(engine, model):
     sp = SamplingParams(max_tokens=12, temperature=0.8, top_k=20, ignore_eos=True)
     a = Request("s-a", prompts[4], sp)
     engine.add_request(a)
-    assert a.sampling.seed is not None  # fixed by the prefill actor, reported back at once
+    assert a.sampling.seed is not None  # fixed by the driver, so both sides sample alike
     b = Request("s-b", prompts[4], a.sampling)  # same seed: the same tokens, whichever instance samples
     engine.add_request(b)
     while engine.has_unfinished():
@@ -119,29 +119,38 @@ def test_sampled_request_carries_its_seed(engine, model):
 
 
 def test_abort_anywhere_frees_blocks(engine, model):
+    """Abort while queued, while held for transfer, mid hand-off and mid decode: every block comes back."""
     _, prompts, _, _ = model
     reqs = [Request(f"a{i}", prompts[i], SamplingParams(max_tokens=30, ignore_eos=True)) for i in range(2, 8)]
     for r in reqs:
         engine.add_request(r)
     p, d = engine.prefills[0], engine.decodes[0]
     assert engine.abort_request("a7")  # queued on the prefill actor
-    engine._step_all([p])  # prefill only: the rest are held there for transfer
-    assert p.ready and p.stats.held_blocks > 0
-    held = p.ready[-1]
-    assert engine.abort_request(held)  # mid-transfer: KV held on the prefill side
-    engine.pull()
-    engine.step()
-    decoding = [r for r, i in engine.where.items() if i is d]
-    assert decoding and d.stats.held_blocks > 0
+    d.full = True  # hold the hand-offs back: prefilled requests wait on the prefill side
+    while len(p.ready) < 2:
+        engine.step()
+        d.full = True
+    held = p.ready[-1][0]
+    assert engine.abort_request(held)  # KV held on the prefill side for transfer
+    d.full = False
+    assert engine.pull() >= 1 and engine.transit
+    in_flight = next(iter(engine.transit))
+    assert engine.abort_request(in_flight)  # mid hand-off: the import may land, then it is freed there
+    while not (decoding := [r for r, i in engine.where.items() if i is d]):
+        engine.step()
+    while len(engine.requests[decoding[0]].output_token_ids) < 2:
+        engine.step()
     assert engine.abort_request(decoding[0])  # mid-decode
     engine.step()
     for r in reqs:
         engine.abort_request(r.request_id)
     assert not engine.has_unfinished()
+    engine.drain()
     assert all(v == 0 for v in engine.held_blocks().values()), engine.held_blocks()
     for r in reqs:
         assert r.finish_reason == FinishReason.ABORT and r.events[-1].kind == Event.ABORTED, r.request_id
-    assert len(reqs[-1].output_token_ids) == 0 and len(reqs[0].output_token_ids) >= 2
+    assert len(reqs[-1].output_token_ids) == 0
+    assert len(next(r for r in reqs if r.request_id == decoding[0]).output_token_ids) >= 2
 
 
 def test_dead_decode_actor_fails_its_requests(actors, model):
@@ -180,3 +189,17 @@ def test_dead_decode_actor_fails_its_requests(actors, model):
 def _never_answers() -> None:
     import time
     time.sleep(600)
+
+
+def test_colocated_replicas_share_requests_and_equal_hf(cluster, model):
+    """Two colocated replicas behind one RayDisaggEngine: requests spread over both, HF's tokens, no leaks."""
+    model_dir, prompts, max_tokens, refs = model
+    opts = ActorOptions(num_cpus=0)  # the module's four actors hold the cluster's CPUs
+    handles = [start_instance(model_dir, _cfg("colocated"), f"colocated-{i}", options=opts) for i in range(2)]
+    with RayDisaggEngine([], [], colocated=handles, timeout_s=120, own_actors=True) as eng:
+        reqs = [Request(f"c{i}", p, SamplingParams(max_tokens=m))
+                for i, (p, m) in enumerate(zip(prompts, max_tokens, strict=True))]
+        assert [t.token_ids for t in run_requests(eng, reqs)] == refs
+        assert {r.events[1].instance for r in reqs} == {"colocated-0", "colocated-1"}
+        assert eng.num_transfers == 0 and not eng.has_unfinished()
+        assert eng.held_blocks() == {"colocated-0": 0, "colocated-1": 0}

@@ -33,6 +33,9 @@ def test_plan_json_is_read(tmp_path):
     ({"instances": [{"role": "prefill", "tp": 0}, {"role": "decode"}]}, "tp must be a positive integer"),
     ({"instances": [{"role": "prefill", "devices": [0, 1]}, {"role": "decode"}]}, "2 device ids given"),
     ({"instance": []}, "unknown keys"),
+    ({"instances": [{"role": "prefill", "replicas": 2, "nodes": [[0]]}, {"role": "decode"}]}, "nodes must list"),
+    ({"instances": [{"role": "prefill", "nodes": [[-1]]}, {"role": "decode"}]}, "nodes must list"),
+    ({"instances": [{"role": "prefill", "nodes": 3}, {"role": "decode"}]}, "nodes must be a list"),
 ])
 def test_bad_deployments(doc, msg):
     with pytest.raises(ConfigError, match=msg):
@@ -54,3 +57,18 @@ def test_explicit_device_ids(tiny, workload):
         build_engine(cfg, params, DeploymentConfig.from_dict({"instances": [
             {"role": "prefill", "devices": [1]}, {"role": "decode", "devices": [1]}]}))
     assert len(jax.devices()) == 8
+
+
+def test_plan_nodes_group_actors_into_placement_bundles():
+    """A low-affinity plan: prefill and decode replicas that share a node land in one placement group."""
+    from jaxserve.cluster.placement import plan_bundles
+
+    d = DeploymentConfig.from_dict({"per_device_goodput": 1.0, "instances": [
+        {"role": "decode", "tp": 2, "pp": 1, "replicas": 2, "nodes": [[0], [1]]},
+        {"role": "prefill", "tp": 1, "pp": 2, "replicas": 2, "nodes": [[0, 0], [1, 1]]}]})
+    assert [i.nodes for i in d.instances] == [((0,), (1,)), ((0, 0), (1, 1))]
+    assert plan_bundles(d, gpus=False) == [(0, {"CPU": 1.0}), (1, {"CPU": 1.0}), (0, {"CPU": 1.0}), (1, {"CPU": 1.0})]
+    assert plan_bundles(d, gpus=True)[0] == (0, {"CPU": 1.0, "GPU": 2.0})  # prefill first: tp*pp devices each
+    assert plan_bundles(d, gpus=True)[2] == (0, {"CPU": 1.0, "GPU": 2.0})
+    flat = DeploymentConfig.from_dict({"instances": [{"role": "colocated", "replicas": 2}]})
+    assert plan_bundles(flat, gpus=False) == [(None, {"CPU": 1.0})] * 2
