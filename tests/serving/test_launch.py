@@ -108,3 +108,44 @@ def test_errors_through_the_client(server):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny-opt", prompt="hi", max_tokens=-3)
     assert "max_tokens" in str(e.value)
+
+
+def _greedy_texts(url: str, prompts: list[list[int]], max_tokens: list[int]) -> list[str]:
+    """Greedy completion texts for token-id prompts, over plain HTTP."""
+    import urllib.request
+
+    out = []
+    for p, m in zip(prompts, max_tokens, strict=True):
+        body = json.dumps({"model": "tiny-opt", "prompt": p, "max_tokens": m, "temperature": 0}).encode()
+        req = urllib.request.Request(f"{url}/completions", body, {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=120) as r:
+            out.append(json.loads(r.read())["choices"][0]["text"])
+    return out
+
+
+@pytest.mark.timeout(600)
+def test_ray_launcher_from_a_plan_serves_the_local_tokens(server, workload, tiny, tmp_path):
+    """--ray with a planner-style plan JSON: one prefill + one decode actor in placement groups by plan node;
+    the greedy texts equal the local launcher's and the HF reference; SIGINT stops it and Ray cleanly."""
+    url_local, _ = server
+    prompts, max_tokens, refs = workload
+    tok = tiny[4]
+    pick = [i for i, p in enumerate(prompts) if len(p) < 200][:6]
+    ps, ms = [prompts[i] for i in pick], [max_tokens[i] for i in pick]
+    plan = {"feasible": True, "per_device_goodput": 1.0, "colocated_per_device_goodput": 0.5, "devices": 2,
+            "instances": [{"role": "prefill", "tp": 1, "pp": 1, "replicas": 1, "nodes": [[0]]},
+                          {"role": "decode", "tp": 1, "pp": 1, "replicas": 1, "nodes": [[0]]}]}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    port = _free_port()
+    proc, log = _start(["--model", str(tiny[0]), "--port", str(port), "--max-model-len", "256", "--max-num-seqs",
+                        "8", "--served-model-name", "tiny-opt", "--no-warmup", "--ray", "--plan",
+                        str(tmp_path / "plan.json")], tmp_path)
+    try:
+        ray_texts = _greedy_texts(f"http://127.0.0.1:{port}/v1", ps, ms)
+    finally:
+        rc = _stop(proc, log)
+    text = (tmp_path / "server.log").read_text()
+    assert rc == 0 and "jaxserve: stopped" in text and "Traceback" not in text, text
+    assert "2 Ray actors in 1 placement group(s) (plan nodes [0])" in text, text
+    assert ray_texts == [tok.decode(refs[i]) for i in pick]
+    assert ray_texts == _greedy_texts(url_local, ps, ms)
