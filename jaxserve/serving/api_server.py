@@ -198,6 +198,10 @@ def check_unsupported(body: dict[str, Any]) -> None:
 def encode_text(text: str, st: ServerState, param: str) -> list[int]:
     if st.tokenizer is None:
         raise bad(param, "this model has no tokenizer; send the prompt as a list of token ids")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (JSON "\ud800"): the tokenizer would raise TypeError
+        raise bad(param, f"is not valid Unicode: lone surrogate {text[e.start]!r} at character {e.start}") from e
     return list(st.tokenizer.encode(text))
 
 

@@ -66,7 +66,7 @@ def render_chat(messages: Sequence[Any]) -> str:
         if not isinstance(m, dict):
             raise ChatError(f"{where}: must be an object with role and content", where)
         role = m.get("role")
-        if role not in ROLE_PREFIX:
+        if not isinstance(role, str) or role not in ROLE_PREFIX:  # a list or object role is unhashable
             raise ChatError(f"{where}.role: must be one of {', '.join(ROLE_PREFIX)}, got {role!r}", f"{where}.role")
         if "content" not in m or m["content"] is None:
             raise ChatError(f"{where}.content: is required", f"{where}.content")
