@@ -56,6 +56,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from _docs import write_block
 from tqdm import tqdm
 
 from jaxserve.config import EngineConfig, ModelConfig, model_preset
@@ -682,18 +683,8 @@ def render(r: dict[str, Any]) -> str:
 
 
 def write_section(path: Path, label: str, body: str) -> None:
-    """Replace (or append) the block between this label's markers; everything else in the file stays."""
-    begin, end = f"<!-- bench_offline: {label} begin -->", f"<!-- bench_offline: {label} end -->"
-    block = f"{begin}\n{body}{end}\n"
-    text = path.read_text() if path.exists() else "# Performance\n\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        tail = rest.split(end, 1)[1].lstrip("\n")
-        text = head + block + ("\n" + tail if tail else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
+    """This run's block (``bench_offline: LABEL``) of the markdown file; everything else stays."""
+    write_block(path, f"bench_offline: {label}", body)
 
 
 # ---- main -----------------------------------------------------------------------------------

@@ -305,16 +305,10 @@ def write_outputs(a: argparse.Namespace, res: dict[str, Any]) -> str:
 
 
 def write_section(path: Path, title: str, body: str) -> None:
-    """Replace (or append) this experiment's block in the markdown file; the rest stays."""
-    begin, end = "<!-- experiment_goodput begin -->", "<!-- experiment_goodput end -->"
-    block = f"{begin}\n## {title}\n\n{body}{end}\n"
-    text = path.read_text() if path.exists() else "# Performance\n\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    path.write_text(text)
+    """This experiment's block of the markdown file; everything else stays."""
+    from _docs import write_block
+
+    write_block(path, "experiment_goodput", f"## {title}\n\n{body}")
 
 
 def plot(a: argparse.Namespace, res: dict[str, Any]) -> None:

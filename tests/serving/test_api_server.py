@@ -86,6 +86,17 @@ async def post(client, path, body, **kw):
 
 
 # ---- completions ------------------------------------------------------------------------------
+
+async def assert_drained(orch, eng, tries: int = 500) -> None:
+    """Wait (bounded) until nothing is in flight and no instance holds a KV block; assert it."""
+    for _ in range(tries):
+        if orch.num_in_flight == 0 and not eng.has_unfinished() and not any(eng.held_blocks().values()):
+            break
+        await asyncio.sleep(0.02)
+    assert orch.num_in_flight == 0 and not eng.has_unfinished()
+    assert all(v == 0 for v in eng.held_blocks().values()), eng.held_blocks()
+
+
 def test_completion_object_usage_and_default_max_tokens():
     async def fn(client, eng, orch):
         st, r = await post(client, "/v1/completions", {"model": MODEL, "prompt": "ab", "max_tokens": 5,
@@ -415,20 +426,6 @@ def test_metrics_endpoint_counts_move():
 
 
 # ---- the real tiny engine ---------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def real(tiny):
-    import jax
-
-    from jaxserve.config import EngineConfig
-    from jaxserve.engine.build import build_local
-
-    _, model, cfg, params, tok = tiny
-    small = dict(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=64)
-    eng = build_local(cfg, params, [("prefill", EngineConfig(mode="prefill", **small)),
-                                    ("decode", EngineConfig(mode="decode", **small))], jax.devices()[:2])
-    return eng, tok, model, cfg
-
-
 def test_real_engine_greedy_stream_equals_nonstream_equals_hf_and_stop(real):
     from tests.model_fixtures import hf_greedy
 
@@ -484,13 +481,8 @@ def test_real_engine_clients_leaving_mid_stream_free_every_block(real):
             resp.close()
 
         await asyncio.gather(*[leaver(i) for i in range(clients)])
-        for _ in range(3000):
-            if orch.num_in_flight == 0 and not eng.has_unfinished() and not any(eng.held_blocks().values()):
-                break
-            await asyncio.sleep(0.02)
-        assert orch.num_in_flight == 0 and not eng.has_unfinished()
+        await assert_drained(orch, eng, tries=3000)
         assert orch.finished == {"abort": clients}  # each was still in the engine when its client left
-        assert all(v == 0 for v in eng.held_blocks().values()), eng.held_blocks()
         m = parse_prometheus(await (await client.get("/metrics")).text())
         lab = (("model_name", MODEL),)
         assert m[("jaxserve:request_success_total", (("finished_reason", "abort"), *lab))] == clients

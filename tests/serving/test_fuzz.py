@@ -15,12 +15,11 @@ from __future__ import annotations
 import asyncio
 import json
 
-import pytest
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 from jaxserve.serving.chat import render_chat
-from tests.serving.test_api_server import MODEL, read_sse, serve
+from tests.serving.test_api_server import MODEL, assert_drained, read_sse, serve
 from tests.serving.test_metrics import parse_prometheus
 
 ROUTES = ("/v1/completions", "/v1/chat/completions")
@@ -162,20 +161,6 @@ def fixed_cases() -> list[tuple[str, bytes, str | None, tuple[int, str, str]]]:
             for route, want in zip(ROUTES, wants, strict=True)]
 
 
-@pytest.fixture(scope="module")
-def real(tiny):
-    import jax
-
-    from jaxserve.config import EngineConfig
-    from jaxserve.engine.build import build_local
-
-    _, model, cfg, params, tok = tiny
-    small = dict(max_model_len=MAX_MODEL_LEN, max_num_seqs=4, max_num_batched_tokens=64)
-    eng = build_local(cfg, params, [("prefill", EngineConfig(mode="prefill", **small)),
-                                    ("decode", EngineConfig(mode="decode", **small))], jax.devices()[:2])
-    return eng, tok, model, cfg
-
-
 def check_answer(status: int, headers: dict[str, str], payload: object, route: str) -> None:
     """A 4xx in OpenAI's error shape, or a well-formed 200 completion; nothing else."""
     assert status < 500, (status, payload)
@@ -266,12 +251,7 @@ def test_fuzzed_requests_get_4xx_or_a_completion_and_leave_nothing_behind(real):
         r = await resp.json()
         assert resp.status == 200, r
         assert r["choices"][0]["token_ids"] == hf_greedy(model, ids, 12)
-        for _ in range(500):
-            if orch.num_in_flight == 0 and not eng.has_unfinished() and not any(eng.held_blocks().values()):
-                break
-            await asyncio.sleep(0.02)
-        assert orch.num_in_flight == 0 and not eng.has_unfinished()
-        assert all(v == 0 for v in eng.held_blocks().values()), eng.held_blocks()
+        await assert_drained(orch, eng)
         assert orch.num_errors == 0 and "error" not in orch.finished and "abort" not in orch.finished, orch.finished
         m = parse_prometheus(await (await client.get("/metrics")).text())
         lab = (("model_name", MODEL),)

@@ -13,9 +13,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-import pytest
-
-from tests.serving.test_api_server import MODEL, read_sse, serve
+from tests.serving.test_api_server import MODEL, assert_drained, read_sse, serve
 from tests.serving.test_metrics import parse_prometheus
 
 MAX_QUEUE = 8
@@ -24,22 +22,8 @@ MAX_TOKENS = 40
 REJECT_WITHIN_S = 1.0
 
 
-@pytest.fixture(scope="module")
-def real(tiny):
-    import jax
-
-    from jaxserve.config import EngineConfig
-    from jaxserve.engine.build import build_local
-
-    _, _, cfg, params, tok = tiny
-    small = dict(max_model_len=64, max_num_seqs=4, max_num_batched_tokens=64)
-    eng = build_local(cfg, params, [("prefill", EngineConfig(mode="prefill", **small)),
-                                    ("decode", EngineConfig(mode="decode", **small))], jax.devices()[:2])
-    return eng, tok, cfg
-
-
 def test_overload_excess_gets_fast_503_admitted_finish_and_nothing_leaks(real):
-    eng, tok, cfg = real
+    eng, tok, _, cfg = real
 
     async def fn(client, _eng, orch):
         peak = 0
@@ -86,12 +70,7 @@ def test_overload_excess_gets_fast_503_admitted_finish_and_nothing_leaks(real):
             assert events[-2]["usage"]["completion_tokens"] == MAX_TOKENS, events[-2]
             assert events[-3]["choices"][0]["finish_reason"] == "length"
 
-        for _ in range(500):
-            if orch.num_in_flight == 0 and not eng.has_unfinished() and not any(eng.held_blocks().values()):
-                break
-            await asyncio.sleep(0.02)
-        assert orch.num_in_flight == 0 and not eng.has_unfinished()
-        assert all(v == 0 for v in eng.held_blocks().values()), eng.held_blocks()
+        await assert_drained(orch, eng)
         assert orch.finished == {"length": len(ok)}, orch.finished
 
         # it recovers: a second wave is served the same way
@@ -103,12 +82,7 @@ def test_overload_excess_gets_fast_503_admitted_finish_and_nothing_leaks(real):
         assert all(r[2][-2]["usage"]["completion_tokens"] == MAX_TOKENS for r in ok2)
         assert peak == MAX_QUEUE  # bounded: never more than max_queue requests held (and the limit was reached)
 
-        for _ in range(500):
-            if orch.num_in_flight == 0 and not eng.has_unfinished() and not any(eng.held_blocks().values()):
-                break
-            await asyncio.sleep(0.02)
-        assert orch.num_in_flight == 0 and not eng.has_unfinished()
-        assert all(v == 0 for v in eng.held_blocks().values()), eng.held_blocks()
+        await assert_drained(orch, eng)
         m = parse_prometheus(await (await client.get("/metrics")).text())
         lab = (("model_name", MODEL),)
         assert m[("jaxserve:request_rejected_total", (*lab, ("reason", "queue_full")))] == 2 * LOAD - len(ok) - len(ok2)
