@@ -606,7 +606,7 @@ def summarize(args: argparse.Namespace, *, model: str, server_cmd: list[str] | N
               results: list[RequestResult], samples: list[Sample], wall: float, drain: float,
               end_state: dict[str, Any] | None, settle_s: float, rss_end: int | None,
               stop: dict[str, Any] | None, load_start: tuple[float, float, float],
-              load_end: tuple[float, float, float], started_at: str) -> dict[str, Any]:
+              load_end: tuple[float, float, float], started_at: str, git: str) -> dict[str, Any]:
     """Every figure of the run, and a verdict per target."""
     ok = [r for r in results if r.ok]
     e2e = np.array([r.end - r.sent for r in ok])
@@ -642,7 +642,7 @@ def summarize(args: argparse.Namespace, *, model: str, server_cmd: list[str] | N
     verdicts = {"errors": not errors and not cap_errors, "rss": rss["ok"], "held_blocks": held["ok"],
                 "shutdown": None if stop is None else stop["ok"]}
     return {
-        "schema": "jaxserve.soak/1", "started_at": started_at,
+        "schema": "jaxserve.soak/1", "started_at": started_at, "git": git,
         "command": shlex.join(["python", "scripts/soak.py", *sys.argv[1:]]),
         "server_command": shlex.join(["python", *server_cmd[1:]]) if server_cmd else None,
         "url": args.url, "model": model, "mix": [e.label() for e in MIX],
@@ -773,7 +773,7 @@ def doc_section(s: dict[str, Any]) -> str:
            "that no KV blocks are held and that SIGINT stops the server with exit status 0. "
            "Every request has a timeout; a non-200 answer, a broken or short stream or a timeout is an error.",
            "",
-           f"Run {s['started_at']}, `{git_describe()}`:",
+           f"Run {s['started_at']}, {s['git']}:",
            "",
            f"    {s['command']}",
            ""]
@@ -834,14 +834,15 @@ def write_doc(path: Path, section: str) -> None:
 
 
 def git_describe() -> str:
+    """The commit checked out, and whether the server's code (jaxserve/) differs from it."""
     try:
         head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
                               timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "jaxserve"], cwd=ROOT,
                                capture_output=True, text=True, timeout=10).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "commit unknown"
-    return f"commit {head or '?'}" + (" + uncommitted changes" if dirty else "")
+    return f"commit {head or '?'}" + (", with uncommitted changes under jaxserve/" if dirty else ", jaxserve/ clean")
 
 
 # ------------------------------------------------------------------------------------------ main
@@ -895,6 +896,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started_at = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     load_start = os.getloadavg()
+    git = git_describe()  # now: the code the server is about to load
     server: Server | None = None
     stop: dict[str, Any] | None = None
     try:
@@ -927,7 +929,7 @@ def main(argv: list[str] | None = None) -> int:
                         cap_results=parts["cap_results"], results=parts["results"], samples=parts["samples"],
                         wall=parts["wall"], drain=parts["drain"], end_state=parts["end_state"],
                         settle_s=parts["settle_s"], rss_end=parts["rss_end"], stop=stop, load_start=load_start,
-                        load_end=os.getloadavg(), started_at=started_at)
+                        load_end=os.getloadavg(), started_at=started_at, git=git)
     print()
     print(format_table(summary))
     if summary["error_examples"]:
