@@ -2,11 +2,13 @@
 
     add_request --> the prefill instance with the fewest queued prompt tokens
     step():
-      every prefill instance steps (FCFS prompt batches up to its token budget; first token out)
-      pull:  for each prefilled request (oldest first), the decode instance with the most free
-             blocks that has room admits it: blocks allocated there, KV copied by the transport,
-             blocks released on the prefill side
-      every decode instance steps (continuous batching)
+      every instance with work steps, each in its own thread, at the same time (disjoint devices;
+      JAX releases the GIL while a step runs): prefill instances run FCFS prompt batches up to
+      their token budget (first token out), decode instances run continuous batching
+      pull:  then, for each prefilled request (oldest first), the decode instance with the most
+             free blocks that has room admits it: blocks allocated there, KV copied by the
+             transport (dispatched asynchronously), blocks released on the prefill side; it
+             decodes from the next step on
     abort_request: wherever the request is (prefill queue, held for transfer, decoding), its
                    blocks are freed at once
 
@@ -20,6 +22,7 @@ instance stamps decode began, tokens and finished.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 
 from jaxserve.engine.engine import LLMEngine, StepOutput
 from jaxserve.engine.kv_transfer import KVTransport, LocalTransport
@@ -44,6 +47,7 @@ class DisaggEngine:
         self.max_model_len = min(e.max_model_len for e in [*self.prefills, *self.decodes])
         self.where: dict[str, LLMEngine] = {}
         self.num_transfers = 0
+        self._pool: ThreadPoolExecutor | None = None  # one thread per instance, made on first use
 
     @property
     def instances(self) -> list[LLMEngine]:
@@ -76,12 +80,16 @@ class DisaggEngine:
         return any(e.has_unfinished() or e.ready for e in self.instances)
 
     def step(self) -> list[StepOutput]:
+        busy = [e for e in self.instances if e.has_unfinished()]
         outs: list[StepOutput] = []
-        for p in self.prefills:
-            outs += p.step()
+        if len(busy) == 1:
+            outs += busy[0].step()
+        elif busy:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(len(self.instances), thread_name_prefix="jaxserve-instance")
+            for f in [self._pool.submit(e.step) for e in busy]:  # prefill and decode overlap
+                outs += f.result()
         self.pull()
-        for d in self.decodes:
-            outs += d.step()
         for o in outs:
             if o.finish_reason is not None:
                 self.where.pop(o.request_id, None)
