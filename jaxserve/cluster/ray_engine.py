@@ -57,6 +57,7 @@ from jaxserve.cluster.actors import (
 from jaxserve.config import EngineConfig
 from jaxserve.engine.block_manager import blocks_needed
 from jaxserve.engine.engine import StepOutput
+from jaxserve.errors import EngineUnavailable
 from jaxserve.request import Event, FinishReason, Request
 
 log = logging.getLogger(__name__)
@@ -64,8 +65,8 @@ log = logging.getLogger(__name__)
 NO_TOKEN = -1  # token_id of a StepOutput that ends a request with ERROR
 
 
-class ClusterError(RuntimeError):
-    """The cluster cannot serve (no live instance of a role, an actor failed to start)."""
+class ClusterError(EngineUnavailable):
+    """The cluster cannot serve (no live instance of a role, an actor failed to start): HTTP 503."""
 
 
 class InstanceFailed(RuntimeError):

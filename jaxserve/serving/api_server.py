@@ -50,6 +50,7 @@ from typing import Any
 from aiohttp import web
 
 from jaxserve.engine.frontend import Delta
+from jaxserve.errors import EngineUnavailable
 from jaxserve.request import FinishReason, Request, SamplingError, SamplingParams
 from jaxserve.serving.chat import ChatError, render_chat
 from jaxserve.serving.metrics import ServerMetrics
@@ -403,6 +404,9 @@ async def admit(http: web.Request, st: ServerState, job: Job) -> tuple[Any, Delt
     except TimeoutError as e:
         st.metrics.observe_rejected("timeout")
         raise ApiError(503, "timed out waiting for the engine", code="timeout", headers={"Retry-After": "1"}) from e
+    except EngineUnavailable as e:
+        st.metrics.observe_rejected("unavailable")
+        raise ApiError(503, f"engine unavailable: {e}", code="unavailable", headers={"Retry-After": "5"}) from e
     except StopAsyncIteration as e:
         raise ApiError(500, ENGINE_ERROR, code="engine_error") from e
 

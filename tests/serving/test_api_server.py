@@ -491,3 +491,19 @@ def test_real_engine_clients_leaving_mid_stream_free_every_block(real):
         assert m[("jaxserve:kv_transfer_seconds_count", lab)] >= 1  # some got to the decode instance
 
     serve(fn, engine=eng, tokenizer=tok, max_model_len=eng.max_model_len, vocab_size=cfg.vocab_size, max_queue=64)
+
+
+def test_engine_with_no_live_instance_is_503_unavailable():
+    from jaxserve.errors import EngineUnavailable
+
+    class Dead(CountingEngine):
+        def add_request(self, r):
+            raise EngineUnavailable("no live decode instance (decode-1: actor died)")
+
+    async def fn(client, eng, orch):
+        st, r = await post(client, "/v1/completions", {"prompt": "a", "max_tokens": 2})
+        assert st == 503 and r["error"]["code"] == "unavailable" and "decode-1: actor died" in r["error"]["message"]
+        m = parse_prometheus(await (await client.get("/metrics")).text())
+        assert m[("jaxserve:request_rejected_total", (("model_name", MODEL), ("reason", "unavailable")))] == 1
+
+    serve(fn, engine=Dead())
