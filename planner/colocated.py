@@ -1,6 +1,7 @@
 """Simulator of the colocated baseline: one instance runs both phases (vLLM-style).
 
-    Requests --dispatch: replica with fewest queued prompt tokens--> ColocatedLane
+    Requests --dispatch (balanced: fewest queued prompt tokens, then least KV; jaxserve: fewest
+              tokens to compute incl. one per decoding sequence, then idle, then the first)--> ColocatedLane
       prefill-first:  each iteration, if arrived prompts fit (KV + batch slots), run one
                       prefill batch (FCFS up to the token budget) and pause decoding;
                       otherwise run decode steps of the whole running batch.
@@ -10,7 +11,10 @@
 
 Iteration times come from the instance's profile (the colocated engine's coefficients).
 A mixed chunked iteration costs the decode step time plus the prefill terms
-b*chunk + c*chunk*(chunk + done) of each chunk (and the larger fixed cost of the two).
+b*chunk + c*chunk*(chunk + done) of each chunk (and the larger fixed cost of the two); with
+jaxserve's padded engine costs it is the engine's separate calls instead: one packed call for
+the chunks that start a prompt, the decode call, one call per later chunk, each at its padded
+shape and with its host cost, plus one step cost.
 A pp-stage colocated instance is pp lanes, as in decoding (planner.latency).
 """
 
@@ -20,8 +24,7 @@ from collections import deque
 
 import numpy as np
 
-from .decode_batch import DecodeBatch
-from .latency import InstanceModel
+from .latency import InstanceModel, pow2_bucket
 from .simulator import INF, SimResult, kv_need
 from .workload import Requests
 
@@ -32,15 +35,16 @@ class ColocatedLane:
     def __init__(self, inst: InstanceModel, reqs: Requests, out: SimResult, *, capacity: int,
                  token_budget: int = 2048, max_batch: int = 256, chunk: int = 0) -> None:
         self.inst, self.out = inst, out
-        self.arr = reqs.arrival.tolist()
+        self.arr = (reqs.arrival + inst.costs.dispatch_s).tolist()  # when the instance sees each request
         self.plen = reqs.prompt_len.tolist()
         self.olen = reqs.output_len.tolist()
         self.capacity, self.budget, self.max_batch, self.chunk = capacity, token_budget, max_batch, chunk
-        self.batch = DecodeBatch(inst.decode_lane_coeffs)
+        self.batch = inst.decode_batch()
         self.t = 0.0
         self.reserved = 0
         self.waiting: deque[int] = deque()
-        self.queued_tokens = 0
+        self.queued_tokens = 0  # prompt tokens not yet prefilled (counted off when their step starts)
+        self.step_tokens = 0  # prompt tokens of the latest iteration (it ends at self.t)
         self.prefilling: list[list[int]] = []  # chunked mode: [rid, tokens done]
         self.need: dict[int, int] = {}
 
@@ -55,10 +59,20 @@ class ColocatedLane:
         need = kv_need(self.plen[rid], self.olen[rid])
         self.need[rid] = need
         self.reserved += need
-        self.queued_tokens -= self.plen[rid]
+        if not self.chunk:  # chunked: counted off chunk by chunk
+            self.queued_tokens -= self.plen[rid]
 
-    def _prefill_time(self, tokens: float, sq: float) -> float:
-        return self.inst.pp * self.inst.prefill_stage_time(tokens, sq)
+    def queued_at(self, t: float) -> int:
+        """jaxserve's dispatch key at ``t``: tokens still to compute, i.e. prompt tokens queued (those of a
+        prefill step still running too: the driver learns of a step's progress from its reply) plus
+        one per decoding sequence (its next token)."""
+        return self.queued_tokens + (self.step_tokens if self.t > t else 0) + self.batch.B
+
+    def busy_at(self, t: float) -> bool:
+        return bool(self.t > t or self.batch.B or self.prefilling or self.waiting)
+
+    def _prefill_time(self, tokens: float, sq: float, n: int = 1) -> float:
+        return self.inst.pp * self.inst.prefill_stage_time(tokens, sq, n)
 
     def _prefilled(self, rid: int) -> None:
         out, t = self.out, self.t
@@ -84,6 +98,7 @@ class ColocatedLane:
             n = min(n, self.batch.steps_to_reach(e - self.t))
         dt, done = self.batch.advance(n)
         self.t += dt
+        self.step_tokens = 0
         for rid in done:
             self.out.finish[rid] = self.t
             self.reserved -= self.need.pop(rid)
@@ -110,7 +125,8 @@ class ColocatedLane:
             sq += p * p
         if not batch:
             return False
-        self.t += self._prefill_time(tokens, sq)
+        self.t += self._prefill_time(tokens, sq, len(batch))
+        self.step_tokens = tokens
         for rid in batch:
             self.out.prefill_start[rid] = t
             self._prefilled(rid)
@@ -121,7 +137,6 @@ class ColocatedLane:
         while w and self.arr[w[0]] <= t and self._fits(w[0], batch.B + len(self.prefilling)):
             rid = w.popleft()
             self._reserve(rid)
-            self.out.prefill_start[rid] = t
             self.prefilling.append([rid, 0])
         room = max(self.chunk - batch.B, 0)
         x_tot = sq = 0
@@ -131,19 +146,27 @@ class ColocatedLane:
                 break
             x = min(room, self.plen[item[0]] - item[1])
             plan.append((item, x))
+            if item[1] == 0:
+                self.out.prefill_start[item[0]] = t  # its first chunk runs now
             x_tot += x
             sq += x * (x + item[1])
             room -= x
         if not plan:
             return False
-        pre = self._prefill_time(x_tot, sq)
-        if batch.B:
-            a_p = self.inst.phase.prefill[0]
-            dec = batch.time_of(1)
-            dt = dec + pre - min(a_p, batch.coeffs(batch.B)[0])
-            _, done = batch.advance(1)
+        self.queued_tokens -= x_tot
+        self.step_tokens = x_tot
+        if self.inst.costs.padded:  # jaxserve: one packed call (first chunks), one decode call, one per later chunk
+            dt = self._chunked_calls(plan)
+            done = batch.advance(1)[1] if batch.B else []
         else:
-            dt, done = pre, []
+            pre = self._prefill_time(x_tot, sq, len(plan))
+            if batch.B:
+                a_p = self.inst.phase.prefill[0]
+                dec = batch.time_of(1)
+                dt = dec + pre - min(a_p, batch.coeffs(batch.B)[0])
+                _, done = batch.advance(1)
+            else:
+                dt, done = pre, []
         self.t += dt
         for rid in done:
             self.out.finish[rid] = self.t
@@ -156,9 +179,34 @@ class ColocatedLane:
         return True
 
 
+    def _chunked_calls(self, plan: list[tuple[list[int], int]]) -> float:
+        """Seconds of one mixed step made of separate calls (before the decode batch advances)."""
+        inst, k = self.inst, self.inst.costs
+        first = [x for item, x in plan if item[1] == 0]
+        if self.batch.B:
+            dt = self.batch.time_of(1)  # includes the step and call costs
+        else:
+            dt = k.step_s
+        if first:
+            dt += k.prefill_factor * (inst.phase.packed_time(pow2_bucket(sum(first), k.min_tokens)) + k.call_s)
+        dt += sum(inst.chunk_call_time(x, item[1] + x) for item, x in plan if item[1] > 0)
+        return dt + k.prefill_factor * k.seq_s * len(plan)
+
+
+DISPATCH = ("balanced", "jaxserve")
+
+
 def run_colocated(instances: list[InstanceModel], reqs: Requests, *, token_budget: int = 2048,
-                  max_batch: int = 256, chunk: int = 0) -> SimResult:
-    """Simulate colocated replicas (prefill-first, or chunked prefill when ``chunk`` > 0)."""
+                  max_batch: int = 256, chunk: int = 0, dispatch: str = "balanced") -> SimResult:
+    """Simulate colocated replicas (prefill-first, or chunked prefill when ``chunk`` > 0).
+
+    ``dispatch``: ``balanced`` sends a request to the replica with the fewest queued prompt tokens,
+    then the least KV in use; ``jaxserve`` as jaxserve's driver does: fewest tokens still to compute
+    (queued prompt tokens, a running prefill step's too, plus one per decoding sequence), then an
+    idle replica before a busy one, then the first.
+    """
+    if dispatch not in DISPATCH:
+        raise ValueError(f"dispatch must be one of {DISPATCH}, got {dispatch!r}")
     out = SimResult.empty(reqs)
     lanes = [ColocatedLane(m, reqs, out, capacity=m.kv_capacity_tokens() // m.pp,
                            token_budget=token_budget, max_batch=max_batch, chunk=chunk)
@@ -171,7 +219,10 @@ def run_colocated(instances: list[InstanceModel], reqs: Requests, *, token_budge
         if len(lanes) > 1:
             for lane in lanes:
                 lane.advance_to(t)
-            min(lanes, key=lambda lane: (lane.queued_tokens, lane.reserved)).submit(rid)
+            if dispatch == "balanced":
+                min(lanes, key=lambda lane: (lane.queued_tokens, lane.reserved)).submit(rid)
+            else:
+                min(lanes, key=lambda lane: (lane.queued_at(t), lane.busy_at(t))).submit(rid)
         else:
             lanes[0].submit(rid)
     for lane in lanes:

@@ -9,6 +9,11 @@ the batch size, k the lane's step counter and C = sum(context_i - k_i). The time
 steps is then a closed-form quadratic in n, and the next event is found by a heap
 (finishes) or by solving that quadratic (a timed arrival): O(log B) per event, no
 per-step loop. Pure Python scalars: for batches of tens to hundreds this beats numpy.
+
+``padded`` (jaxserve's shapes): a step runs ``Bp = pow2(B)`` rows and its attention loops to
+the batch's *longest* context M, while the pages it reads grow with the contexts cached; with
+``padded(Bp) -> (a, p, q)`` step j takes a + p*(M + j) + q*(C + B*(k + j)): still linear in j
+between events. ``per_seq`` adds host time per running sequence to every step.
 """
 
 from __future__ import annotations
@@ -21,14 +26,17 @@ from collections.abc import Callable
 class DecodeBatch:
     """Running requests of one lane; ``coeffs(batch) -> (a, b, c)`` gives the step model."""
 
-    __slots__ = ("B", "C", "coeffs", "heap", "k", "offsets")
+    __slots__ = ("B", "C", "coeffs", "heap", "k", "maxheap", "offsets", "padded", "per_seq")
 
-    def __init__(self, coeffs: Callable[[int], tuple[float, float, float]]) -> None:
+    def __init__(self, coeffs: Callable[[int], tuple[float, float, float]], *,
+                 padded: Callable[[int], tuple[float, float, float]] | None = None, per_seq: float = 0.0) -> None:
         self.coeffs = coeffs
+        self.padded, self.per_seq = padded, per_seq
         self.B = 0
         self.C = 0.0  # sum over running of (context - k at join)
         self.k = 0  # steps taken so far by this lane
         self.heap: list[tuple[int, int]] = []  # (finish step, rid)
+        self.maxheap: list[tuple[float, int]] = []  # padded: (-offset, rid), stale entries dropped lazily
         self.offsets: dict[int, float] = {}
 
     def admit(self, rid: int, context: int, steps: int) -> None:
@@ -38,11 +46,24 @@ class DecodeBatch:
         self.C += off
         self.B += 1
         heapq.heappush(self.heap, (self.k + steps, rid))
+        if self.padded is not None:
+            heapq.heappush(self.maxheap, (-off, rid))
 
     def _lin_quad(self) -> tuple[float, float]:
+        if self.padded is not None and self.B:
+            rows = 1
+            while rows < self.B:
+                rows *= 2
+            top = self.maxheap
+            while top[0][1] not in self.offsets:
+                heapq.heappop(top)
+            a, p, qs = self.padded(rows)
+            inc = p + qs * self.B
+            first = a + p * (self.k - top[0][0]) + qs * (self.C + self.B * self.k) + self.per_seq * self.B
+            return first - 0.5 * inc, 0.5 * inc
         a, b, c = self.coeffs(self.B)
         q = 0.5 * b * self.B
-        first = a + c * self.B + b * (self.C + self.B * self.k)
+        first = a + c * self.B + b * (self.C + self.B * self.k) + self.per_seq * self.B
         return first - q, q
 
     def time_of(self, n: int) -> float:

@@ -9,6 +9,15 @@ Formulas (profile header): prefill batch time = a + b*sum(l) + c*sum(l^2);
 decode step time = a + b*sum(context) + c*batch, with 'small' coefficients when
 batch < small_batch_threshold and 'large' ones otherwise.
 
+Engine costs (``EngineCosts``; all zero by default): what a real serving engine adds to the
+profiled model calls, and how it pads their shapes. jaxserve pads every call to power-of-two
+shapes (prefill tokens from 16, decode rows from 1); on the XLA path a packed prefill attends
+over the whole padded call (``T^2``, fitted as ``prefill_packed`` = a + b*T + c*T^2) and a
+decode step over rows x the batch's longest context. Per engine step, per executor call and
+per sequence it spends host time (scheduling, packing, sampling, the driver's round trip) that
+the profiler does not time; a disaggregated prefill puts each request's KV on the host inside
+its step, and the decode side writes it in between its steps.
+
 Pipeline stages (an assumption, the profile only covers pp=1): a pp-stage instance
 runs 1/pp of the layers per stage, so every term of the pp=1 time divides by pp per
 stage, plus sending the activations (hidden_size x 2 bytes per token) to the next
@@ -21,18 +30,68 @@ and 1/pp of the instance's KV capacity.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 from typing import Any
 
 from jaxserve.config import ModelConfig
 
+from .decode_batch import DecodeBatch
 from .errors import PlannerError
 
 DISAGG_ENGINE = "disaggregated_engine"
 DTYPE_BYTES = 2  # fp16/bf16 weights and KV, as in the profiled runs
 GPU_MEM_UTIL = 0.9  # share of device memory usable for weights + KV
 ACTIVATION_RESERVE_BYTES = 2 * 2**30  # per device, for activations and workspace
+
+
+def pow2_bucket(n: float, lo: int = 1) -> int:
+    """Smallest power of two >= max(n, lo): the padded size jaxserve compiles a step shape at."""
+    b = max(1, int(lo))
+    while b < n:
+        b *= 2
+    return b
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineCosts:
+    """What a serving engine adds to the profiled model calls (seconds), and how it pads shapes.
+
+    The defaults add nothing: the published-profile model. ``planner.engine_costs`` measures the
+    host costs for jaxserve (``python -m planner.profile --engine-costs``); ``step_s`` (a driver's
+    round trip) is not measured there.
+    """
+
+    padded: bool = False  # power-of-two shapes; packed prefill over T^2; decode over rows x longest context
+    min_tokens: int = 16  # smallest prefill / chunk token bucket
+    min_blocks: int = 4  # smallest blocks-per-sequence bucket (chunk calls)
+    block_size: int = 16
+    step_s: float = 0.0  # per engine step: scheduling, the driver's round trip
+    call_s: float = 0.0  # per executor call: packing inputs, sampling, reading the tokens back
+    seq_s: float = 0.0  # per sequence in a step: host bookkeeping, token delivery
+    kv_export: tuple[float, float] = (0.0, 0.0)  # disaggregated prefill, inside its step: a + b*tokens per request
+    kv_import: tuple[float, float] = (0.0, 0.0)  # decode side, between its steps (stalls the batch)
+    prefill_factor: float = 1.0  # in situ / profiled time of prefill work (packed and chunk calls, KV export)
+    decode_factor: float = 1.0  # in situ / profiled time of decode steps (and KV import)
+    dispatch_s: float = 0.0  # a new request reaches the instance this long after it arrives
+
+    @classmethod
+    def from_ms_entry(cls, d: dict[str, Any], *, where: str) -> EngineCosts:
+        """Parse a profile entry's ``engine_costs`` (ms; written by ``planner.profile --engine-costs``)."""
+        try:
+            return cls(padded=True, call_s=float(d["call_ms"]) / 1e3, seq_s=float(d["seq_ms"]) / 1e3,
+                       kv_export=(float(d["kv_export_ms"][0]) / 1e3, float(d["kv_export_ms"][1]) / 1e3),
+                       kv_import=(float(d["kv_import_ms"][0]) / 1e3, float(d["kv_import_ms"][1]) / 1e3))
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise PlannerError(f"{where}.engine_costs: expected call_ms, seq_ms, kv_export_ms [a, b], "
+                               f"kv_import_ms [a, b] ({e})") from e
+
+    def export_time(self, tokens: float) -> float:
+        return self.prefill_factor * (self.kv_export[0] + self.kv_export[1] * tokens) if any(self.kv_export) else 0.0
+
+    def import_time(self, tokens: float) -> float:
+        return self.decode_factor * (self.kv_import[0] + self.kv_import[1] * tokens) if any(self.kv_import) else 0.0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -44,10 +103,39 @@ class PhaseModel:
     decode_large: tuple[float, float, float]
     small_batch_threshold: int
     source: str = "profile"  # "profile" or "analytic"
+    # a + b*T + c*T^2 of one packed prefill call of T (padded) tokens, when the profile has it
+    prefill_packed: tuple[float, float, float] | None = None
+    engine_costs: EngineCosts | None = None  # the profiled engine's host costs, when measured
+    # per padded decode batch (rows): (rows, a, p, q), step = a + p * longest context + q * sum of contexts
+    decode_padded: tuple[tuple[int, float, float, float], ...] | None = None
 
     def prefill_time(self, sum_l: float, sum_l2: float) -> float:
         a, b, c = self.prefill
         return a + b * sum_l + c * sum_l2
+
+    def packed_time(self, tokens: float) -> float:
+        """One packed prefill call of ``tokens`` (already padded) tokens; falls back to ``prefill``."""
+        a, b, c = self.prefill_packed or self.prefill
+        return a + b * tokens + c * tokens * tokens
+
+    def padded_decode(self, rows: int) -> tuple[float, float, float]:
+        """(a, p, q) of one padded decode step of ``rows`` rows: a + p * longest context + q * sum of
+        contexts (seconds).
+
+        From ``decode_padded`` (linear between profiled row counts, extrapolated from the last two
+        beyond them), else from the a + b*sum(context) + c*batch form with c paid for every row."""
+        tab = self.decode_padded
+        if not tab:
+            a, b, c = self.decode_coeffs(rows)
+            return a + c * rows, 0.0, b
+        if len(tab) == 1 or rows <= tab[0][0]:
+            return tab[0][1:]
+        for lo, hi in itertools.pairwise(tab):
+            if rows <= hi[0] or hi is tab[-1]:
+                w = (rows - lo[0]) / (hi[0] - lo[0])
+                a, p, q = (x + w * (y - x) for x, y in zip(lo[1:], hi[1:], strict=True))
+                return a, max(0.0, p), max(0.0, q)
+        raise AssertionError("unreachable")
 
     def decode_coeffs(self, batch: int) -> tuple[float, float, float]:
         return self.decode_small if batch < self.small_batch_threshold else self.decode_large
@@ -65,7 +153,20 @@ class PhaseModel:
                 raise PlannerError(f"{where}: '{key}' must be a list of 3 numbers [a, b, c], got {v!r}")
             return (v[0] / 1e3, v[1] / 1e3, v[2] / 1e3)
         thr = entry.get("small_batch_threshold", 1 << 30)
-        return cls(coeffs("prefill"), coeffs("decode_small"), coeffs("decode_large"), int(thr))
+        packed = coeffs("prefill_packed") if "prefill_packed" in entry else None
+        ec = entry.get("engine_costs")
+        costs = EngineCosts.from_ms_entry(ec, where=where) if isinstance(ec, dict) else None
+        dp = entry.get("decode_padded")
+        table = None
+        if dp is not None:
+            if not (isinstance(dp, list) and dp and all(
+                    isinstance(r, list) and len(r) in (3, 4) and all(isinstance(x, (int, float)) for x in r)
+                    for r in dp)):
+                raise PlannerError(f"{where}: 'decode_padded' must be a list of [rows, a_ms, p_ms, q_ms], got {dp!r}")
+            table = tuple(sorted((int(r[0]), r[1] / 1e3, r[2] / 1e3, (r[3] if len(r) > 3 else 0.0) / 1e3)
+                                 for r in dp))
+        return cls(coeffs("prefill"), coeffs("decode_small"), coeffs("decode_large"), int(thr),
+                   prefill_packed=packed, engine_costs=costs, decode_padded=table)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +238,8 @@ class InstanceModel:
     phase: PhaseModel
     memory_gib: float
     stage_link_bw: float = 300e9  # bytes/s between pipeline stages
+    kv_tokens: int | None = None  # KV capacity in tokens, when known (an engine's configured cache)
+    costs: EngineCosts = EngineCosts()
 
     @property
     def devices(self) -> int:
@@ -145,23 +248,62 @@ class InstanceModel:
     def _hop(self, tokens: float) -> float:
         return tokens * self.model.hidden_size * DTYPE_BYTES / self.stage_link_bw
 
-    def prefill_stage_time(self, sum_l: float, sum_l2: float) -> float:
-        """Time one prefill batch occupies each pipeline stage (incl. the send onward)."""
-        t = self.phase.prefill_time(sum_l, sum_l2) / self.pp
+    def prefill_stage_time(self, sum_l: float, sum_l2: float, n: int = 1) -> float:
+        """Time one prefill batch (``n`` prompts) occupies each pipeline stage (incl. the send onward
+        and the engine's per-step, per-call and per-sequence costs)."""
+        k = self.costs
+        if k.padded:
+            t = self.phase.packed_time(pow2_bucket(sum_l, k.min_tokens)) / self.pp
+        else:
+            t = self.phase.prefill_time(sum_l, sum_l2) / self.pp
+        t = k.prefill_factor * (t + k.call_s + k.seq_s * n) + k.step_s
         return t + (self._hop(sum_l) if self.pp > 1 else 0.0)
 
+    def chunk_call_time(self, tokens: int, context: int) -> float:
+        """One prompt chunk of ``tokens`` after a cached prefix, ``context`` keys in all (no step cost).
+
+        Padded: the call is ``[1, Q]`` queries over ``blocks x block_size`` keys, both bucketed."""
+        k = self.costs
+        if k.padded:
+            a, b, c = self.phase.prefill_packed or self.phase.prefill
+            q = pow2_bucket(tokens, k.min_tokens)
+            keys = pow2_bucket(-(-context // k.block_size), k.min_blocks) * k.block_size
+            return k.prefill_factor * (a + b * q + c * q * keys + k.call_s)
+        _, b, c = self.phase.prefill
+        return k.prefill_factor * (b * tokens + c * tokens * context)
+
     def decode_lane_coeffs(self, batch: int) -> tuple[float, float, float]:
-        """(a, b, c) of one decode lane's step time: pp=1 time plus the (pp-1) hops."""
+        """(a, b, c) of one decode lane's step time: pp=1 time plus the (pp-1) hops, plus the
+        engine's per-step and per-call costs in ``a``."""
         a, b, c = self.phase.decode_coeffs(batch)
+        f = self.costs.decode_factor
+        a, b, c = f * (a + self.costs.call_s), f * b, f * c
         if self.pp > 1:
             c = c + (self.pp - 1) * self._hop(1.0)
-        return a, b, c
+        return a + self.costs.step_s, b, c
+
+    def padded_decode_coeffs(self, rows: int) -> tuple[float, float, float]:
+        """(a, p, q) of one padded decode step (``rows`` rows; p per token of the longest context, q per
+        context token in the batch), with the engine's per-step and per-call costs in ``a``."""
+        a, p, q = self.phase.padded_decode(rows)
+        f = self.costs.decode_factor
+        a, p, q = f * (a + self.costs.call_s), f * p, f * q
+        if self.pp > 1:
+            a += (self.pp - 1) * self._hop(rows)
+        return a + self.costs.step_s, p, q
+
+    def decode_batch(self) -> DecodeBatch:
+        """An empty decode batch with this instance's step model."""
+        return DecodeBatch(self.decode_lane_coeffs, padded=self.padded_decode_coeffs if self.costs.padded else None,
+                           per_seq=self.costs.decode_factor * self.costs.seq_s)
 
     def weight_bytes(self) -> float:
         return float(self.model.num_params()) * DTYPE_BYTES
 
     def kv_capacity_tokens(self) -> int:
-        """Tokens of KV the whole instance can hold after weights and workspace."""
+        """Tokens of KV the whole instance can hold after weights and workspace (or ``kv_tokens``)."""
+        if self.kv_tokens is not None:
+            return self.kv_tokens
         usable = self.devices * (self.memory_gib * 2**30 * GPU_MEM_UTIL - ACTIVATION_RESERVE_BYTES)
         free = usable - self.weight_bytes()
         return max(0, int(free // self.model.kv_bytes_per_token(DTYPE_BYTES)))

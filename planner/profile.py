@@ -4,13 +4,21 @@
     first tp*pp local devices  -->  ModelExecutor (pp=1) or PipelineExecutor (pp>1), init_kv
     prefill grid (n prompts x length l)   --StepShape(T, R, packed) bucketed as the engine does-->  ms
     decode grid  (batch B x context c)    --StepShape(B, B, False, ((B, 1, MB),))-------------->  ms
-       each shape: one warm-up call (compile excluded), then the median of --repeats timed calls
-       (executor.execute + jax.block_until_ready; host packing not timed)
+      + mixed decodes (one context c among B-1 of the shortest), same shapes ----------------->  ms
+       each shape: one warm-up call (compile excluded), then the median (or --stat min) of --repeats
+       timed calls per pass, over --passes walks of the grid (executor.execute +
+       jax.block_until_ready; host packing not timed)
     samples --planner.fit.fit_prefill / fit_decode (least squares; a fit with a negative coefficient
             is redone with it held at 0, as the simulator needs positive times)--> coefficients (ms)
             --planner.fit.write_profile--> profile JSON (DistServe format) under --engine
             (and, by default, the same entry under --colocated-engine so ``python -m planner`` finds
             a colocated baseline: our colocated engine issues the same executor calls)
+    samples --fit_packed_prefill--> prefill_packed [a, b, c]: a + b*T + c*T^2 of one packed call of T
+            padded tokens (the engine's own shapes: XLA attends over the whole packed call)
+            --fit_padded_decode--> decode_padded [[rows, a, p, q]]: a + p*longest context + q*sum of
+            contexts per padded row count
+    --engine-costs: planner.engine_costs runs LLMEngine in-process and measures the host ms per call
+            and per sequence around those calls, and the KV export/import ms per request (engine_costs)
     stdout: fit error (RMSE ms, max relative error) and a small measured-vs-fitted table
 
 Coefficient semantics are those of ``configs/profiles/a100_80g.json``: prefill batch ms =
@@ -70,6 +78,7 @@ class Grid:
     max_kv_tokens: int = 32768  # cap on sum(context) of a decode step (sizes the KV pages)
     repeats: int = 3
     stat: str = "median"  # of the repeats: "median" or "min" (min resists a busy host's noise)
+    passes: int = 1  # times the whole grid is walked; the stat is over every pass's repeats
     block_size: int = 16
     max_num_seqs: int = 64  # the engine's batch limit (sets the shape buckets, as LLMEngine does)
 
@@ -80,6 +89,13 @@ class Grid:
     def decode_points(self, max_len: int) -> list[list[int]]:
         return [[c] * b for c in sorted(set(self.decode_contexts)) for b in sorted(set(self.decode_batches))
                 if c <= max_len and b * c <= self.max_kv_tokens and b <= self.max_num_seqs]
+
+    def mixed_decode_points(self, max_len: int) -> list[list[int]]:
+        """One long context among short ones (the shortest profiled): separates what a decode step pays
+        per row up to the longest context from what it pays per context token actually cached."""
+        short = min(self.decode_contexts)
+        return [[c] + [short] * (b - 1) for c in sorted(set(self.decode_contexts)) if short < c <= max_len
+                for b in sorted(set(self.decode_batches)) if 1 < b <= self.max_num_seqs]
 
 
 @dataclasses.dataclass
@@ -157,10 +173,17 @@ def build_parser() -> argparse.ArgumentParser:
                     help="engine batch limit; the shape buckets follow LLMEngine's for this limit")
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=3, help="timed calls per shape (median)")
+    ap.add_argument("--passes", type=int, default=1,
+                    help="walk the whole grid this many times and take the statistic over every pass's repeats "
+                         "(a burst of other work on a shared host then spoils at most one pass)")
     ap.add_argument("--stat", default="median", choices=["median", "min"],
                     help="statistic over the repeats (min resists noise from other work on the host)")
     ap.add_argument("--small-batch-threshold", type=int, default=95)
     ap.add_argument("--seed", type=int, default=0, help="random weights / token ids")
+    ap.add_argument("--engine-costs", action="store_true",
+                    help="also run the engine in-process (tp=1, pp=1) and measure what its steps add to the model "
+                         "calls: host ms per call and per sequence, KV export/import ms per request (a + b*tokens); "
+                         "stored as the entry's engine_costs (planner.engine_costs)")
     ap.add_argument("--no-progress", action="store_true")
     return ap
 
@@ -243,8 +266,8 @@ def _device_memory_gib(dev: Any, n_devices: int) -> float:
         return 0.0
 
 
-def _time_ms(call: Callable[[], Any], repeats: int, stat: str = "median") -> float:
-    """Median (or min) wall time of ``repeats`` calls, each waited on with ``jax.block_until_ready``."""
+def _times_ms(call: Callable[[], Any], repeats: int) -> list[float]:
+    """Wall times (ms) of ``repeats`` calls, each waited on with ``jax.block_until_ready``."""
     import jax
 
     times = []
@@ -252,7 +275,7 @@ def _time_ms(call: Callable[[], Any], repeats: int, stat: str = "median") -> flo
         t0 = time.perf_counter()
         jax.block_until_ready(call())
         times.append((time.perf_counter() - t0) * 1e3)
-    return float(min(times) if stat == "min" else statistics.median(times))
+    return times
 
 
 def nonnegative_fit(x: Any, y: Any) -> Fit:
@@ -320,11 +343,43 @@ def fit_nonnegative(pre_samples: Sequence[Sample], dec_samples: Sequence[Sample]
     return pre, dec, refit
 
 
+def fit_packed_prefill(samples: Sequence[tuple[int, float]]) -> Fit:
+    """Non-negative fit of one packed prefill call: ms = a + b*T + c*T^2, T the padded token count.
+
+    On the XLA path a packed call attends over all its T tokens (block-diagonal mask over
+    ``[T, T]``), so its time depends on the padded T, not on how the prompts split it."""
+    x = [[1.0, float(t), float(t) * t] for t, _ in samples]
+    return nonnegative_fit(x, [ms for _, ms in samples])
+
+
+def fit_padded_decode(samples: Sequence[tuple[int, int, int, float]]) -> dict[int, Fit]:
+    """Per padded decode batch (rows), a non-negative fit of ms = a + p * M + q * S from
+    (rows, M = longest context, S = sum of contexts, ms) samples.
+
+    jaxserve runs a decode step at a power-of-two row count and its attention loops over every row
+    up to the batch's longest context (p, per row count), while the pages it really reads grow with
+    the contexts actually cached (q; shorter rows read the null block). The a + b*sum(context) +
+    c*batch form misses how the cost bends with the batch (the weights are read once per step,
+    whatever the rows). Row counts with fewer than 2 distinct M are left out; where every sample has
+    S = rows * M (uniform contexts, or one row) the fit has q = 0."""
+    by_rows: dict[int, list[tuple[int, int, float]]] = {}
+    for rows, m, total, ms in samples:
+        by_rows.setdefault(rows, []).append((m, total, ms))
+    out = {}
+    for rows, pts in sorted(by_rows.items()):
+        if len({m for m, _, _ in pts}) < 2:
+            continue
+        mixed = any(total != rows * m for m, total, _ in pts) and rows > 1
+        x = [[1.0, float(m), float(total) if mixed else 0.0] for m, total, _ in pts]
+        out[rows] = nonnegative_fit(x, [ms for _, _, ms in pts])
+    return out
+
+
 def profile_model(cfg: ModelConfig, params: Any, *, tp: int = 1, pp: int = 1, grid: Grid = Grid(),
                   out: str | Path = "profile.json", model_key: str | None = None, engine: str = DISAGG_ENGINE,
                   colocated_engine: str | None = COLOCATED_ENGINE, attention: str = "auto",
                   small_batch_threshold: int = 95, seed: int = 0, full_layers: int | None = None,
-                  progress: bool = True) -> ProfileResult:
+                  progress: bool = True, engine_costs: bool = False) -> ProfileResult:
     """Time the grid on the first tp*pp local devices, fit, and merge the entry into ``out``."""
     import jax
     import numpy as np
@@ -342,6 +397,8 @@ def profile_model(cfg: ModelConfig, params: Any, *, tp: int = 1, pp: int = 1, gr
         check_tp(cfg, tp)
     except ValueError as e:
         raise PlannerError(str(e)) from e
+    if engine_costs and (tp, pp) != (1, 1):
+        raise PlannerError("--engine-costs measures a tp=1, pp=1 instance")
     if pp > cfg.num_hidden_layers:
         raise PlannerError(f"pp={pp} stages need at least {pp} layers, the model has {cfg.num_hidden_layers}")
     devices = jax.local_devices()
@@ -349,7 +406,7 @@ def profile_model(cfg: ModelConfig, params: Any, *, tp: int = 1, pp: int = 1, gr
         raise PlannerError(f"tp={tp} x pp={pp} needs {tp * pp} local devices, found {len(devices)} "
                            f"{devices[0].platform} device(s) (on CPU set XLA_FLAGS="
                            f"--xla_force_host_platform_device_count={tp * pp} before starting)")
-    for name in ("repeats", "block_size", "max_num_seqs", "max_tokens", "max_kv_tokens"):
+    for name in ("repeats", "passes", "block_size", "max_num_seqs", "max_tokens", "max_kv_tokens"):
         if getattr(grid, name) < 1:
             raise PlannerError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(grid, name)}")
     if grid.stat not in ("median", "min"):
@@ -398,23 +455,45 @@ def profile_model(cfg: ModelConfig, params: Any, *, tp: int = 1, pp: int = 1, gr
     warmed: set[StepShape] = set()
     pre_samples: list[Sample] = []
     dec_samples: list[Sample] = []
-    bar = tqdm(total=len(pre_pts) + len(dec_pts), desc="profiling", unit="shape", file=sys.stderr,
-               disable=not progress)
-    # prefill first: its writes fill the pages the decode steps then read
-    for decode, points, samples in ((False, pre_pts, pre_samples), (True, dec_pts, dec_samples)):
-        for lens in points:
-            shape = shape_of(lens, decode)
-            inputs: StepInputs = build_step_inputs([chunks(lens, decode)], shape, bs)
-            bar.set_postfix_str(f"{'decode' if decode else 'prefill'} {len(lens)}x{lens[0]}")
-            if shape not in warmed:  # compile outside the timing
-                jax.block_until_ready(executor.execute(inputs))
-                warmed.add(shape)
-            samples.append((list(lens), _time_ms(lambda i=inputs: executor.execute(i), grid.repeats,
-                                                     grid.stat)))
-            bar.update()
+    mix_samples: list[Sample] = []
+    mix_pts = grid.mixed_decode_points(max_len)
+    groups = ((False, pre_pts, pre_samples), (True, dec_pts, dec_samples), (True, mix_pts, mix_samples))
+    bar = tqdm(total=grid.passes * (len(pre_pts) + len(dec_pts) + len(mix_pts)), desc="profiling", unit="shape",
+               file=sys.stderr, disable=not progress)
+    # prefill first: its writes fill the pages the decode steps then read. Several passes spread each
+    # shape's repeats over the run, so a burst of other work on the host spoils at most one pass.
+    times: dict[tuple[int, int], list[float]] = {}
+    for _ in range(grid.passes):
+        for g, (decode, points, _samples) in enumerate(groups):
+            for k, lens in enumerate(points):
+                shape = shape_of(lens, decode)
+                inputs: StepInputs = build_step_inputs([chunks(lens, decode)], shape, bs)
+                bar.set_postfix_str(f"{'decode' if decode else 'prefill'} {len(lens)}x{lens[0]}")
+                if shape not in warmed:  # compile outside the timing
+                    jax.block_until_ready(executor.execute(inputs))
+                    warmed.add(shape)
+                times.setdefault((g, k), []).extend(_times_ms(lambda i=inputs: executor.execute(i), grid.repeats))
+                bar.update()
     bar.close()
+    for g, (_decode, points, samples) in enumerate(groups):
+        for k, lens in enumerate(points):
+            t = times[(g, k)]
+            samples.append((list(lens), float(min(t) if grid.stat == "min" else statistics.median(t))))
 
     pre_fit, dec_fit, refit = fit_nonnegative(pre_samples, dec_samples, small_batch_threshold)
+    packed_fit = fit_packed_prefill([(shape_of(ls, False).num_tokens, t) for ls, t in pre_samples])
+    padded_dec = fit_padded_decode([(shape_of(ls, True).num_tokens, max(ls), sum(ls), t)
+                                    for ls, t in dec_samples + mix_samples])
+    costs = None
+    if engine_costs:
+        from .engine_costs import measure_engine_costs
+
+        bar = tqdm(total=1, desc="engine costs", file=sys.stderr, disable=not progress)
+        costs = measure_engine_costs(cfg, params, used[0], block_size=bs, max_num_seqs=grid.max_num_seqs,
+                                     max_model_len=min(max_len, grid.max_tokens), token_budget=grid.max_tokens,
+                                     repeats=grid.repeats, seed=seed)
+        bar.update()
+        bar.close()
     dev = used[0]
     hardware = {"name": dev.device_kind, "platform": dev.platform,
                 "memory_gib": _device_memory_gib(dev, len(devices)), "profiled_devices": tp * pp}
@@ -423,7 +502,9 @@ def profile_model(cfg: ModelConfig, params: Any, *, tp: int = 1, pp: int = 1, gr
     profiled = {"layers": cfg.num_hidden_layers, "model_layers": full_layers or cfg.num_hidden_layers,
                 "tp": tp, "pp": pp, "dtype": cfg.dtype, "attention": attention, "device_kind": dev.device_kind,
                 "platform": dev.platform, "block_size": bs, "max_num_seqs": grid.max_num_seqs,
-                "repeats": grid.repeats, "stat": grid.stat, "prefill_samples": len(pre_samples), "decode_samples": len(dec_samples),
+                "repeats": grid.repeats, "passes": grid.passes, "stat": grid.stat,
+                "prefill_samples": len(pre_samples), "decode_samples": len(dec_samples),
+                "decode_mixed_samples": len(mix_samples),
                 "nonnegative_refit": refit}
     engines = [engine] + ([colocated_engine] if colocated_engine and colocated_engine != engine else [])
     for eng in engines:
@@ -451,8 +532,17 @@ def profile_model(cfg: ModelConfig, params: Any, *, tp: int = 1, pp: int = 1, gr
             "prefill_n": pre_fit.n, "decode_small_n": dec_fit["decode_small"].n,
             "decode_large_n": dec_fit["decode_large"].n})
         entry["profiled"] = profiled
+        entry["prefill_packed"] = list(packed_fit.coeffs)
+        if padded_dec:
+            entry["decode_padded"] = [[rows, *f.coeffs] for rows, f in padded_dec.items()]
+            entry["fit_error"]["decode_padded_max_rel_err"] = max(f.max_rel_err for f in padded_dec.values())
+        entry["fit_error"].update({"prefill_packed_rmse_ms": packed_fit.rmse_ms,
+                                   "prefill_packed_max_rel_err": packed_fit.max_rel_err})
+        if costs is not None:
+            entry["engine_costs"] = costs
         entry["samples"] = {"prefill": [[len(ls), ls[0], round(t, 4)] for ls, t in pre_samples],
                             "decode": [[len(ls), ls[0], round(t, 4)] for ls, t in dec_samples],
+                            "decode_mixed": [[len(ls), ls[0], ls[-1], round(t, 4)] for ls, t in mix_samples],
                             "columns": "[batch, length (prompt or context) of each request, median ms]"}
     out.write_text(json.dumps(doc, indent=1))
     return ProfileResult(key, tp, pp, pre_fit, dec_fit, pre_samples, dec_samples, entry, out, engines)
@@ -483,6 +573,21 @@ def format_report(r: ProfileResult) -> str:
     a, b, c = r.prefill.coeffs
     lines.append(f"prefill ms = {a:.4g} + {b:.4g}*sum(l) + {c:.4g}*sum(l^2)   RMSE {r.prefill.rmse_ms:.3f} ms, "
                  f"max rel err {r.prefill.max_rel_err:.1%} over {r.prefill.n} samples")
+    if "prefill_packed" in r.entry:
+        a, b, c = r.entry["prefill_packed"]
+        err = r.entry["fit_error"]
+        lines.append(f"prefill_packed ms = {a:.4g} + {b:.4g}*T + {c:.4g}*T^2 (T: padded tokens of the call)   RMSE "
+                     f"{err['prefill_packed_rmse_ms']:.3f} ms, max rel err {err['prefill_packed_max_rel_err']:.1%}")
+    if "decode_padded" in r.entry:
+        rows = ", ".join(f"{int(b)}: {a:.3g} + {p_:.3g}*M + {q:.3g}*S" for b, a, p_, q in r.entry["decode_padded"])
+        lines.append(f"decode_padded ms per padded batch (M: longest context, S: sum of contexts) {rows}   max rel err "
+                     f"{r.entry['fit_error']['decode_padded_max_rel_err']:.1%}")
+    ec = r.entry.get("engine_costs")
+    if ec:
+        lines.append(f"engine costs: host {ec['call_ms']:.3g} ms/call + {ec['seq_ms']:.3g} ms/sequence (decode), "
+                     f"{ec['prefill_call_ms']:.3g} + {ec['prefill_seq_ms']:.3g}/prompt (prefill); KV export "
+                     f"{ec['kv_export_ms'][0]:.3g} + {ec['kv_export_ms'][1]:.3g}*tokens ms, import "
+                     f"{ec['kv_import_ms'][0]:.3g} + {ec['kv_import_ms'][1]:.3g}*tokens ms")
     seen: set[int] = set()
     for name in ("decode_small", "decode_large"):
         f = r.decode[name]
@@ -532,11 +637,12 @@ def main(argv: list[str] | None = None) -> int:
         grid = Grid(prefill_batches=a.prefill_batches, prefill_lens=a.prefill_lens,
                     decode_batches=a.decode_batches, decode_contexts=a.decode_contexts, max_tokens=a.max_tokens,
                     max_kv_tokens=a.max_kv_tokens, repeats=a.repeats, block_size=a.block_size,
-                    max_num_seqs=a.max_num_seqs, stat=a.stat)
+                    max_num_seqs=a.max_num_seqs, stat=a.stat, passes=a.passes)
         result = profile_model(cfg, params, tp=a.tp, pp=a.pp, grid=grid, out=a.out, model_key=a.model_key or key,
                                engine=a.engine, colocated_engine=a.colocated_engine or None,
                                attention=a.attention, small_batch_threshold=a.small_batch_threshold,
-                               seed=a.seed, full_layers=full, progress=not a.no_progress)
+                               seed=a.seed, full_layers=full, progress=not a.no_progress,
+                               engine_costs=a.engine_costs)
         print(format_report(result))
         for w in fit_warnings(result):
             print(f"warning: {w}", file=sys.stderr)

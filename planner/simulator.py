@@ -8,6 +8,10 @@
             continuous batching, limited by KV capacity and batch size; FCFS pull admission
       --> SimResult: per-request timestamps -> TTFT, TPOT, five-stage breakdown
 
+Engine costs (``InstanceModel.costs``, zero by default): a prefill step also pays each prompt's
+KV export, and a decode lane stalls for each KV import before the request joins (a pulled
+hand-off that the decode instance itself writes, as jaxserve's Ray actors do).
+
 Lifecycle per request: arrival -> prefill_start -> prefill_end (first token) ->
 decode_admit (KV reserved on decode, transfer starts) -> decode_start (transfer done,
 joined the batch at the next step boundary) -> finish. A request with output_len 1
@@ -30,7 +34,6 @@ import numpy as np
 
 from jaxserve import slo
 
-from .decode_batch import DecodeBatch
 from .latency import InstanceModel, kv_transfer_time
 from .workload import Requests
 
@@ -89,7 +92,7 @@ class PrefillInstance:
     def __init__(self, inst: InstanceModel, reqs: Requests, out: SimResult, *,
                  token_budget: int = 2048, max_batch: int = 256) -> None:
         self.inst, self.out = inst, out
-        self.arr = reqs.arrival.tolist()
+        self.arr = (reqs.arrival + inst.costs.dispatch_s).tolist()  # when the instance sees each request
         self.plen = reqs.prompt_len.tolist()
         self.budget, self.max_batch = token_budget, max_batch
         self.stage_free = [0.0] * inst.pp
@@ -117,7 +120,9 @@ class PrefillInstance:
                 tokens += plen[r]
                 sq += plen[r] * plen[r]
             self.queued_tokens -= tokens
-            d = self.inst.prefill_stage_time(tokens, sq)
+            d = self.inst.prefill_stage_time(tokens, sq, len(batch))
+            if any(self.inst.costs.kv_export):  # each prompt's KV to the host, inside the step
+                d += sum(self.inst.costs.export_time(plen[r]) for r in batch)
             f = s
             for k in range(len(stage_free)):
                 f = max(f, stage_free[k]) + d
@@ -135,7 +140,8 @@ class DecodeLane:
         self.out, self.ready, self.transfer = out, ready, transfer
         self.plen, self.olen = reqs.prompt_len, reqs.output_len
         self.capacity, self.max_batch = capacity, max_batch
-        self.batch = DecodeBatch(inst.decode_lane_coeffs)
+        self.batch = inst.decode_batch()
+        self.costs = inst.costs
         self.t = 0.0
         self.reserved = 0
         self.pending_need = 0
@@ -165,9 +171,10 @@ class DecodeLane:
             self.reserved += need
             out.decode_admit[rid] = t
             heapq.heappush(self.joining, (t + self.transfer[rid], rid))
-        while self.joining and self.joining[0][0] <= t + 1e-12:
+        while self.joining and self.joining[0][0] <= self.t + 1e-12:
             _, rid = heapq.heappop(self.joining)
-            out.decode_start[rid] = t
+            self.t += self.costs.import_time(int(self.plen[rid]))  # the KV write stalls this lane
+            out.decode_start[rid] = self.t
             self.batch.admit(rid, int(self.plen[rid]) + 1, int(self.olen[rid]) - 1)
 
     def _next_external(self) -> float:

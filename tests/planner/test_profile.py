@@ -118,3 +118,19 @@ def test_negative_coefficients_are_refit_at_zero():
     x = np.array([[1, 1, 1], [1, 2, 4], [1, 3, 9], [1, 5, 2]], float)
     f = nonnegative_fit(x, x @ np.array([1.0, 3.0, 2.0]))
     assert np.allclose(f.coeffs, (1, 3, 2)) and f.rmse_ms < 1e-9
+
+
+def test_profile_has_the_padded_engine_model(profiled):
+    _, text, out = profiled
+    entry = json.loads(out.read_text())["engines"][DISAGG_ENGINE][KEY]["tp1"]
+    # a packed prefill call over its padded tokens, and a decode step per padded row count
+    assert len(entry["prefill_packed"]) == 3 and min(entry["prefill_packed"]) >= 0
+    rows = [r[0] for r in entry["decode_padded"]]
+    assert rows == sorted(rows) and set(rows) <= {1, 2, 4}
+    assert all(len(r) == 4 and min(r[1:]) >= 0 for r in entry["decode_padded"])
+    # one long context among short ones, for every batch > 1
+    assert [b for b, *_ in entry["samples"]["decode_mixed"]] == [2, 4]
+    assert entry["profiled"]["passes"] == 1 and "engine_costs" not in entry
+    assert "prefill_packed ms" in text and "decode_padded ms" in text
+    ph = load_profile(out).phase(DISAGG_ENGINE, KEY, 1)
+    assert ph.prefill_packed is not None and ph.decode_padded is not None and ph.engine_costs is None
