@@ -32,6 +32,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -165,8 +166,29 @@ class PhaseModel:
                 raise PlannerError(f"{where}: 'decode_padded' must be a list of [rows, a_ms, p_ms, q_ms], got {dp!r}")
             table = tuple(sorted((int(r[0]), r[1] / 1e3, r[2] / 1e3, (r[3] if len(r) > 3 else 0.0) / 1e3)
                                  for r in dp))
-        return cls(coeffs("prefill"), coeffs("decode_small"), coeffs("decode_large"), int(thr),
-                   prefill_packed=packed, engine_costs=costs, decode_padded=table)
+        pm = cls(coeffs("prefill"), coeffs("decode_small"), coeffs("decode_large"), int(thr),
+                 prefill_packed=packed, engine_costs=costs, decode_padded=table)
+        pm.check(where)
+        return pm
+
+    def check(self, where: str) -> None:
+        """Raise a PlannerError if the coefficients give a non-finite or non-positive step time
+        anywhere in the range the simulator uses (a bad fit, e.g. a negative decode slope, would
+        otherwise surface as a crash or a nonsense plan deep inside the search). Single
+        coefficients may be negative (the published A100 prefill c is); the step times may not."""
+        for n in (1, 16, 128, 512, 2048):
+            t = self.prefill_time(n, n * n)
+            if not (math.isfinite(t) and t > 0):
+                raise PlannerError(f"{where}: the prefill model gives {t * 1e3:.4g} ms for one {n}-token "
+                                   "prompt; a step time must be positive (check the 'prefill' coefficients)")
+        for batch in sorted({1, 2, 8, max(1, self.small_batch_threshold - 1),
+                             min(self.small_batch_threshold, 1024), 256, 1024}):
+            for ctx in (1, 512, 2048):
+                t = self.decode_time(batch * ctx, batch)
+                if not (math.isfinite(t) and t > 0):
+                    raise PlannerError(
+                        f"{where}: the decode model gives {t * 1e3:.4g} ms for a step of {batch} sequences of "
+                        f"{ctx} tokens; a step time must be positive (check 'decode_small'/'decode_large')")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -36,6 +36,26 @@ def test_bad_profile_json_is_a_planner_error(tmp_path):
         load_profile(bad)
 
 
+@pytest.mark.parametrize("field,coeffs,msg", [
+    ("decode_small", [5.0, -0.01, 0.1], "decode model gives -?[0-9.]+ ms for a step of"),  # a negative slope
+    ("decode_large", [float("nan"), 0.0, 0.1], "decode model gives nan ms"),
+    ("prefill", [-50.0, 0.01, 0.0], "prefill model gives -?[0-9.]+ ms for one 1-token prompt"),
+])
+def test_profile_coefficients_giving_impossible_step_times_are_refused(tmp_path, field, coeffs, msg):
+    import json
+
+    entry = {"prefill": [10.0, 0.05, 1e-6], "decode_small": [5.0, 0.001, 0.1], "decode_large": [8.0, 0.001, 0.1],
+             "small_batch_threshold": 95}
+    entry[field] = coeffs
+    bad = tmp_path / "p.json"
+    bad.write_text(json.dumps({"engines": {"e": {"opt-13b": {"tp1": entry}}}}))
+    with pytest.raises(PlannerError, match=f"engines.e.opt-13b.tp1: the {msg}"):
+        load_profile(bad)
+    entry[field] = {"prefill": [10.0, 0.05, 1e-6]}.get(field, [5.0, 0.001, 0.1])
+    bad.write_text(json.dumps({"engines": {"e": {"opt-13b": {"tp1": entry}}}}))
+    assert load_profile(bad).phase("e", "opt-13b", 1) is not None
+
+
 @pytest.mark.parametrize("tp", [2, 3, 4, 8])
 def test_analytic_model_tracks_the_a100_profile_for_opt66b(tp):
     m = model_preset("opt-66b", dtype="float16")
