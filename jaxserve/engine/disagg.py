@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from jaxserve.engine.engine import LLMEngine, StepOutput
+from jaxserve.engine.executor import compile_count
 from jaxserve.engine.kv_transfer import KVTransport, LocalTransport
 from jaxserve.request import Event, FinishReason, Request
 
@@ -48,17 +49,22 @@ class DisaggEngine:
         self.where: dict[str, LLMEngine] = {}
         self.num_transfers = 0
         self._pool: ThreadPoolExecutor | None = None  # one thread per instance, made on first use
+        self._compiles_at_warmup: int | None = None
 
     @property
     def instances(self) -> list[LLMEngine]:
         return [*self.prefills, *self.decodes]
 
     def warmup(self) -> int:
-        return sum(e.warmup() for e in self.instances)
+        n = sum(e.warmup() for e in self.instances)
+        self._compiles_at_warmup = compile_count()  # process-wide: after every instance's warm-up
+        return n
 
     @property
     def compilations_since_warmup(self) -> int:
-        return self.prefills[0].compilations_since_warmup  # the counter is process-wide
+        if self._compiles_at_warmup is None:
+            raise RuntimeError("warmup() has not run")
+        return compile_count() - self._compiles_at_warmup
 
     def check_request(self, request: Request) -> None:
         for e in (self.prefills[0], *self.decodes):

@@ -23,10 +23,11 @@ from typing import Any
 import jax
 
 from jaxserve.config import ConfigError, EngineConfig, ModelConfig
-from jaxserve.engine.block_manager import BlockManager, blocks_needed
+from jaxserve.engine.block_manager import NULL_BLOCK, BlockManager, blocks_needed
 from jaxserve.engine.executor import ModelExecutor, compile_count, kv_bytes_per_block
 from jaxserve.engine.runner import Buckets, Runner
 from jaxserve.engine.scheduler import Scheduler, Sequence
+from jaxserve.model.inputs import pow2_buckets
 from jaxserve.model.sampling import new_seed
 from jaxserve.request import Event, FinishReason, Request
 from jaxserve.stopping import token_finish_reason
@@ -102,6 +103,13 @@ class LLMEngine:
         """Compile every step shape; returns how many. Serving afterwards compiles nothing new."""
         self.num_warmup_shapes = self.runner.warmup(
             decode=self.policy != "prefill-only", prefill=True, chunks=self.policy == "chunked")
+        if self.config.mode in ("prefill", "decode"):  # the KV hand-off's gather / scatter, per block bucket
+            for b in pow2_buckets(1, blocks_needed(self.max_model_len, self.config.block_size)):
+                blocks = self.executor.gather_blocks([NULL_BLOCK] * b)
+                if self.config.mode == "decode":  # writes the null block onto itself
+                    self.executor.scatter_blocks([NULL_BLOCK] * b, blocks)
+                jax.block_until_ready(blocks)
+                self.num_warmup_shapes += 1
         self._compiles_at_warmup = compile_count()
         return self.num_warmup_shapes
 
@@ -147,7 +155,8 @@ class LLMEngine:
 
     @property
     def num_queued_tokens(self) -> int:
-        """Prompt tokens not yet prefilled here (the orchestrator's prefill dispatch key)."""
+        """Tokens this instance still has to compute for its current requests: prompt tokens not yet
+        prefilled, plus one per decoding sequence (the dispatch key: balances prompt work and batch size)."""
         return sum(s.num_tokens - s.num_computed for s in [*self.scheduler.waiting, *self.scheduler.running])
 
     # ---- disaggregation ----------------------------------------------------------------------

@@ -112,3 +112,17 @@ def test_abort_at_every_stage_leaks_nothing(tiny, workload):
     assert all(r.finish_reason == FinishReason.ABORT for r in reqs)
     p.blocks.check_invariants()
     d.blocks.check_invariants()
+
+
+def test_no_compilation_after_warmup_including_kv_hand_offs(tiny, workload):
+    """tp2 prefill -> tp1 decode: after warmup() (steps and every hand-off block bucket), serving the mixed
+    workload compiles nothing new, and its tokens are HF's."""
+    _, _, cfg, params, _ = tiny
+    _, _, refs = workload
+    eng = build_local(cfg, params, [_cfg("prefill", 2, max_model_len=384, max_num_seqs=8),
+                                    _cfg("decode", max_model_len=384, max_num_seqs=8)], jax.devices())
+    eng.warmup()
+    trackers = run_requests(eng, _reqs(workload, "warm"))
+    assert eng.compilations_since_warmup == 0
+    assert [t.token_ids for t in trackers] == [refs[i] for i in PICK]
+    assert eng.num_transfers > 0 and all(v == 0 for v in eng.held_blocks().values())
