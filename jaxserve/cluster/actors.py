@@ -4,15 +4,15 @@
         runtime_env: XLA_FLAGS=--xla_force_host_platform_device_count=tp*pp, JAX_PLATFORMS=cpu
         __init__: load_model(folder, dtype) -> LLMEngine(cfg, params, config) on the actor's own devices
 
-    driver Request --pickled--> actor copy (add_request / admit); the actor's engine stamps events
+    driver Request --pickled--> actor copy (add_request / admit_import); the actor's engine stamps events
         and appends tokens on its copy; every mutating method answers a ``Reply``:
             value (method result), updates (per request: events and tokens new since the last
             reply, finish reason, the fixed seed), stats (free/held blocks, queued tokens)
         --> the driver appends the updates to its own Request objects, so they stay true.
 
-    KV: export_kv(request id) -> ``KVPayload`` (numpy per layer, host arrays) --Ray object store-->
-        import_kv(request id, dst block ids, payload) on another actor (re-paged there if the
-        block sizes differ). Only numpy crosses, never ``jax.Array`` (see FACTS.md: 64 MiB numpy
+    KV: step(export=True) puts export_kv(request id) -> ``KVPayload`` (numpy per layer, host arrays)
+        in the Ray object store --> admit_import(request, payload) on a decode actor (admit if
+        there is room, write the KV, re-paged there if the block sizes differ). Only numpy crosses, never ``jax.Array`` (see FACTS.md: 64 MiB numpy
         moves in ms, a jax.Array takes over a second).
 
 ``InstanceActor`` is a plain class (usable in-process for tests); ``start_instance`` wraps it
@@ -177,15 +177,6 @@ class InstanceActor:
         return InstanceStats(self.name, e.num_free_blocks, e.num_held_blocks, e.num_queued_tokens,
                              len(e.ready), e.has_unfinished())
 
-    def check_request(self, request: Request) -> None:
-        self.engine.check_request(request)
-
-    def can_admit(self, request: Request) -> bool:
-        return self.engine.can_admit(request)
-
-    def take_ready(self) -> list[str]:
-        return self.engine.take_ready()
-
     def warmup(self) -> int:
         return self.engine.warmup()
 
@@ -240,18 +231,6 @@ class InstanceActor:
         self._exported.discard(request_id)
         return self._reply(self.engine.abort_request(request_id, reason))
 
-    def admit(self, request: Request) -> Reply:
-        """Decode role: take in a prefilled request; value = the block ids its KV goes to."""
-        dst = self.engine.admit(request)
-        self._track(request)
-        return self._reply(dst)
-
-    def try_admit(self, request: Request) -> Reply:
-        """Decode role: ``admit`` if there is room (``can_admit``), else value None; one round trip."""
-        if not self.engine.can_admit(request):
-            return self._reply(None)
-        return self.admit(request)
-
     def admit_import(self, request: Request, payload: KVPayload, source: str = "") -> Reply:
         """Decode role, one call per hand-off: if there is room, admit the request and write its KV
         (stamping transfer ended and decode queued here, in this actor's clock order); value = bytes
@@ -261,7 +240,7 @@ class InstanceActor:
         dst = self.engine.admit(request)
         self._track(request)
         try:
-            self.import_kv(request.request_id, dst, payload)
+            self._write_kv(request.request_id, dst, payload)
         except BaseException:
             self.engine.abort_request(request.request_id, FinishReason.ERROR)
             self._tracked.pop(request.request_id, None)
@@ -270,8 +249,8 @@ class InstanceActor:
         request.stamp(Event.DECODE_QUEUED, instance=self.name)
         return self._reply(payload.nbytes)
 
-    def import_kv(self, request_id: str, block_ids: Sequence[int], payload: KVPayload) -> Reply:
-        """Decode role: write transferred KV into the blocks ``admit`` gave (re-paged if block sizes differ)."""
+    def _write_kv(self, request_id: str, block_ids: Sequence[int], payload: KVPayload) -> None:
+        """Write transferred KV into the blocks ``admit`` gave (re-paged if block sizes differ)."""
         from jaxserve.engine.block_manager import blocks_needed
         from jaxserve.engine.kv_transfer import import_kv, repage
 
@@ -285,7 +264,6 @@ class InstanceActor:
         if payload.block_size != e.config.block_size:
             layers = repage(layers, payload.num_tokens, e.config.block_size, n_dst)
         import_kv(e.executor, list(block_ids[:n_dst]), layers)
-        return self._reply(payload.nbytes)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -57,6 +57,7 @@ from jaxserve.cluster.actors import (
 from jaxserve.config import EngineConfig
 from jaxserve.engine.block_manager import blocks_needed
 from jaxserve.engine.engine import StepOutput
+from jaxserve.engine.scheduler import check_fits
 from jaxserve.errors import EngineUnavailable
 from jaxserve.request import Event, FinishReason, Request
 
@@ -282,23 +283,13 @@ class RayDisaggEngine:
         bad = [t for t in request.prompt_token_ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
-        n = request.num_prompt_tokens
         for group, role in ((self.entries, "colocated" if self.colocated else "prefill"), (self.decodes, "decode")):
             live = self.live(group)
             if group and not live:
                 raise ClusterError(f"no live {role} instance ({self._why(group)})")
-            for i in live:
-                limit = i.info.max_model_len
-                if n >= limit:
-                    raise ValueError(f"prompt has {n} tokens; the limit is {limit - 1} (max_model_len {limit})")
-                worst = min(n + request.sampling.max_tokens, limit)  # as the instance's own check_fits
-                need = blocks_needed(worst, i.info.config.block_size)
-                capacity = i.stats.free_blocks + i.stats.held_blocks
-                if need > capacity:
-                    raise ValueError(
-                        f"request needs up to {worst} tokens of KV cache ({need} blocks) but {i.name}'s cache "
-                        f"holds {capacity} blocks of {i.info.config.block_size}; lower max_tokens or raise "
-                        "the KV cache size")
+            for i in live:  # the instance's own check, from its limits
+                check_fits(request, max_model_len=i.info.max_model_len, block_size=i.info.config.block_size,
+                           capacity=i.stats.free_blocks + i.stats.held_blocks, cache=f"{i.name}'s cache")
 
     def add_request(self, request: Request) -> None:
         rid = request.request_id

@@ -91,6 +91,20 @@ class SchedulerOutput:
 POLICIES = ("prefill-first", "chunked", "prefill-only")
 
 
+def check_fits(request: Request, *, max_model_len: int, block_size: int, capacity: int,
+               cache: str = "the cache") -> None:
+    """Raise ValueError if ``request`` could never run on an instance with these limits (its prompt
+    past the context, or its worst-case KV past the whole pool), whatever else is running."""
+    n = request.num_prompt_tokens
+    if n >= max_model_len:
+        raise ValueError(f"prompt has {n} tokens; the limit is {max_model_len - 1} (max_model_len {max_model_len})")
+    worst = min(n + request.sampling.max_tokens, max_model_len)
+    need = blocks_needed(worst, block_size)
+    if need > capacity:
+        raise ValueError(f"request needs up to {worst} tokens of KV cache ({need} blocks) but {cache} holds "
+                         f"{capacity} blocks of {block_size}; lower max_tokens or raise the KV cache size")
+
+
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, policy: str = "prefill-first", max_num_seqs: int = 64,
                  max_num_batched_tokens: int = 2048, max_model_len: int = 2048) -> None:
@@ -111,15 +125,8 @@ class Scheduler:
     # ---- admission ---------------------------------------------------------------------------
     def check_fits(self, request: Request) -> None:
         """Raise ValueError if the request could never run here, whatever else is running."""
-        worst = min(request.num_prompt_tokens + request.sampling.max_tokens, self.max_model_len)
-        if request.num_prompt_tokens >= self.max_model_len:
-            raise ValueError(f"prompt has {request.num_prompt_tokens} tokens; the limit is "
-                             f"{self.max_model_len - 1} (max_model_len {self.max_model_len})")
-        need = blocks_needed(worst, self.blocks.block_size)
-        if need > self.blocks.capacity:
-            raise ValueError(f"request needs up to {worst} tokens of KV cache ({need} blocks) but the cache holds "
-                             f"{self.blocks.capacity} blocks of {self.blocks.block_size}; lower max_tokens or "
-                             "raise the KV cache size")
+        check_fits(request, max_model_len=self.max_model_len, block_size=self.blocks.block_size,
+                   capacity=self.blocks.capacity)
 
     def add(self, seq: Sequence) -> None:
         self.check_fits(seq.request)
