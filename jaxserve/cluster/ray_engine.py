@@ -242,10 +242,7 @@ class RayDisaggEngine:
             pass
         pending, inst.calls, inst.stepping = inst.calls, [], False
         for c in pending:  # a hand-off into the dead actor: the source still holds the KV; free it there
-            if c.kind == "admit_import" and c.rid is not None and self.transit.get(c.rid) is c:
-                del self.transit[c.rid]
-                self._drop_on(c.src, c.rid)
-                self._fail_request(c.rid, inst.error)
+            self._fail_hand_off(c, inst.error)
         for rid, where in list(self.where.items()):
             if where is inst:
                 t = self.transit.pop(rid, None)
@@ -253,6 +250,13 @@ class RayDisaggEngine:
                     self._drop_on(self._target(t), rid)
                 self._fail_request(rid, inst.error)
         inst.ready.clear()
+
+    def _fail_hand_off(self, call: _Call, why: str) -> None:
+        """A hand-off (admit_import call) that will not land: free the KV its source holds, fail the request."""
+        if call.kind == "admit_import" and self.transit.get(call.rid) is call:
+            del self.transit[call.rid]
+            self._drop_on(call.src, call.rid)
+            self._fail_request(call.rid, why)
 
     def _target(self, call: _Call) -> Instance | None:
         """The instance an admit_import call was sent to (while its reply is unread)."""
@@ -375,8 +379,9 @@ class RayDisaggEngine:
     def _read(self, inst: Instance, call: _Call) -> None:
         try:
             value = self._call(inst, call.ref, time.monotonic() + 1.0)
-        except InstanceFailed:
-            return  # _fail has ended its requests
+        except InstanceFailed:  # _fail has ended its requests and the calls still queued on it
+            self._fail_hand_off(call, inst.error or f"{inst.name} failed")  # this one was already dequeued
+            return
         except Exception as e:
             self._read_error(inst, call, e)
             return
@@ -398,12 +403,8 @@ class RayDisaggEngine:
         elif call.kind == "add":
             self._fail_request(call.rid, f"{inst.name}: add_request failed: {type(e).__name__}: {e}")
         elif call.kind == "admit_import":
-            src = call.src
-            if self.transit.get(call.rid) is call:
-                del self.transit[call.rid]
-                self._drop_on(src, call.rid)
-                self._fail_request(call.rid, f"{src.name if src else '?'}->{inst.name}: transfer of {call.rid} "
-                                             f"failed: {type(e).__name__}: {e}")
+            self._fail_hand_off(call, f"{call.src.name if call.src else '?'}->{inst.name}: transfer of {call.rid} "
+                                      f"failed: {type(e).__name__}: {e}")
         else:
             log.warning("%s: %s(%s) failed: %s", inst.name, call.kind, call.rid, e)
 

@@ -99,6 +99,13 @@ def test_killing_a_decode_actor(cluster, model):
         doomed = {r.request_id for r in reqs if eng.where.get(r.request_id) is dead} | {extra.request_id}
         t_kill = time.monotonic()
         ray.kill(dead.actor, no_restart=True)
+        # the race where the hand-off's own reply is the first one read from the dead actor (it was
+        # dequeued before the failure showed): the hand-off must still fail and free the source's KV
+        hand_off = eng.transit[extra.request_id]
+        dead.calls.remove(hand_off)
+        ray.wait([hand_off.ref], timeout=5)
+        eng._read(dead, hand_off)
+        assert extra.request_id not in eng.transit and not dead.alive
         errors = _errors_within(eng, doomed, 5.0)
         assert time.monotonic() - t_kill < 5.0
         assert all(o.token_id == NO_TOKEN for o in errors.values())
