@@ -48,12 +48,13 @@ import resource
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import jax
 import numpy as np
+from _timing import median_time
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
@@ -79,18 +80,6 @@ Executor = ModelExecutor | PipelineExecutor
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-def median_time(fn: Callable[[], Any], reps: int, warmup: int = 2) -> float:
-    """Median seconds of ``fn()`` (which must wait for its own results) after ``warmup`` calls."""
-    for _ in range(warmup):
-        fn()
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts)
 
 
 # ---- 1. bandwidth -------------------------------------------------------------------------------

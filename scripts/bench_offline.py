@@ -57,6 +57,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from _docs import write_block
+from _timing import median_time
 from tqdm import tqdm
 
 from jaxserve.config import EngineConfig, ModelConfig, model_preset
@@ -146,17 +147,6 @@ def pressure_share(start_us: float | None, wall_s: float) -> float | None:
 
 def log(msg: str) -> None:
     tqdm.write(msg, file=sys.stderr)
-
-
-def median_s(fn: Callable[[], Any], reps: int) -> float:
-    """Median wall seconds of ``fn()`` (which must block until its result is ready), after one untimed call."""
-    fn()
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 # ---- machine and bandwidth ------------------------------------------------------------------
@@ -414,11 +404,11 @@ def breakdown(engine: LLMEngine, small: ModelExecutor, cfg: ModelConfig, batch: 
     def run_exec(e: ModelExecutor, i: StepInputs) -> Callable[[], Any]:
         return lambda: e.execute(i).block_until_ready()
 
-    execute = median_s(run_exec(ex, inputs), reps)
+    execute = median_time(run_exec(ex, inputs), reps, warmup=1)
     attn = small.attn_fn
-    small_cache = median_s(run_exec(small, small_inputs), reps)
+    small_cache = median_time(run_exec(small, small_inputs), reps, warmup=1)
     small.attn_fn = _no_attention
-    no_attn = median_s(run_exec(small, small_inputs), reps)
+    no_attn = median_time(run_exec(small, small_inputs), reps, warmup=1)
     small.attn_fn = attn
     ts = []
     for _ in range(reps):  # on the small cache: the same arguments to dispatch, less to wait for
@@ -429,17 +419,17 @@ def breakdown(engine: LLMEngine, small: ModelExecutor, cfg: ModelConfig, batch: 
     dispatch = statistics.median(ts)
     x = jnp.ones((rows, cfg.hidden_size), jnp.float32)
     chain = dense_chain_fn(cfg)
-    dense = median_s(lambda: chain(ex.params, x).block_until_ready(), reps)
-    head = median_s(lambda: _lm_head(x, ex.params["embed_tokens"]).block_until_ready(), reps)
+    dense = median_time(lambda: chain(ex.params, x).block_until_ready(), reps, warmup=1)
+    head = median_time(lambda: _lm_head(x, ex.params["embed_tokens"]).block_until_ready(), reps, warmup=1)
     logits = ex.execute(inputs)
-    sample = median_s(lambda: np.asarray(greedy(logits)), reps)
+    sample = median_time(lambda: np.asarray(greedy(logits)), reps, warmup=1)
     shape = inputs.shape
     chunks = [SeqChunk([FIRST_ID + b], context - 1, list(range(1, 1 + -(-context // bs)))) for b in range(batch)]
-    pack = median_s(lambda: build_step_inputs([chunks], shape, bs), reps)
+    pack = median_time(lambda: build_step_inputs([chunks], shape, bs), reps, warmup=1)
     padded = None
     if batch == 1 and 2 in engine.runner.buckets.decode_batch:
         two = decode_inputs(1, 2, context, blocks, ex.num_blocks, bs)
-        padded = median_s(run_exec(ex, two), reps)
+        padded = median_time(run_exec(ex, two), reps, warmup=1)
     return Breakdown(batch, context, blocks, ex.num_blocks, small.num_blocks, execute, small_cache, no_attn, dense,
                      head, dispatch, sample, pack, engine_step_s, padded)
 
