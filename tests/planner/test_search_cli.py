@@ -27,7 +27,7 @@ def test_opt13b_chatbot_prefers_wider_prefill_and_beats_colocated(plan13):
     pre, dec = plan13["instances"]
     assert (pre["role"], dec["role"]) == ("prefill", "decode")
     assert pre["tp"] > dec["tp"]
-    assert plan13["per_device_goodput"] > 1.15 * plan13["colocated_per_device_goodput"]
+    assert plan13["per_device_goodput"] > 1.1 * plan13["colocated_per_device_goodput"]
     assert plan13["predicted_attainment"] >= 0.9
     assert plan13["devices"] == sum(x["tp"] * x["pp"] * x["replicas"] for x in plan13["instances"]) <= 8
 
