@@ -114,7 +114,6 @@ class Scorer:
     def __init__(self, spec: SearchSpec, progress: Callable[[], None] | None = None) -> None:
         self.spec = spec
         self.reqs = spec.workload.sample(spec.n_requests, 1.0, seed=spec.seed)
-        self.mean_prompt = float(np.mean(self.reqs.prompt_len))
         self.cache: dict[tuple[str, int, int], LayoutScore | None] = {}
         self.skipped: list[str] = []
         self.progress = progress
@@ -157,11 +156,32 @@ class Scorer:
                 pp *= 2
         return out
 
+    def saturated_prefill_rate(self, inst: InstanceModel) -> float:
+        """Req/s of one prefill instance whose queue never empties: the sampled prompts, in order,
+        packed FCFS into batches as the simulator does (whole prompts up to the token budget and
+        max_batch), one batch entering the pipeline per stage time. Prompts that do not pair up
+        leave part of each batch's budget unused, so this is below ``budget / mean prompt``
+        prompts per batch."""
+        s, k = self.spec, inst.costs
+        total, tokens, sq, n = 0.0, 0, 0, 0
+        export = 0.0
+        for pl in self.reqs.prompt_len.tolist():
+            if n and (n >= s.max_batch or tokens + pl > s.token_budget):
+                total += inst.prefill_stage_time(tokens, sq, n) + export
+                tokens, sq, n, export = 0, 0, 0, 0.0
+            tokens, sq, n = tokens + pl, sq + pl * pl, n + 1
+            if any(k.kv_export):
+                export += k.export_time(pl)
+        total += inst.prefill_stage_time(tokens, sq, n) + export
+        return len(self.reqs) / total
+
     def max_rate(self, role: str, inst: InstanceModel) -> float:
         """Throughput bound (req/s) of one instance on this workload: no rate above it is sustainable.
 
         A finite simulation at an overload rate can still meet a TPOT target (the backlog is
         spread over many tokens), so bisection never looks above this bound.
+
+        Prefill: ``saturated_prefill_rate``.
 
         Decode (per lane, Little's law): a request reserves ``kv_need(p, o)`` KV tokens for its
         ``n = o - 1`` decode steps, so at rate r and step time s the reserved KV is r*s*E[need*n]
@@ -170,10 +190,7 @@ class Scorer:
         A running request's context, averaged over its steps, is E[n*p + n*(n+1)/2] / E[n].
         """
         s, reqs = self.spec, self.reqs
-        mp = self.mean_prompt
-        per_batch = max(1.0, s.token_budget / mp)
-        t_pre = inst.phase.prefill_time(per_batch * mp, per_batch * float(np.mean(reqs.prompt_len**2)))
-        pre_rate = inst.pp * per_batch / t_pre
+        pre_rate = self.saturated_prefill_rate(inst)
         if role == "prefill":
             return pre_rate
         p = reqs.prompt_len.astype(np.float64)

@@ -60,3 +60,15 @@ def test_decode_bound_is_what_a_long_run_sustains():
 
     assert backlog(0.9 * bound) < 1.0
     assert backlog(1.2 * bound) > 30.0  # overloaded: the queue grows through the run
+
+
+def test_prefill_bound_packs_whole_prompts_fcfs():
+    # 1100- and 1000-token prompts, alternating: no two fit a 2048-token batch, so every batch holds one
+    sc = scorer([1100, 1000] * 50, [10] * 100)
+    a, b = 0.05, 1e-4
+    inst = InstanceModel(MODEL, 1, 1, PhaseModel((a, b, 0.0), (STEP, 0, 0), (STEP, 0, 0), 1 << 30), 80)
+    assert sc.max_rate("prefill", inst) == pytest.approx(2 / (2 * a + b * 2100))  # 6.45 req/s
+    # (2048 / 1050 = 1.95 prompts per full batch would claim 1.95 / (a + b * 2048) = 7.65 req/s)
+    # pairs that fit are batched together: 600 + 1000 + 400 = 2000 tokens in one batch of 3
+    sc = scorer([600, 1000, 400] * 30, [10] * 90)
+    assert sc.max_rate("prefill", inst) == pytest.approx(3 / (a + b * 2000))
