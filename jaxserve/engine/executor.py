@@ -21,6 +21,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
 from jaxserve.config import ModelConfig
 from jaxserve.engine.attention_backends import make_attention
@@ -63,7 +64,22 @@ def _step(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Ar
     return forward(params, cfg, tokens, positions, kv, meta, logits_index, attn_fn)
 
 
-class ModelExecutor:
+class ReadGuard:
+    """Reads of this executor's pages still in flight on other meshes (the one-pass KV transfer,
+    ``kv_transfer.fused_host_copy``). Every call that donates the pages waits for them first."""
+
+    _reads: list[Any]
+
+    def guard_reads(self, arrays: Any) -> None:
+        self._reads.append(arrays)
+
+    def _settle(self) -> None:
+        if self._reads:
+            jax.block_until_ready(self._reads)
+            self._reads = []
+
+
+class ModelExecutor(ReadGuard):
     """Params + paged KV of one instance on a (pp=1, tp) mesh."""
 
     def __init__(self, cfg: ModelConfig, params: Params, devices: Sequence[jax.Device], tp: int = 1,
@@ -78,10 +94,20 @@ class ModelExecutor:
         self.kv: KVCache = []
         self.num_blocks = 0
         self.block_size = 0
+        self._reads = []
 
     @property
     def devices(self) -> list[jax.Device]:
         return list(self.mesh.devices.flat)
+
+    def kv_stages(self) -> list[tuple[Mesh, range]]:
+        """(mesh, layers) of each part of the pages: one part here."""
+        return [(self.mesh, range(self.cfg.num_hidden_layers))]
+
+    def set_stage_kv(self, stage: int, kv: KVCache) -> None:
+        if stage != 0:
+            raise ValueError(f"a single-stage executor has no stage {stage}")
+        self.kv = kv
 
     def init_kv(self, num_blocks: int, block_size: int) -> None:
         """Allocate zeroed pages ``[num_blocks, block_size, H, Dh]`` per layer, heads split over tp."""
@@ -95,6 +121,7 @@ class ModelExecutor:
         """Run one step; returns logits [R, V] (float32, on this mesh). Updates the KV in place."""
         tokens, positions, meta, logits_index = jax.device_put(
             (inputs.tokens, inputs.positions, inputs.meta, inputs.logits_index), self._repl)
+        self._settle()
         logits, self.kv = _step(self.params, self.cfg, tokens, positions, self.kv, meta, logits_index,
                                 self.attn_fn)
         return logits
@@ -116,6 +143,7 @@ class ModelExecutor:
         """Write per-layer (k, v) ``[n, bs, H, Dh]`` into the given blocks (donating the cache)."""
         idx = jax.device_put(np.asarray(block_ids, np.int32), self._repl)
         blocks = jax.device_put(blocks, self._kv_sharding)
+        self._settle()
         self.kv = _scatter(self.kv, idx, blocks)
 
 

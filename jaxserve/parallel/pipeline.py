@@ -60,6 +60,7 @@ from jax.sharding import Mesh
 
 from jaxserve.config import ModelConfig
 from jaxserve.engine.attention_backends import make_attention
+from jaxserve.engine.executor import ReadGuard
 from jaxserve.model.inputs import SeqChunk, StepInputs
 from jaxserve.model.opt import AttnFn, KVCache, Params, dtype_of, embed, head, run_layers
 from jaxserve.model.sampling import SamplingArrays, greedy, sample
@@ -134,7 +135,7 @@ def _scatter(kv: KVCache, idx: jax.Array, blocks: list[tuple[jax.Array, jax.Arra
     return [(k.at[idx].set(bk), v.at[idx].set(bv)) for (k, v), (bk, bv) in zip(kv, blocks, strict=True)]
 
 
-class PipelineExecutor:
+class PipelineExecutor(ReadGuard):
     """Params + paged KV of one instance split into ``pp`` stages of ``tp`` devices each."""
 
     def __init__(self, cfg: ModelConfig, params: Params, devices: Sequence[jax.Device], tp: int = 1,
@@ -163,6 +164,7 @@ class PipelineExecutor:
         self.stage_kv: list[KVCache] = [[] for _ in range(pp)]
         self.num_blocks = 0
         self.block_size = 0
+        self._reads = []
 
     @property
     def devices(self) -> list[jax.Device]:
@@ -178,6 +180,13 @@ class PipelineExecutor:
         if len(kv) != self.cfg.num_hidden_layers:
             raise ValueError(f"kv has {len(kv)} layers, the model {self.cfg.num_hidden_layers}")
         self.stage_kv = [list(kv[r.start:r.stop]) for r in self.stage_layers]
+
+    def kv_stages(self) -> list[tuple[Mesh, range]]:
+        """(sub-mesh, layers) of each stage."""
+        return list(zip(self.stage_meshes, self.stage_layers, strict=True))
+
+    def set_stage_kv(self, stage: int, kv: KVCache) -> None:
+        self.stage_kv[stage] = list(kv)
 
     def init_kv(self, num_blocks: int, block_size: int) -> None:
         """Zeroed pages ``[num_blocks, block_size, H, Dh]`` per layer, on the layer's stage, heads over tp."""
@@ -205,6 +214,7 @@ class PipelineExecutor:
         placed = [[jax.device_put((mb.positions, mb.meta), r) for r in self._repl] for mb in microbatches]
         h: list[Any] = [jax.device_put(mb.tokens, self._repl[0]) for mb in microbatches]
         idx = [jax.device_put(mb.logits_index, self._repl[-1]) for mb in microbatches]
+        self._settle()
         for tick in range(n + pp - 1):
             for s in range(pp):
                 m = tick - s
@@ -240,6 +250,7 @@ class PipelineExecutor:
         if len(blocks) != self.cfg.num_hidden_layers:
             raise ValueError(f"{len(blocks)} layers of blocks for a {self.cfg.num_hidden_layers}-layer model")
         ids = np.asarray(block_ids, np.int32)
+        self._settle()
         for s, layers in enumerate(self.stage_layers):
             part = jax.device_put(list(blocks[layers.start:layers.stop]), self._kv_sharding[s])
             self.stage_kv[s] = _scatter(self.stage_kv[s], jax.device_put(ids, self._repl[s]), part)

@@ -2,13 +2,16 @@
 
 A source instance prefills a request; ``gather_blocks`` copies its blocks out (per layer, layer order);
 a destination with another (tp, pp) layout and other block ids ``scatter_blocks`` them in and decodes.
-The destination's decode logits must equal the source's and the single-device reference.
+The destination's decode logits must equal the source's and the single-device reference. The one-pass
+CPU path (``fused_host_copy``: the destination reads the source pages in place) must write exactly
+the same bytes, touch no other block, and leave the source's pages donatable in place.
 """
 
 import numpy as np
 import pytest
 
 from jaxserve.engine.executor import ModelExecutor
+from jaxserve.engine.kv_transfer import LocalTransport, fused_host_copy, fused_host_ok
 from jaxserve.model.inputs import SeqChunk
 from jaxserve.parallel.pipeline import PipelineExecutor
 from tests.parallel.scenario import BS, DECODES, NUM_BLOCKS, Scenario, step_inputs
@@ -23,12 +26,15 @@ def _make(cfg, params, devs, tp, pp):
     return PipelineExecutor(cfg, params, devs, tp=tp, pp=pp)
 
 
-@pytest.mark.parametrize(("variant", "src", "dst"), [
+PAIRS = [
     pytest.param("pre_ln", (2, 1), (1, 1), id="tp2-to-tp1"),
     pytest.param("post_ln_project", (1, 2), (4, 1), id="pp2-to-tp4"),
     pytest.param("pre_ln", (4, 1), (2, 2), id="tp4-to-tp2pp2"),
     pytest.param("post_ln_project", (1, 4), (1, 2), id="pp4-to-pp2"),
-])
+]
+
+
+@pytest.mark.parametrize(("variant", "src", "dst"), PAIRS)
 def test_blocks_round_trip_between_layouts(variant, src, dst, tiny, reference, devices):
     """src/dst are (tp, pp) on disjoint devices; prefill on src, decode 3 steps on both."""
     cfg, params = tiny(variant)
@@ -72,3 +78,50 @@ def test_scatter_rejects_wrong_layer_count(tiny, devices):
     blocks = ex.gather_blocks([1, 2])
     with pytest.raises(ValueError, match="3 layers of blocks for a 4-layer model"):
         ex.scatter_blocks([3, 4], blocks[:3])
+
+
+def _shard_pointers(ex):
+    return [s.data.unsafe_buffer_pointer() for k, v in ex.kv for a in (k, v) for s in a.addressable_shards]
+
+
+@pytest.mark.parametrize(("variant", "src", "dst"), [
+    *PAIRS,
+    pytest.param("pre_ln", (1, 1), (2, 1), id="tp1-to-tp2"),
+    pytest.param("pre_ln", (1, 2), (2, 2), id="pp2-to-tp2pp2"),
+])
+def test_one_pass_copy_writes_the_same_bytes_in_place(variant, src, dst, tiny, devices):
+    cfg, params = tiny(variant)
+    sc = Scenario(cfg.vocab_size)
+    n_src = src[0] * src[1]
+    a = _make(cfg, params, devices[:n_src], *src)
+    b = _make(cfg, params, devices[n_src:n_src + dst[0] * dst[1]], *dst)
+    a.init_kv(NUM_BLOCKS, BS)
+    b.init_kv(16, BS)
+    a.execute(sc.inputs(0, [SEQ]))
+    src_ids = sc.tables[SEQ]
+    want = [(np.asarray(k), np.asarray(v)) for k, v in a.gather_blocks(src_ids)]
+    assert fused_host_ok(a, b)
+    before_a, before_b = _shard_pointers(a), _shard_pointers(b)
+
+    fused_host_copy(a, src_ids, b, DST_BLOCKS)
+
+    assert _shard_pointers(b) == before_b  # written in place (donated), no fresh pages
+    others = [i for i in range(16) if i not in DST_BLOCKS]
+    for (k, v), (wk, wv) in zip(b.kv, want, strict=True):
+        np.testing.assert_array_equal(np.asarray(k)[DST_BLOCKS], wk)
+        np.testing.assert_array_equal(np.asarray(v)[DST_BLOCKS], wv)
+        assert not np.asarray(k)[others].any() and not np.asarray(v)[others].any()
+    # the source's next step waits for the read and then still updates its pages in place
+    prompt = sc.prompts[SEQ]
+    a.execute(step_inputs([SeqChunk([sc.next_tokens[0][SEQ]], len(prompt), src_ids)], packed=False))
+    assert _shard_pointers(a) == before_a
+
+
+def test_one_pass_copy_needs_equal_block_sizes(tiny, devices):
+    cfg, params = tiny("pre_ln")
+    a, b = ModelExecutor(cfg, params, devices[:1]), ModelExecutor(cfg, params, devices[1:2])
+    a.init_kv(8, BS)
+    b.init_kv(8, BS // 2)
+    assert not fused_host_ok(a, b)
+    with pytest.raises(ValueError, match="same block size"):
+        LocalTransport(one_pass=True).copy(a, [1], b, [1, 2], BS)
