@@ -1,8 +1,8 @@
 """Issue 4: cross-mesh KV transfer bandwidth against a plain device-to-device copy, and the latency
 breakdown of a small disaggregated run.
 
-    python scripts/bench_kv_transfer.py            # full run (~4-6 min on 2 cores at load ~9; peak RSS ~16 GB)
-    python scripts/bench_kv_transfer.py --quick    # 160/512 tokens, 3 repetitions (~2 minutes)
+    python scripts/bench_kv_transfer.py            # full run (~80 s on 2 quiet cores; peak RSS ~16 GB)
+    python scripts/bench_kv_transfer.py --quick    # 160/512 tokens, 3 repetitions (~40 s)
 
 One process, 8 virtual CPU devices (``--xla_force_host_platform_device_count=8``), float32.
 
@@ -10,18 +10,18 @@ One process, 8 virtual CPU devices (``--xla_force_host_platform_device_count=8``
    16-token blocks: 393,216 bytes of K+V per token). To keep parameters small the model config
    shrinks ``vocab_size`` and ``ffn_dim`` (which do not touch the KV) and the weights are zeros
    (only the KV is moved). Instances: tp2 on devices 0-1, tp1 on device 2, pp2 (tp1 stages) on
-   devices 3-4. For each request size, ``LocalTransport.copy`` between every pair of layouts
-   (block ids differ on the two sides; the block count is padded to a power-of-two bucket as in
-   serving), timed to completion (``jax.block_until_ready`` on the destination cache). Baselines
-   on the same bytes in the same run: ``jax.device_put`` of the 48 per-layer ``[n, 16, 32, 64]``
-   arrays from device 5 to device 6 ("copy"), the same bytes as one stacked array, and a numpy
-   ``copyto`` of the same bytes on the host. GB/s = request KV bytes / median time (after a
-   warm-up call, which compiles; 2048 tokens: half the repetitions unless ``--reps``). The copy and the transfer
-   alternate in one loop, so load from other processes hits both alike; the ratio is the median
-   of per-repetition ratios. Each transfer is also split into its three phases, each timed to
-   completion on its own: gather (source cache -> contiguous blocks on the source mesh),
-   device_put (to the destination's per-layer sharding) and scatter (into the donated
-   destination cache), with minor page faults per transfer. Exactness is checked once per pair
+   devices 3-4. For each request size and every pair of layouts, two transports, each timed to
+   completion (``jax.block_until_ready`` on the destination cache; block ids differ on the two
+   sides): ``LocalTransport()`` ("one-pass": on CPU meshes the destination reads the source pages
+   through zero-copy views in one jitted loop) and ``LocalTransport(one_pass=False)`` ("staged":
+   gather on the source mesh, ``device_put``, scatter into the donated destination cache, block
+   count padded to a power-of-two bucket; the accelerator path). Baselines on the same bytes in
+   the same run: ``jax.device_put`` of the 48 per-layer ``[n, 16, 32, 64]`` arrays from device 5 to
+   device 6 ("copy"), the same bytes as one stacked array, and a numpy ``copyto`` on the host.
+   GB/s = request KV bytes / median time (after a warm-up call, which compiles; 2048 tokens: half
+   the repetitions unless ``--reps``). The copy and both transfers alternate in one loop, so load
+   from other processes hits all alike; ratios are medians of per-repetition ratios. Minor page
+   faults per one-pass transfer are counted. Exactness is checked once per pair and transport
    (random KV, gathered back).
 2. Latency breakdown. A small model (OPT-125m width, 2 layers, small vocabulary) served
    disaggregated: prefill tp2 (devices 0-1) -> decode tp1 (device 2), through
@@ -59,6 +59,7 @@ from _timing import median_time
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from jaxserve.config import EngineConfig, ModelConfig, model_preset
+from jaxserve.engine.build import build_local
 from jaxserve.engine.executor import ModelExecutor, compile_count, kv_bytes_per_block
 from jaxserve.engine.frontend import run_requests
 from jaxserve.engine.kv_transfer import LocalTransport, _bucket
@@ -67,11 +68,6 @@ from jaxserve.model.opt import abstract_params
 from jaxserve.parallel.pipeline import PipelineExecutor
 from jaxserve.request import Event, Request, SamplingParams
 from planner.simulator import SimResult
-
-try:  # moved from disagg.py to build.py
-    from jaxserve.engine.build import build_local
-except ImportError:  # pragma: no cover
-    from jaxserve.engine.disagg import build_local  # type: ignore[attr-defined,no-redef]
 
 BLOCK = 16
 TARGET = 0.5

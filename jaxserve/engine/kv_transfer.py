@@ -1,20 +1,29 @@
 """Moving one request's KV from a prefill instance to a decode instance: one interface, several transports.
 
+    staged (any devices):
     src executor, src block ids --gather_blocks (on the prefill mesh)--> per-layer (k, v) [n, bs, H, Dh]
-        --transport--> dst executor, dst block ids --scatter_blocks (device_put to the decode
-                       side's sharding, written into its donated cache)-->
+        --device_put to the decode side's sharding--> scatter_blocks into dst block ids (donated cache)
+    one pass (CPU meshes: all "devices" are host memory):
+    src pages --zero-copy views, aliased onto the decode devices--> one jitted loop on the decode
+        mesh reads the request's blocks and writes them into the donated dst pages in place
 
-* ``LocalTransport``: both instances in this process. ``jax.device_put`` to the destination
-  sharding re-splits heads (different ``tp``) and layers (different ``pp``: each layer goes to
-  the stage that owns it); block ids differ freely. The number of blocks is padded to a
-  power-of-two bucket (padding reads/writes the null block 0) so transfers compile once per
-  bucket. Different block sizes are re-paged through the host.
+* ``LocalTransport``: both instances in this process. The one-pass path where it applies
+  (``fused_host_ok``: CPU devices, equal block size and dtype, one tp a multiple of the other),
+  else the staged path: ``jax.device_put`` to the destination sharding re-splits heads
+  (different ``tp``) and layers (different ``pp``: each layer goes to the stage that owns it);
+  block ids differ freely; the block count is padded to a power-of-two bucket (padding
+  reads/writes the null block 0) so transfers compile once per bucket. Different block sizes are
+  re-paged through the host. On accelerators the staged path is the right one: gather and
+  scatter run at HBM speed and the middle hop is the link.
 * ``HostTransport``: the KV crosses as numpy arrays (what a Ray object-store hop carries); the
   same code path the Ray actors use (``jaxserve.cluster``).
-* NCCL between GPUs is not implemented yet; the interface is the place for it.
+* NCCL between GPUs is not implemented; the interface is the place for it.
 
 Everything is issued through JAX's asynchronous dispatch: the host loop does not wait for
-the copy; the decode instance's next step orders itself after the write on its devices.
+the copy; the decode instance's next step orders itself after the write on its devices, and the
+prefill instance's next donation of its pages waits for one-pass reads still in flight
+(``executor.ReadGuard``). ``warmup(src, dst)`` compiles a pair's one-pass program (one per
+pair of layouts: its index arrays are padded to the destination pool size).
 """
 
 from __future__ import annotations
