@@ -57,9 +57,11 @@ class DisaggEngine:
 
     def warmup(self) -> int:
         n = sum(e.warmup() for e in self.instances)
+        warm = getattr(self.transport, "warmup", None)  # optional for a transport
         for p in self.prefills:
             for d in self.decodes:
-                self.transport.warmup(p.executor, d.executor)
+                if warm is not None:
+                    warm(p.executor, d.executor)
         self._compiles_at_warmup = compile_count()  # process-wide: after every instance's warm-up
         return n
 

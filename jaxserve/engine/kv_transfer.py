@@ -19,10 +19,12 @@
   same code path the Ray actors use (``jaxserve.cluster``).
 * NCCL between GPUs is not implemented; the interface is the place for it.
 
-Everything is issued through JAX's asynchronous dispatch: the host loop does not wait for
-the copy; the decode instance's next step orders itself after the write on its devices, and the
-prefill instance's next donation of its pages waits for one-pass reads still in flight
-(``executor.ReadGuard``). ``warmup(src, dst)`` compiles a pair's one-pass program (one per
+Everything is issued through JAX's asynchronous dispatch: the decode instance's next step orders
+itself after the write on its devices, and the prefill instance's next donation of its pages
+waits for one-pass reads still in flight (``executor.ReadGuard``). Whether the host loop waits
+for the copy itself is the runtime's choice: the CPU client runs a program for a single-device
+mesh inline on the calling thread (measured: a one-pass copy into a tp1 decode returns when it is
+done), and multi-device programs asynchronously. ``warmup(src, dst)`` compiles a pair's one-pass program (one per
 pair of layouts: its index arrays are padded to the destination pool size).
 """
 
@@ -46,8 +48,8 @@ class KVTransport(Protocol):
     def copy(self, src: Any, src_blocks: Sequence[int], dst: Any, dst_blocks: Sequence[int],
              num_tokens: int) -> None: ...
 
-    def warmup(self, src: Any, dst: Any) -> None:
-        """Compile what ``copy`` between these two executors needs beyond their own warm-up."""
+    # optional: ``warmup(src, dst)`` compiles what ``copy`` between two executors needs beyond their
+    # own warm-up (``DisaggEngine.warmup`` calls it for every prefill/decode pair when present)
 
 
 def _pad(ids: Sequence[int], n: int) -> list[int]:
@@ -263,6 +265,7 @@ def fused_host_copy(src: Any, src_blocks: Sequence[int], dst: Any, dst_blocks: S
     di = np.zeros(size, np.int32)
     si[:n], di[:n] = src_blocks, dst_blocks
     outs = []
+    dst._settle()  # the destination's pages are donated below: the rule every donating call follows
     for s, (mesh, layers) in enumerate(dst.kv_stages()):
         rep = NamedSharding(mesh, PartitionSpec())
         tp_d, tp_s = mesh.shape["tp"], _tp_of(src.kv[layers.start][0])

@@ -7,7 +7,7 @@ from jaxserve.config import EngineConfig
 from jaxserve.engine.build import build_local
 from jaxserve.engine.disagg import DisaggEngine
 from jaxserve.engine.frontend import run_requests
-from jaxserve.engine.kv_transfer import HostTransport
+from jaxserve.engine.kv_transfer import HostTransport, LocalTransport
 from jaxserve.request import Event, FinishReason, Request, SamplingParams
 
 PICK = [0, 1, 2, 3, 4, 5, 8, 13, 21, 34, 40, 47, 50, 55, 60, 63]
@@ -75,12 +75,19 @@ def test_first_token_comes_from_prefill_and_streams_in_order(tiny, workload):
     assert all(e.instance.startswith("decode") for e in token_events[1:])
 
 
-def test_host_transport_equals_local(tiny, workload):
+@pytest.mark.parametrize(("transport", "layout"), [
+    pytest.param(HostTransport(), "tp2->tp1", id="host tp2->tp1"),
+    # the staged path (gather, device_put, scatter): what accelerators take; on CPU the one-pass path is the default
+    pytest.param(LocalTransport(one_pass=False), "tp2->tp2pp2", id="staged tp2->tp2pp2"),
+    pytest.param(LocalTransport(one_pass=False), "tp1pp2->tp4", id="staged tp1pp2->tp4"),
+])
+def test_other_transports_equal_hf(tiny, workload, transport, layout):
     _, _, cfg, params, _ = tiny
     _, _, refs = workload
-    eng = build_local(cfg, params, LAYOUTS["tp2->tp1"], jax.devices(), transport=HostTransport())
-    trackers = run_requests(eng, _reqs(workload, "host"))
+    eng = build_local(cfg, params, LAYOUTS[layout], jax.devices(), transport=transport)
+    trackers = run_requests(eng, _reqs(workload, "other"))
     assert [t.token_ids for t in trackers] == [refs[i] for i in PICK]
+    assert eng.num_transfers > 0 and all(v == 0 for v in eng.held_blocks().values())
 
 
 def test_abort_at_every_stage_leaks_nothing(tiny, workload):

@@ -7,12 +7,15 @@ CPU path (``fused_host_copy``: the destination reads the source pages in place) 
 the same bytes, touch no other block, and leave the source's pages donatable in place.
 """
 
+import jax
 import numpy as np
 import pytest
 
+from jaxserve.config import ModelConfig
 from jaxserve.engine.executor import ModelExecutor
 from jaxserve.engine.kv_transfer import LocalTransport, fused_host_copy, fused_host_ok
 from jaxserve.model.inputs import SeqChunk
+from jaxserve.model.opt import abstract_params
 from jaxserve.parallel.pipeline import PipelineExecutor
 from tests.parallel.scenario import BS, DECODES, NUM_BLOCKS, Scenario, step_inputs
 
@@ -88,6 +91,8 @@ def _shard_pointers(ex):
     *PAIRS,
     pytest.param("pre_ln", (1, 1), (2, 1), id="tp1-to-tp2"),
     pytest.param("pre_ln", (1, 2), (2, 2), id="pp2-to-tp2pp2"),
+    pytest.param("pre_ln", (2, 1), (4, 1), id="tp2-to-tp4"),
+    pytest.param("pre_ln", (4, 1), (1, 1), id="tp4-to-tp1"),
 ])
 def test_one_pass_copy_writes_the_same_bytes_in_place(variant, src, dst, tiny, devices):
     cfg, params = tiny(variant)
@@ -125,3 +130,33 @@ def test_one_pass_copy_needs_equal_block_sizes(tiny, devices):
     assert not fused_host_ok(a, b)
     with pytest.raises(ValueError, match="same block size"):
         LocalTransport(one_pass=True).copy(a, [1], b, [1, 2], BS)
+
+
+def test_source_waits_for_an_in_flight_read_before_donating(devices):
+    """A prefill step dispatched right after a one-pass copy (still reading) must neither corrupt the copy
+    nor push XLA into copying the whole source pool (a live view blocks donation): ``ReadGuard``."""
+    cfg = ModelConfig(name="wide", vocab_size=64, hidden_size=1024, num_hidden_layers=8, num_attention_heads=8,
+                      ffn_dim=64, word_embed_proj_dim=1024, max_position_embeddings=64)
+    params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(cfg))
+    n = 250  # 262 MB of K+V: the copy takes far longer than dispatching the next scatter
+    a = ModelExecutor(cfg, params, devices[:2], tp=2)
+    b = ModelExecutor(cfg, params, devices[2:4], tp=2)  # tp>1: the copy runs asynchronously
+    a.init_kv(n + 2, BS)
+    b.init_kv(n + 2, BS)
+    page = (n, BS, cfg.num_attention_heads, cfg.head_dim)
+    a.scatter_blocks(list(range(1, n + 1)), [(np.ones(page, np.float32),) * 2] * cfg.num_hidden_layers)
+    one = (1, *page[1:])
+    a.scatter_blocks([n], [(np.ones(one, np.float32),) * 2] * cfg.num_hidden_layers)  # compile both programs
+    fused_host_copy(a, [], b, [])
+    jax.block_until_ready((a.kv, b.kv))
+    before = _shard_pointers(a)
+    ids = list(range(1, n + 1))
+
+    fused_host_copy(a, ids, b, ids)
+    # at once, before anything waits: the source reuses the last block the copy reads
+    a.scatter_blocks([n], [(np.full(one, 2.0, np.float32),) * 2] * cfg.num_hidden_layers)
+
+    assert _shard_pointers(a) == before  # donated in place: the scatter waited for the read
+    for k, v in b.kv:
+        assert np.asarray(k)[n].min() == 1.0 and np.asarray(v)[n].max() == 1.0  # the copy read the old block
+    assert np.asarray(a.kv[0][0])[n].min() == 2.0
