@@ -1,7 +1,8 @@
 """Replanning hook: a rolling profile of the live workload that can rerun the search.
 
-    server (later): observe(arrival_time, prompt_len, output_len) per finished request
-      --> WorkloadProfiler: recent window -> arrival rate, length histograms
+    server: observe(arrival_time, prompt_len, output_len) per request that ran to its end
+      --> WorkloadProfiler (jaxserve.serving.workload.WorkloadWindow): recent window -> arrival
+          rate, length histograms (the server's GET /v1/workload shows it, ?format=jsonl as a trace)
       --to_workload()--> Workload (Poisson at the observed rate, lengths resampled from the window)
       --replan(spec)--> plan dict (planner.plan.make_plan) for the server to act on
 """
@@ -9,10 +10,11 @@
 from __future__ import annotations
 
 import dataclasses
-from collections import deque
 from typing import Any
 
 import numpy as np
+
+from jaxserve.serving.workload import WorkloadWindow
 
 from .errors import PlannerError
 from .plan import make_plan
@@ -20,29 +22,8 @@ from .search import SearchSpec
 from .workload import Workload
 
 
-class WorkloadProfiler:
-    """Keeps the requests of the last ``window_s`` seconds (at most ``max_requests``)."""
-
-    def __init__(self, window_s: float = 600.0, max_requests: int = 20000) -> None:
-        self.window_s = window_s
-        self.recent: deque[tuple[float, int, int]] = deque(maxlen=max_requests)
-
-    def observe(self, arrival_time: float, prompt_len: int, output_len: int) -> None:
-        self.recent.append((arrival_time, prompt_len, output_len))
-        while self.recent and self.recent[0][0] < arrival_time - self.window_s:
-            self.recent.popleft()
-
-    def rate(self) -> float:
-        """Observed arrival rate (req/s) over the window; 0.0 with fewer than 2 requests."""
-        if len(self.recent) < 2:
-            return 0.0
-        span = self.recent[-1][0] - self.recent[0][0]
-        return (len(self.recent) - 1) / span if span > 0 else 0.0
-
-    def histograms(self, bins: int = 16) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """(counts, bin edges) of prompt and output lengths in the window."""
-        a = np.array(self.recent, dtype=np.float64).reshape(-1, 3)
-        return {"prompt_len": np.histogram(a[:, 1], bins=bins), "output_len": np.histogram(a[:, 2], bins=bins)}
+class WorkloadProfiler(WorkloadWindow):
+    """The server's workload window, plus the search on it."""
 
     def to_workload(self) -> Workload:
         """Poisson arrivals; (prompt, output) pairs resampled jointly from the window."""

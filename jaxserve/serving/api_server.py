@@ -10,7 +10,10 @@
       client gone (write fails, or the socket is closing) --> the Delta iterator is closed -->
       the orchestrator aborts the request and its blocks are freed on every instance
       each request's end --> ServerMetrics (TTFT, TPOT, e2e, tokens, finish reasons)
+      each request that ran to its end (stop / length) --> WorkloadWindow (the last 10 minutes)
     GET /v1/models, /v1/models/{id}, /health (200 once is_ready(), else 503), /metrics (Prometheus)
+    GET /v1/workload: arrival rate and length percentiles of the recent window;
+        ?format=jsonl: the window as a trace for ``python -m planner --workload FILE.jsonl`` (replanning)
 
 Errors are OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``: 400
 invalid field (``param`` names it), prompt too long (code ``context_length_exceeded``),
@@ -55,6 +58,7 @@ from jaxserve.request import FinishReason, Request, SamplingError, SamplingParam
 from jaxserve.serving.chat import ChatError, render_chat
 from jaxserve.serving.metrics import ServerMetrics
 from jaxserve.serving.orchestrator import Orchestrator, QueueFull
+from jaxserve.serving.workload import WorkloadWindow
 
 log = logging.getLogger(__name__)
 
@@ -81,6 +85,7 @@ class ServerState:
     is_ready: Callable[[], bool]
     metrics: ServerMetrics
     max_body_bytes: int
+    workload: WorkloadWindow = dataclasses.field(default_factory=WorkloadWindow)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
@@ -485,6 +490,8 @@ async def run_job(http: web.Request, st: ServerState, job: Job) -> web.StreamRes
         await agen.aclose()  # not finished -> the orchestrator aborts it and frees its blocks
         st.metrics.observe_finished(job.request, arrival=arrival, first_token=first_token,
                                     finish=time.perf_counter(), num_output_tokens=len(ids), finish_reason=reason)
+        if reason in ("stop", "length") and ids:
+            st.workload.observe(arrival, job.request.num_prompt_tokens, len(ids))
 
 
 async def _try_write(resp: web.StreamResponse, data: bytes) -> None:
@@ -572,6 +579,17 @@ async def metrics_endpoint(http: web.Request) -> web.Response:
     return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 
+async def workload(http: web.Request) -> web.StreamResponse:
+    st = http.app[STATE]
+    fmt = http.query.get("format", "json")
+    if fmt == "json":
+        return web.json_response(st.workload.summary())
+    if fmt == "jsonl":
+        lines = "".join(json.dumps(r) + "\n" for r in st.workload.trace_rows())
+        return web.Response(text=lines, content_type="application/x-ndjson")
+    raise bad("format", f"must be 'json' or 'jsonl', got {_show(fmt)}")
+
+
 # ---- middleware -------------------------------------------------------------------------------
 @web.middleware
 async def errors_middleware(http: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
@@ -617,4 +635,5 @@ def create_app(orchestrator: Orchestrator, tokenizer: Any, *, model_name: str, m
     app.router.add_get("/v1/models/{model}", model)
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_endpoint)
+    app.router.add_get("/v1/workload", workload)
     return app

@@ -301,8 +301,8 @@ def test_api_key_401():
             r = await resp.json()
             assert resp.status == 401 and r["error"]["code"] == "invalid_api_key", headers
             assert resp.headers["WWW-Authenticate"] == "Bearer"
-        resp = await client.get("/v1/models")
-        assert resp.status == 401
+        for path in ("/v1/models", "/v1/workload"):
+            assert (await client.get(path)).status == 401
         resp = await client.post("/v1/completions", json=body, headers={"Authorization": "Bearer s3cret"})
         assert resp.status == 200
         resp = await client.get("/v1/models", headers={"Authorization": "bearer s3cret"})
@@ -386,6 +386,44 @@ def test_client_leaving_before_its_first_token_aborts_it():
         running.close()
 
     serve(fn, engine=CountingEngine(step_sleep=0.005, max_running=1))
+
+
+def test_workload_window_summary_and_trace_for_the_planner(tmp_path):
+    """Requests that ran to their end are kept with their lengths; refused and abandoned ones are not; the
+    JSONL export is a trace the planner reads."""
+    from planner.workload import load_trace
+
+    async def fn(client, eng, orch):
+        empty = await (await client.get("/v1/workload")).json()
+        assert empty["requests"] == 0 and empty["rate_rps"] == 0.0 and empty["prompt_len"] is None
+        for prompt, n in (("a", 2), ("abc", 3), ("abcdef", 4)):  # prompt tokens: BOS + one per character
+            assert (await post(client, "/v1/completions", {"prompt": prompt, "max_tokens": n}))[0] == 200
+        assert (await post(client, "/v1/completions", {"prompt": "a", "max_tokens": -1}))[0] == 400
+        gone = await client.post("/v1/completions", json={"prompt": "ab", "max_tokens": 900, "stream": True})
+        assert len(await read_sse(gone, limit=2)) == 2
+        gone.close()
+        for _ in range(500):
+            if eng.aborted and orch.num_in_flight == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert len(eng.aborted) == 1 and orch.num_in_flight == 0
+
+        summary = await (await client.get("/v1/workload")).json()
+        assert summary["requests"] == 3 and summary["window_s"] == 600.0 and summary["rate_rps"] > 0
+        assert summary["prompt_len"]["max"] == 7 and summary["prompt_len"]["mean"] == pytest.approx(13 / 3)
+        assert summary["output_len"]["max"] == 4 and summary["output_len"]["p50"] == 3.0
+        resp = await client.get("/v1/workload", params={"format": "jsonl"})
+        assert resp.status == 200 and resp.content_type == "application/x-ndjson"
+        (tmp_path / "live.jsonl").write_text(await resp.text())
+        resp = await client.get("/v1/workload", params={"format": "xml"})
+        r = await resp.json()
+        assert resp.status == 400 and r["error"]["param"] == "format"
+
+    serve(fn, engine=CountingEngine(step_sleep=0.002))
+    trace = load_trace(tmp_path / "live.jsonl")
+    assert [(int(p), int(o)) for p, o in zip(trace.prompt_len, trace.output_len, strict=True)] == \
+        [(2, 2), (4, 3), (7, 4)]
+    assert trace.arrival[0] == 0.0 and list(trace.arrival) == sorted(trace.arrival)
 
 
 def test_engine_failure_is_500_or_an_error_chunk():
