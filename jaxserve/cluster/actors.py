@@ -17,14 +17,17 @@
 
 ``InstanceActor`` is a plain class (usable in-process for tests); ``start_instance`` wraps it
 with ``ray.remote`` and the placement options. Event times are ``time.perf_counter()`` in each
-process: CLOCK_MONOTONIC on Linux, so comparable across actors on one host. Across hosts the
-times would need a per-node offset (not done yet).
+process: CLOCK_MONOTONIC on Linux, so comparable across actors on one host. For an actor on
+another node the driver estimates its clock's offset at start (``clock()``, the sample with the
+shortest round trip: ``ray_engine.estimate_clock_offset``) and moves the actor's event times
+onto its own clock (``RequestUpdate.apply(request, offset)``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -44,9 +47,13 @@ class RequestUpdate:
     finish_reason: FinishReason | None
     seed: int | None  # fixed by the first instance that saw the request (prefill side)
 
-    def apply(self, request: Request) -> None:
-        """Bring the driver's copy of the request up to date."""
-        request.events.extend(self.events)
+    def apply(self, request: Request, clock_offset: float = 0.0) -> None:
+        """Bring the driver's copy of the request up to date; event times minus ``clock_offset`` (the
+        actor's clock minus the driver's)."""
+        if clock_offset:
+            request.events.extend(dataclasses.replace(e, time=e.time - clock_offset) for e in self.events)
+        else:
+            request.events.extend(self.events)
         request.output_token_ids.extend(self.new_token_ids)
         if self.finish_reason is not None and request.finish_reason is None:
             request.finish_reason = self.finish_reason
@@ -171,6 +178,10 @@ class InstanceActor:
         e = self.engine
         return InstanceInfo(self.name, e.config.mode, e.cfg, e.config, e.max_model_len,
                             e.config.tp * e.config.pp, os.getpid(), node)
+
+    def clock(self) -> float:
+        """This process's event clock (``time.perf_counter()``), for the driver's offset estimate."""
+        return time.perf_counter()
 
     def stats(self) -> InstanceStats:
         e = self.engine

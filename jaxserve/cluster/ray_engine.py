@@ -40,7 +40,7 @@ import logging
 import os
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
@@ -88,6 +88,8 @@ class Instance:
     stepping: bool = False  # a step() call is among ``calls``
     kicked: bool = False  # new work was sent since its last step was submitted
     full: bool = False  # decode: refused a hand-off; no more until its next step ends
+    clock_offset: float = 0.0  # the actor's event clock minus the driver's (0 on the driver's node)
+    clock_error: float = 0.0  # bound on that estimate (half the round trip it came from)
 
     @property
     def name(self) -> str:
@@ -110,6 +112,21 @@ class _Call:
     submitted: float
     src: Instance | None = None  # admit_import: the prefill instance the KV comes from
     kv: Any = None  # admit_import: the KV ObjectRef (kept to re-queue on refusal)
+
+
+def estimate_clock_offset(remote_clock: Callable[[], float], samples: int = 7,
+                          local_clock: Callable[[], float] = time.perf_counter) -> tuple[float, float]:
+    """(remote - local clock offset, error bound) from ``samples`` round trips, NTP-style: the remote
+    reading is taken as the midpoint of its round trip; the shortest round trip wins (its half is
+    the bound)."""
+    best = (0.0, float("inf"))
+    for _ in range(max(1, samples)):
+        t0 = local_clock()
+        r = remote_clock()
+        t1 = local_clock()
+        if (t1 - t0) / 2 < best[1]:
+            best = (r - (t0 + t1) / 2, (t1 - t0) / 2)
+    return best
 
 
 class RayDisaggEngine:
@@ -144,6 +161,15 @@ class RayDisaggEngine:
         except (RayError, GetTimeoutError) as e:
             self.shutdown()
             raise ClusterError(f"an instance actor did not start: {e}") from e
+        here = ray.get_runtime_context().get_node_id()
+        try:
+            for i in insts:  # one host shares CLOCK_MONOTONIC: only actors on other nodes get an offset
+                if i.info.node_id is not None and i.info.node_id != here:
+                    i.clock_offset, i.clock_error = estimate_clock_offset(
+                        lambda a=i.actor: ray.get(a.clock.remote(), timeout=max(1.0, deadline - time.monotonic())))
+        except (RayError, GetTimeoutError) as e:
+            self.shutdown()
+            raise ClusterError(f"an instance actor did not answer its clock: {e}") from e
         n_p, n_d = len(prefills), len(decodes)
         self.prefills, self.decodes, self.colocated = insts[:n_p], insts[n_p:n_p + n_d], insts[n_p + n_d:]
         self.cfg = insts[0].info.cfg
@@ -220,7 +246,7 @@ class RayDisaggEngine:
             for u in out.updates:
                 req = self.requests.get(u.request_id)
                 if req is not None:
-                    u.apply(req)
+                    u.apply(req, inst.clock_offset)
             inst.stats = out.stats
             return out.value
         return out

@@ -16,7 +16,13 @@ import ray
 from transformers import OPTForCausalLM
 
 from jaxserve.cluster.actors import ActorOptions, start_instance
-from jaxserve.cluster.ray_engine import NO_TOKEN, ClusterError, InstanceFailed, RayDisaggEngine
+from jaxserve.cluster.ray_engine import (
+    NO_TOKEN,
+    ClusterError,
+    InstanceFailed,
+    RayDisaggEngine,
+    estimate_clock_offset,
+)
 from jaxserve.config import EngineConfig
 from jaxserve.engine.frontend import run_requests
 from jaxserve.request import Event, FinishReason, Request, SamplingParams
@@ -103,6 +109,10 @@ def test_two_actors_equal_hf_tokens(engine, model):
             assert kinds[i:i + 4] == [Event.TRANSFER_BEGAN, Event.TRANSFER_ENDED, Event.DECODE_QUEUED,
                                       Event.DECODE_BEGAN]
             assert r.events[i].instance == "prefill-0->decode-1" and r.events[-1].instance == "decode-1"
+    # one host, one CLOCK_MONOTONIC: no offset applied, and the estimator's bound holds on a real actor
+    assert all(i.clock_offset == 0.0 for i in engine.instances)
+    offset, err = estimate_clock_offset(lambda: ray.get(engine.decodes[0].actor.clock.remote(), timeout=30))
+    assert abs(offset) <= err + 1e-6 and err < 1.0
 
 
 def test_sampled_request_carries_its_seed(engine, model):
