@@ -29,6 +29,18 @@ def _make(cfg, params, devs, tp, pp):
     return PipelineExecutor(cfg, params, devs, tp=tp, pp=pp)
 
 
+def _prefilled_pair(cfg, params, devices, src, dst):
+    """Source (tp, pp) and destination executors on disjoint devices; the source has prefilled SEQ."""
+    sc = Scenario(cfg.vocab_size)
+    n_src = src[0] * src[1]
+    a = _make(cfg, params, devices[:n_src], *src)
+    b = _make(cfg, params, devices[n_src:n_src + dst[0] * dst[1]], *dst)
+    a.init_kv(NUM_BLOCKS, BS)
+    b.init_kv(16, BS)  # another pool size: only block size and layout of a block must agree
+    a.execute(sc.inputs(0, [SEQ]))
+    return sc, a, b
+
+
 PAIRS = [
     pytest.param("pre_ln", (2, 1), (1, 1), id="tp2-to-tp1"),
     pytest.param("post_ln_project", (1, 2), (4, 1), id="pp2-to-tp4"),
@@ -42,13 +54,7 @@ def test_blocks_round_trip_between_layouts(variant, src, dst, tiny, reference, d
     """src/dst are (tp, pp) on disjoint devices; prefill on src, decode 3 steps on both."""
     cfg, params = tiny(variant)
     ref_logits, ref_kv = reference(variant)
-    sc = Scenario(cfg.vocab_size)
-    n_src = src[0] * src[1]
-    a = _make(cfg, params, devices[:n_src], *src)
-    b = _make(cfg, params, devices[n_src:n_src + dst[0] * dst[1]], *dst)
-    a.init_kv(NUM_BLOCKS, BS)
-    b.init_kv(16, BS)  # another pool size: only block size and layout of a block must agree
-    a.execute(sc.inputs(0, [SEQ]))
+    sc, a, b = _prefilled_pair(cfg, params, devices, src, dst)
 
     src_ids = sc.tables[SEQ]
     blocks = a.gather_blocks(src_ids)
@@ -96,13 +102,7 @@ def _shard_pointers(ex):
 ])
 def test_one_pass_copy_writes_the_same_bytes_in_place(variant, src, dst, tiny, devices):
     cfg, params = tiny(variant)
-    sc = Scenario(cfg.vocab_size)
-    n_src = src[0] * src[1]
-    a = _make(cfg, params, devices[:n_src], *src)
-    b = _make(cfg, params, devices[n_src:n_src + dst[0] * dst[1]], *dst)
-    a.init_kv(NUM_BLOCKS, BS)
-    b.init_kv(16, BS)
-    a.execute(sc.inputs(0, [SEQ]))
+    sc, a, b = _prefilled_pair(cfg, params, devices, src, dst)
     src_ids = sc.tables[SEQ]
     want = [(np.asarray(k), np.asarray(v)) for k, v in a.gather_blocks(src_ids)]
     assert fused_host_ok(a, b)
