@@ -11,8 +11,9 @@ Every actor works on its own: the driver never waits on one actor while another 
       collect:  ray.wait on every call in flight (up to ``poll_s`` for the first); replies are read
                 per actor in call order (an actor runs its calls in the order they were sent)
       pull:     each prefilled request, oldest first per prefill actor, goes to the decode actor
-                with the most free blocks: decode.admit_import(request, kv_ref) is queued there
-                (admit if there is room, write the KV, stamp transfer ended / decode queued);
+                with the most free blocks: decode.admit_import(request, [kv_ref]) is queued there
+                (admit if there is room, then fetch + write the KV between transfer began / ended,
+                stamped by that actor, so waiting behind its running step is decode queue);
                 refused (no room after all): back to the head of its queue. Once landed, the
                 prefill actor's ``release`` frees its blocks (its memory is the queue buffer).
       return the outputs read.
@@ -443,9 +444,6 @@ class RayDisaggEngine:
             d.full = True
             if p is not None and p.alive and self.where.get(rid) is p:
                 p.ready.insert(0, (rid, call.kv))
-                ev = self.requests[rid].events
-                if ev and ev[-1].kind == Event.TRANSFER_BEGAN:
-                    ev.pop()  # the refused attempt: the next one stamps its own
             return
         self.where[rid] = d
         self.transfer_bytes += nbytes
@@ -475,8 +473,9 @@ class RayDisaggEngine:
                 if d.stats.free_blocks < need:
                     break  # keep FCFS order on this prefill actor; its memory is the queue buffer
                 p.ready.pop(0)
-                req.stamp(Event.TRANSFER_BEGAN, instance=f"{p.name}->{d.name}")
-                call = self._submit(d, "admit_import", d.actor.admit_import.remote(req, kv, p.name), rid, src=p, kv=kv)
+                # [kv]: the decode actor fetches the KV itself, inside the transfer it stamps
+                call = self._submit(d, "admit_import", d.actor.admit_import.remote(req, [kv], p.name), rid, src=p,
+                                    kv=kv)
                 self.transit[rid] = call
                 d.stats = dataclasses.replace(d.stats, free_blocks=d.stats.free_blocks - need)
                 d.kicked = True  # its next step is queued right behind the import
