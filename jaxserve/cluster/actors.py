@@ -242,24 +242,20 @@ class InstanceActor:
         self._exported.discard(request_id)
         return self._reply(self.engine.abort_request(request_id, reason))
 
-    def admit_import(self, request: Request, payload: KVPayload | list[Any], source: str = "") -> Reply:
-        """Decode role, one call per hand-off: if there is room, admit the request, fetch its KV and
-        write it; value = bytes imported, or None (no room now: the prefill side keeps holding it).
+    def admit_import(self, request: Request, payload: KVPayload, source: str = "") -> Reply:
+        """Decode role, one call per hand-off: if there is room, admit the request and write its KV;
+        value = bytes imported, or None (no room now: the prefill side keeps holding it).
 
-        ``payload`` is the ``KVPayload`` or ``[ObjectRef]`` of one (a list, so Ray does not fetch it
-        before the call starts): the transfer is stamped from here, when this actor begins it, to
-        the end of the write, so the time the call waited behind this actor's running step counts
-        as decode queue, not transfer (in this actor's clock, like decode queued)."""
+        The driver passes the KV's ObjectRef as the argument, so Ray pulls it to this node while the
+        call waits behind this actor's running step; the transfer is stamped here (this actor's
+        clock, like decode queued), from when the call starts to the end of the write, so that wait
+        counts as decode queue, not transfer, as the planner's simulator counts it."""
         if not self.engine.can_admit(request):
             return self._reply(None)
         dst = self.engine.admit(request)
         self._track(request)
         request.stamp(Event.TRANSFER_BEGAN, instance=f"{source}->{self.name}")
         try:
-            if not isinstance(payload, KVPayload):
-                import ray
-
-                payload = ray.get(payload[0])
             self._write_kv(request.request_id, dst, payload)
         except BaseException:
             self.engine.abort_request(request.request_id, FinishReason.ERROR)

@@ -11,9 +11,10 @@ Every actor works on its own: the driver never waits on one actor while another 
       collect:  ray.wait on every call in flight (up to ``poll_s`` for the first); replies are read
                 per actor in call order (an actor runs its calls in the order they were sent)
       pull:     each prefilled request, oldest first per prefill actor, goes to the decode actor
-                with the most free blocks: decode.admit_import(request, [kv_ref]) is queued there
-                (admit if there is room, then fetch + write the KV between transfer began / ended,
-                stamped by that actor, so waiting behind its running step is decode queue);
+                with the most free blocks: decode.admit_import(request, kv_ref) is queued there
+                (Ray pulls the KV meanwhile; admit if there is room, write the KV between transfer
+                began / ended, stamped by that actor, so waiting behind its running step is decode
+                queue);
                 refused (no room after all): back to the head of its queue. Once landed, the
                 prefill actor's ``release`` frees its blocks (its memory is the queue buffer).
       return the outputs read.
@@ -166,8 +167,11 @@ class RayDisaggEngine:
         try:
             for i in insts:  # one host shares CLOCK_MONOTONIC: only actors on other nodes get an offset
                 if i.info.node_id is not None and i.info.node_id != here:
+                    timeout = max(1.0, deadline - time.monotonic())
                     i.clock_offset, i.clock_error = estimate_clock_offset(
-                        lambda a=i.actor: ray.get(a.clock.remote(), timeout=max(1.0, deadline - time.monotonic())))
+                        lambda a=i.actor, t=timeout: ray.get(a.clock.remote(), timeout=t))
+                    log.info("%s: clock offset %+.3f ms (+-%.3f ms)", i.name, 1e3 * i.clock_offset,
+                             1e3 * i.clock_error)
         except (RayError, GetTimeoutError) as e:
             self.shutdown()
             raise ClusterError(f"an instance actor did not answer its clock: {e}") from e
@@ -473,9 +477,8 @@ class RayDisaggEngine:
                 if d.stats.free_blocks < need:
                     break  # keep FCFS order on this prefill actor; its memory is the queue buffer
                 p.ready.pop(0)
-                # [kv]: the decode actor fetches the KV itself, inside the transfer it stamps
-                call = self._submit(d, "admit_import", d.actor.admit_import.remote(req, [kv], p.name), rid, src=p,
-                                    kv=kv)
+                # the decode actor stamps the transfer itself when the call starts (not when sent)
+                call = self._submit(d, "admit_import", d.actor.admit_import.remote(req, kv, p.name), rid, src=p, kv=kv)
                 self.transit[rid] = call
                 d.stats = dataclasses.replace(d.stats, free_blocks=d.stats.free_blocks - need)
                 d.kicked = True  # its next step is queued right behind the import
