@@ -27,9 +27,10 @@ class WorkloadProfiler(WorkloadWindow):
 
     def to_workload(self) -> Workload:
         """Poisson arrivals; (prompt, output) pairs resampled jointly from the window."""
-        if not self.recent:
+        rows = self._rows()
+        if not rows:
             raise PlannerError("workload profiler has seen no requests yet")
-        pairs = np.array([(p, o) for _, p, o in self.recent], dtype=np.int64)
+        pairs = np.array([(p, o) for _, p, o in rows], dtype=np.int64)
 
         def lengths(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
             idx = rng.integers(0, len(pairs), n)

@@ -582,10 +582,11 @@ async def metrics_endpoint(http: web.Request) -> web.Response:
 async def workload(http: web.Request) -> web.StreamResponse:
     st = http.app[STATE]
     fmt = http.query.get("format", "json")
+    now = time.perf_counter()  # the clock of Request.arrival_time
     if fmt == "json":
-        return web.json_response(st.workload.summary())
+        return web.json_response(st.workload.summary(now))
     if fmt == "jsonl":
-        lines = "".join(json.dumps(r) + "\n" for r in st.workload.trace_rows())
+        lines = "".join(json.dumps(r) + "\n" for r in st.workload.trace_rows(now))
         return web.Response(text=lines, content_type="application/x-ndjson")
     raise bad("format", f"must be 'json' or 'jsonl', got {_show(fmt)}")
 

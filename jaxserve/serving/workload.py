@@ -13,6 +13,7 @@ what the workload asks for. Arrival times are seconds on any monotonic clock.
 
 from __future__ import annotations
 
+import math
 import threading
 from collections import deque
 from typing import Any
@@ -21,43 +22,53 @@ import numpy as np
 
 
 class WorkloadWindow:
-    """The requests of the last ``window_s`` seconds (at most ``max_requests``), oldest first."""
+    """The requests that arrived in the last ``window_s`` seconds (at most ``max_requests``).
+
+    Requests are observed when they end, so not in arrival order; the window is taken by arrival
+    time, relative to ``now`` when a reader gives it (the server does: an idle server's window
+    empties) or else to the newest arrival seen."""
 
     def __init__(self, window_s: float = 600.0, max_requests: int = 20000) -> None:
         if not window_s > 0 or max_requests < 1:
             raise ValueError(f"window_s must be > 0 and max_requests >= 1, got {window_s}, {max_requests}")
         self.window_s = window_s
         self.recent: deque[tuple[float, int, int]] = deque(maxlen=max_requests)
+        self._newest = -math.inf
         self._lock = threading.Lock()
 
     def observe(self, arrival_time: float, prompt_len: int, output_len: int) -> None:
         with self._lock:
             self.recent.append((arrival_time, prompt_len, output_len))
-            newest = max(arrival_time, self.recent[-1][0])
-            while self.recent and self.recent[0][0] < newest - self.window_s:
-                self.recent.popleft()
+            self._newest = max(self._newest, arrival_time)
+            while self.recent and self.recent[0][0] < self._newest - self.window_s:
+                self.recent.popleft()  # the oldest observed; stragglers behind it are filtered in _rows
 
-    def _rows(self) -> list[tuple[float, int, int]]:
+    def _rows(self, now: float | None = None) -> list[tuple[float, int, int]]:
+        """The window's (arrival, prompt_len, output_len), by arrival."""
         with self._lock:
-            return sorted(self.recent)
+            cut = (self._newest if now is None else now) - self.window_s
+            return sorted(r for r in self.recent if r[0] >= cut)
 
-    def rate(self) -> float:
-        """Observed arrival rate (req/s) over the window; 0.0 with fewer than 2 requests."""
-        rows = self._rows()
+    @staticmethod
+    def _rate(rows: list[tuple[float, int, int]]) -> float:
         if len(rows) < 2:
             return 0.0
         span = rows[-1][0] - rows[0][0]
         return (len(rows) - 1) / span if span > 0 else 0.0
 
-    def histograms(self, bins: int = 16) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    def rate(self, now: float | None = None) -> float:
+        """Observed arrival rate (req/s) over the window; 0.0 with fewer than 2 requests."""
+        return self._rate(self._rows(now))
+
+    def histograms(self, bins: int = 16, now: float | None = None) -> dict[str, tuple[np.ndarray, np.ndarray]]:
         """(counts, bin edges) of prompt and output lengths in the window."""
-        a = np.array(self._rows(), dtype=np.float64).reshape(-1, 3)
+        a = np.array(self._rows(now), dtype=np.float64).reshape(-1, 3)
         return {"prompt_len": np.histogram(a[:, 1], bins=bins), "output_len": np.histogram(a[:, 2], bins=bins)}
 
-    def summary(self) -> dict[str, Any]:
+    def summary(self, now: float | None = None) -> dict[str, Any]:
         """Window, request count, arrival rate and length statistics (JSON-ready)."""
-        rows = self._rows()
-        out: dict[str, Any] = {"window_s": self.window_s, "requests": len(rows), "rate_rps": self.rate()}
+        rows = self._rows(now)
+        out: dict[str, Any] = {"window_s": self.window_s, "requests": len(rows), "rate_rps": self._rate(rows)}
         for i, key in ((1, "prompt_len"), (2, "output_len")):
             v = np.array([r[i] for r in rows], dtype=np.float64)
             out[key] = ({"mean": float(v.mean()), "p50": float(np.percentile(v, 50)),
@@ -65,8 +76,8 @@ class WorkloadWindow:
                          "max": int(v.max())} if len(v) else None)
         return out
 
-    def trace_rows(self) -> list[dict[str, Any]]:
+    def trace_rows(self, now: float | None = None) -> list[dict[str, Any]]:
         """The window as trace records, arrival times from its first request (the planner's trace format)."""
-        rows = self._rows()
+        rows = self._rows(now)
         t0 = rows[0][0] if rows else 0.0
         return [{"arrival_time": round(t - t0, 6), "prompt_len": p, "output_len": o} for t, p, o in rows]
