@@ -74,7 +74,12 @@ def spec_from_args(a: argparse.Namespace) -> SearchSpec:
         profile.require_model(DISAGG_ENGINE, a.model)
         profile.require_model(profile.colocated_engine(), a.model)
         hw = hardware_spec(a.link_hardware or profile.hardware_name)
-    return SearchSpec(a.model, model, profile, hw, slo, workload(a.workload, a.arrival, a.cv), a.nodes,
+    wl = workload(a.workload, a.arrival, a.cv)
+    if wl.trace is not None and len(wl.trace) < a.requests:
+        print(f"warning: the trace {a.workload} has {len(wl.trace)} requests, fewer than --requests "
+              f"{a.requests}: every layout is scored on those {len(wl.trace)} (few requests make a noisy "
+              "goodput)", file=sys.stderr)
+    return SearchSpec(a.model, model, profile, hw, slo, wl, a.nodes,
                       a.gpus_per_node, a.affinity, a.rate, a.requests, a.seed, chunk=a.chunked)
 
 

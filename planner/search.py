@@ -31,7 +31,7 @@ from jaxserve.slo import SLO, goodput_by_bisection
 from .colocated import run_colocated
 from .hardware import HardwareSpec, analytic_phase
 from .latency import DISAGG_ENGINE, InstanceModel, PhaseModel, Profile
-from .simulator import BLOCK, SimResult, run_decode, run_disaggregated, run_prefill
+from .simulator import SimResult, kv_need, run_decode, run_disaggregated, run_prefill
 from .workload import MAX_CONTEXT, Workload
 
 ROLES = ("prefill", "decode", "colocated")
@@ -196,7 +196,7 @@ class Scorer:
         p = reqs.prompt_len.astype(np.float64)
         n = np.maximum(reqs.output_len.astype(np.float64) - 1, 0)  # output_len 1 ends at prefill
         mean_n = max(float(np.mean(n)), 1e-9)
-        need = -(-(reqs.prompt_len + reqs.output_len) // BLOCK) * BLOCK  # simulator.kv_need, per request
+        need = kv_need(reqs.prompt_len, reqs.output_len)  # per request (integer arrays)
         lane_cap = inst.kv_capacity_tokens() / inst.pp
         b = int(max(1, min(s.max_batch, lane_cap * mean_n / max(float(np.mean(need * n)), 1e-9))))
         ctx = float(np.mean(n * p + n * (n + 1) / 2)) / mean_n
