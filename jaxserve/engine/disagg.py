@@ -58,9 +58,9 @@ class DisaggEngine:
     def warmup(self) -> int:
         n = sum(e.warmup() for e in self.instances)
         warm = getattr(self.transport, "warmup", None)  # optional for a transport
-        for p in self.prefills:
-            for d in self.decodes:
-                if warm is not None:
+        if warm is not None:
+            for p in self.prefills:
+                for d in self.decodes:
                     warm(p.executor, d.executor)
         self._compiles_at_warmup = compile_count()  # process-wide: after every instance's warm-up
         return n

@@ -68,7 +68,8 @@ class ReadGuard:
     """Reads of this executor's pages still in flight on other meshes (the one-pass KV transfer,
     ``kv_transfer.fused_host_copy``). Every call that donates the pages waits for them first."""
 
-    _reads: list[Any]
+    def __init__(self) -> None:
+        self._reads: list[Any] = []
 
     def guard_reads(self, arrays: Any) -> None:
         self._reads.append(arrays)
@@ -94,7 +95,7 @@ class ModelExecutor(ReadGuard):
         self.kv: KVCache = []
         self.num_blocks = 0
         self.block_size = 0
-        self._reads = []
+        super().__init__()
 
     @property
     def devices(self) -> list[jax.Device]:

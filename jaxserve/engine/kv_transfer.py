@@ -113,10 +113,9 @@ class LocalTransport:
 
 
 class HostTransport:
-    """Transfer through host numpy arrays (the Ray object-store path, exercised in one process)."""
+    """Transfer through host numpy arrays (the Ray object-store path, exercised in one process).
 
-    def warmup(self, src: Any, dst: Any) -> None:
-        """Nothing: ``export_kv`` / ``import_kv`` use the executors' own (warmed) gather / scatter."""
+    No ``warmup``: ``export_kv`` / ``import_kv`` use the executors' own (warmed) gather / scatter."""
 
     def copy(self, src: Any, src_blocks: Sequence[int], dst: Any, dst_blocks: Sequence[int],
              num_tokens: int) -> None:
@@ -201,7 +200,7 @@ def _aliases(layers: list[tuple[jax.Array, jax.Array]], mesh: Mesh) -> list[tupl
     placed = iter(jax.device_put(views, targets, may_alias=True))  # one call for the whole stage
     sharding = NamedSharding(mesh, _PAGES)
 
-    def one() -> jax.Array:
+    def one(shape: tuple[int, ...]) -> jax.Array:
         n, bs, hs, dh = shape
         return jax.make_array_from_single_device_arrays((n, bs, hs * tp_d, dh), sharding,
                                                         [next(placed) for _ in range(tp_d)])
@@ -212,7 +211,7 @@ def _aliases(layers: list[tuple[jax.Array, jax.Array]], mesh: Mesh) -> list[tupl
         pair = []
         for _ in range(2):
             r, shape = next(it)
-            pair.append(tuple(one() for _ in range(r)))
+            pair.append(tuple(one(shape) for _ in range(r)))
         out.append(tuple(pair))
     return out
 

@@ -164,7 +164,7 @@ class PipelineExecutor(ReadGuard):
         self.stage_kv: list[KVCache] = [[] for _ in range(pp)]
         self.num_blocks = 0
         self.block_size = 0
-        self._reads = []
+        super().__init__()
 
     @property
     def devices(self) -> list[jax.Device]:
