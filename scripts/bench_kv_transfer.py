@@ -28,8 +28,9 @@ One process, 8 virtual CPU devices (``--xla_force_host_platform_device_count=8``
    ``build_local`` + ``run_requests``. Per request, from its lifecycle events: prefill queue,
    prefill exec, transfer, decode queue, decode exec (``planner.simulator.SimResult.breakdown``,
    the planner's five-stage definition); mean and p90. Two transports: the engine's default
-   ``LocalTransport`` (asynchronous: the transfer stamps cover only issuing the copy) and the
-   same transport waiting for the copy to land (the real copy time, moved out of decode).
+   ``LocalTransport`` (dispatched asynchronously: the stamps cover issuing the copy, and the copy
+   itself when the CPU client runs it inline, as it does for a one-device decode mesh) and the
+   same transport waiting for the copy to land.
 
 Prints markdown tables (pasted into ``docs/performance.md``, section "KV transfer (issue 4)").
 """
