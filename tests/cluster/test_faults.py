@@ -6,6 +6,8 @@ One local Ray (2 CPUs). Each test starts its own small deployment of tiny-model 
   it, and new requests are served (HF's exact tokens) by the survivors.
 * 2 prefill + 1 decode actors; one prefill actor is killed with prompts queued on it: those end
   with ERROR within 5 s, requests already decoding carry on, new requests go to the survivor.
+* the same, killed after it put a request's KV in the object store and before the hand-off: the
+  request either still finishes exactly or ends with ERROR; nothing leaks either way.
 """
 
 from __future__ import annotations
@@ -153,3 +155,33 @@ def test_killing_a_prefill_actor(cluster, model):
         eng.abort_request(decoding.request_id)
         eng.drain()
         assert eng.held_blocks() == {"prefill-1": 0, "decode-2": 0}
+
+
+def test_prefill_actor_dying_with_its_kv_in_the_object_store(cluster, model):
+    """Killed right after its step put the KV in the object store, before the hand-off: the hand-off
+    either still lands (the object is on this node; which of the two happens is Ray's race) and the
+    request finishes with HF's tokens, or it fails and the request ends with ERROR. Either way
+    nothing leaks and the survivors serve."""
+    model_dir, prompts, refs = model
+    with _launch(model_dir, ["prefill", "prefill", "decode"]) as eng:
+        p0, p1 = eng.prefills
+        p1.stats = dataclasses.replace(p1.stats, queued_tokens=10**9)  # the request goes to p0
+        req = Request("orphan", prompts[2], SamplingParams(max_tokens=12))
+        eng.add_request(req)
+        assert eng.where[req.request_id] is p0
+        t0 = time.monotonic()
+        while not p0.ready:  # step and collect, but do not hand off yet
+            assert time.monotonic() - t0 < 120, "not prefilled"
+            eng._kick()
+            eng._collect(0.05)
+        assert p0.ready_ids == [req.request_id]  # its KV is in the object store, owned by p0
+        ray.kill(p0.actor, no_restart=True)
+        _run_until(eng, lambda: req.finish_reason is not None, limit_s=30.0)
+        if req.finish_reason == FinishReason.ERROR:
+            assert req.request_id in eng.failures
+        else:
+            assert req.output_token_ids == refs[2]
+        eng.drain()
+        assert eng.held_blocks() == {"prefill-1": 0, "decode-2": 0}
+        fresh = [Request(f"new{i}", p_, SamplingParams(max_tokens=12)) for i, p_ in enumerate(prompts)]
+        assert [t.token_ids for t in run_requests(eng, fresh)] == refs
