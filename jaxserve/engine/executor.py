@@ -74,7 +74,7 @@ class ReadGuard:
     def guard_reads(self, arrays: Any) -> None:
         self._reads.append(arrays)
 
-    def _settle(self) -> None:
+    def wait_reads(self) -> None:
         if self._reads:
             jax.block_until_ready(self._reads)
             self._reads = []
@@ -122,7 +122,7 @@ class ModelExecutor(ReadGuard):
         """Run one step; returns logits [R, V] (float32, on this mesh). Updates the KV in place."""
         tokens, positions, meta, logits_index = jax.device_put(
             (inputs.tokens, inputs.positions, inputs.meta, inputs.logits_index), self._repl)
-        self._settle()
+        self.wait_reads()
         logits, self.kv = _step(self.params, self.cfg, tokens, positions, self.kv, meta, logits_index,
                                 self.attn_fn)
         return logits
@@ -144,7 +144,7 @@ class ModelExecutor(ReadGuard):
         """Write per-layer (k, v) ``[n, bs, H, Dh]`` into the given blocks (donating the cache)."""
         idx = jax.device_put(np.asarray(block_ids, np.int32), self._repl)
         blocks = jax.device_put(blocks, self._kv_sharding)
-        self._settle()
+        self.wait_reads()
         self.kv = _scatter(self.kv, idx, blocks)
 
 

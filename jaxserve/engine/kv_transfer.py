@@ -24,8 +24,8 @@ itself after the write on its devices, and the prefill instance's next donation 
 waits for one-pass reads still in flight (``executor.ReadGuard``). Whether the host loop waits
 for the copy itself is the runtime's choice: the CPU client runs a program for a single-device
 mesh inline on the calling thread (measured: a one-pass copy into a tp1 decode returns when it is
-done), and multi-device programs asynchronously. ``warmup(src, dst)`` compiles a pair's one-pass program (one per
-pair of layouts: its index arrays are padded to the destination pool size).
+done), and multi-device programs asynchronously. ``warmup(src, dst)`` compiles a pair's one-pass
+programs (one per destination stage: the index arrays are padded to the destination pool size).
 """
 
 from __future__ import annotations
@@ -88,7 +88,7 @@ class LocalTransport:
     def warmup(self, src: Any, dst: Any) -> None:
         if self.one_pass is not False and fused_host_ok(src, dst):
             fused_host_copy(src, [], dst, [])  # zero blocks: compiles the pair's program, copies nothing
-            src._settle()
+            src.wait_reads()
 
     def copy(self, src: Any, src_blocks: Sequence[int], dst: Any, dst_blocks: Sequence[int],
              num_tokens: int) -> None:
@@ -264,12 +264,13 @@ def fused_host_copy(src: Any, src_blocks: Sequence[int], dst: Any, dst_blocks: S
     di = np.zeros(size, np.int32)
     si[:n], di[:n] = src_blocks, dst_blocks
     outs = []
-    dst._settle()  # the destination's pages are donated below: the rule every donating call follows
+    dst.wait_reads()  # the destination's pages are donated below: the rule every donating call follows
+    src_kv, dst_kv = src.kv, dst.kv  # layer order (each stage below replaces only its own layers)
     for s, (mesh, layers) in enumerate(dst.kv_stages()):
         rep = NamedSharding(mesh, PartitionSpec())
-        tp_d, tp_s = mesh.shape["tp"], _tp_of(src.kv[layers.start][0])
-        pieces = _aliases([src.kv[layer] for layer in layers], mesh)
-        kv = [dst.kv[layer] for layer in layers]
+        tp_d, tp_s = mesh.shape["tp"], _tp_of(src_kv[layers.start][0])
+        pieces = _aliases([src_kv[layer] for layer in layers], mesh)
+        kv = [dst_kv[layer] for layer in layers]
         new, done = _fused_copy(kv, pieces, *jax.device_put((si, di, np.int32(n)), rep), mesh=mesh,
                                 split=max(1, tp_d // tp_s))
         dst.set_stage_kv(s, new)

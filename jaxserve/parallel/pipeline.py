@@ -214,7 +214,7 @@ class PipelineExecutor(ReadGuard):
         placed = [[jax.device_put((mb.positions, mb.meta), r) for r in self._repl] for mb in microbatches]
         h: list[Any] = [jax.device_put(mb.tokens, self._repl[0]) for mb in microbatches]
         idx = [jax.device_put(mb.logits_index, self._repl[-1]) for mb in microbatches]
-        self._settle()
+        self.wait_reads()
         for tick in range(n + pp - 1):
             for s in range(pp):
                 m = tick - s
@@ -250,7 +250,7 @@ class PipelineExecutor(ReadGuard):
         if len(blocks) != self.cfg.num_hidden_layers:
             raise ValueError(f"{len(blocks)} layers of blocks for a {self.cfg.num_hidden_layers}-layer model")
         ids = np.asarray(block_ids, np.int32)
-        self._settle()
+        self.wait_reads()
         for s, layers in enumerate(self.stage_layers):
             part = jax.device_put(list(blocks[layers.start:layers.stop]), self._kv_sharding[s])
             self.stage_kv[s] = _scatter(self.stage_kv[s], jax.device_put(ids, self._repl[s]), part)
