@@ -64,23 +64,7 @@ def _step(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Ar
     return forward(params, cfg, tokens, positions, kv, meta, logits_index, attn_fn)
 
 
-class ReadGuard:
-    """Reads of this executor's pages still in flight on other meshes (the one-pass KV transfer,
-    ``kv_transfer.fused_host_copy``). Every call that donates the pages waits for them first."""
-
-    def __init__(self) -> None:
-        self._reads: list[Any] = []
-
-    def guard_reads(self, arrays: Any) -> None:
-        self._reads.append(arrays)
-
-    def wait_reads(self) -> None:
-        if self._reads:
-            jax.block_until_ready(self._reads)
-            self._reads = []
-
-
-class ModelExecutor(ReadGuard):
+class ModelExecutor:
     """Params + paged KV of one instance on a (pp=1, tp) mesh."""
 
     def __init__(self, cfg: ModelConfig, params: Params, devices: Sequence[jax.Device], tp: int = 1,
@@ -95,7 +79,6 @@ class ModelExecutor(ReadGuard):
         self.kv: KVCache = []
         self.num_blocks = 0
         self.block_size = 0
-        super().__init__()
 
     @property
     def devices(self) -> list[jax.Device]:
@@ -122,7 +105,6 @@ class ModelExecutor(ReadGuard):
         """Run one step; returns logits [R, V] (float32, on this mesh). Updates the KV in place."""
         tokens, positions, meta, logits_index = jax.device_put(
             (inputs.tokens, inputs.positions, inputs.meta, inputs.logits_index), self._repl)
-        self.wait_reads()
         logits, self.kv = _step(self.params, self.cfg, tokens, positions, self.kv, meta, logits_index,
                                 self.attn_fn)
         return logits
@@ -138,21 +120,22 @@ class ModelExecutor(ReadGuard):
     def gather_blocks(self, block_ids: Sequence[int]) -> list[tuple[jax.Array, jax.Array]]:
         """Per-layer (k, v) ``[n, bs, H, Dh]`` copies of the given blocks (on this mesh)."""
         idx = jax.device_put(np.asarray(block_ids, np.int32), self._repl)
-        return _gather(self.kv, idx)
+        return gather_pages(self.kv, idx)
 
     def scatter_blocks(self, block_ids: Sequence[int], blocks: list[tuple[jax.Array, jax.Array]]) -> None:
         """Write per-layer (k, v) ``[n, bs, H, Dh]`` into the given blocks (donating the cache)."""
         idx = jax.device_put(np.asarray(block_ids, np.int32), self._repl)
         blocks = jax.device_put(blocks, self._kv_sharding)
-        self.wait_reads()
-        self.kv = _scatter(self.kv, idx, blocks)
+        self.kv = scatter_pages(self.kv, idx, blocks)
 
 
 @jax.jit
-def _gather(kv: KVCache, idx: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+def gather_pages(kv: KVCache, idx: jax.Array) -> list[tuple[jax.Array, jax.Array]]:
+    """Per-layer (k, v) ``[n, bs, H, Dh]`` copies of pages ``idx`` (int32 ``[n]``) of ``kv``."""
     return [(k[idx], v[idx]) for k, v in kv]
 
 
 @functools.partial(jax.jit, donate_argnums=(0,))
-def _scatter(kv: KVCache, idx: jax.Array, blocks: list[tuple[jax.Array, jax.Array]]) -> KVCache:
+def scatter_pages(kv: KVCache, idx: jax.Array, blocks: list[tuple[jax.Array, jax.Array]]) -> KVCache:
+    """``kv`` with pages ``idx`` overwritten by per-layer (k, v) ``[n, bs, H, Dh]``; ``kv`` is donated."""
     return [(k.at[idx].set(bk), v.at[idx].set(bv)) for (k, v), (bk, bv) in zip(kv, blocks, strict=True)]
