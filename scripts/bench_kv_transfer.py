@@ -64,9 +64,9 @@ from jaxserve.engine.build import build_local
 from jaxserve.engine.executor import ModelExecutor, compile_count, kv_bytes_per_block
 from jaxserve.engine.frontend import run_requests
 from jaxserve.engine.kv_transfer import LocalTransport, _bucket
+from jaxserve.engine.pipeline import PipelineExecutor
 from jaxserve.model.demo import random_params_numpy
 from jaxserve.model.opt import abstract_params
-from jaxserve.parallel.pipeline import PipelineExecutor
 from jaxserve.request import Event, Request, SamplingParams
 from planner.simulator import SimResult
 

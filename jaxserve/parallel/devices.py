@@ -5,7 +5,7 @@
 
 Every instance (prefill, decode, colocated) gets its own list of devices, in the
 order given; meshes are then built from that list (``sharding.make_mesh`` for one
-stage, ``pipeline.PipelineExecutor`` for ``pp`` stages). Nothing here guesses: a
+stage, ``engine.pipeline.PipelineExecutor`` for ``pp`` stages). Nothing here guesses: a
 split that does not fit, an id given twice or a device that does not exist is a
 ``ValueError`` saying which.
 """

@@ -14,9 +14,9 @@ import pytest
 from jaxserve.config import ModelConfig
 from jaxserve.engine.executor import ModelExecutor
 from jaxserve.engine.kv_transfer import LocalTransport, fused_host_copy, fused_host_ok
+from jaxserve.engine.pipeline import PipelineExecutor
 from jaxserve.model.inputs import SeqChunk
 from jaxserve.model.opt import abstract_params
-from jaxserve.parallel.pipeline import PipelineExecutor
 from tests.parallel.scenario import BS, DECODES, NUM_BLOCKS, Scenario, step_inputs
 
 SEQ = 2  # the 20-token prompt: 3 blocks

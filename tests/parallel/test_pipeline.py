@@ -5,9 +5,9 @@ import numpy as np
 import pytest
 
 from jaxserve.engine.executor import ModelExecutor
+from jaxserve.engine.pipeline import PipelineExecutor, split_layers, split_microbatches
 from jaxserve.model.inputs import SeqChunk
 from jaxserve.model.sampling import SamplingArrays
-from jaxserve.parallel.pipeline import PipelineExecutor, split_layers, split_microbatches
 from jaxserve.parallel.sharding import replicated
 from jaxserve.request import SamplingParams
 from tests.parallel.scenario import BS, DECODES, NUM_BLOCKS, Scenario, max_kv_diff, run_executor, step_inputs
