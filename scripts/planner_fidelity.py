@@ -3,7 +3,7 @@
     experiment JSON (scripts/experiment_goodput.py: per system and rate, every request's arrival,
     prompt_len, output_len, measured TTFT/TPOT/latency and five-stage breakdown; SLOs; engine limits;
     each system's unloaded TTFT/TPOT)
-    profile JSON (python -m planner.profile --engine-costs on ONE core with ONE XLA thread, the
+    profile JSON (python -m jaxserve.profiling --engine-costs on ONE core with ONE XLA thread, the
     experiment's instance layout and model depth; run here in a pinned subprocess unless --profile)
       --> InstanceModel: the profile's step costs at jaxserve's padded shapes (prefill_packed,
           decode_padded), its host costs (engine_costs), the engine's KV capacity and limits
@@ -65,7 +65,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--experiment", default=str(ROOT / "docs/figures/goodput.json"),
                    help="JSON written by scripts/experiment_goodput.py")
     p.add_argument("--profile", default=None,
-                   help="existing profile JSON (from python -m planner.profile) to use instead of profiling here")
+                   help="existing profile JSON (from python -m jaxserve.profiling) to use instead of profiling here")
     p.add_argument("--profile-out", default=str(ROOT / "docs/figures/profile_cpu1.json"),
                    help="where the profile run writes (when --profile is not given)")
     p.add_argument("--core", type=int, default=1, help="CPU core the profiling subprocess is pinned to")
@@ -110,7 +110,7 @@ def experiment_model(exp: dict[str, Any]) -> str:
 def profile_cmd(exp: dict[str, Any], out: str, repeats: int) -> list[str]:
     """The profiler command for the experiment's instance layout (one core, one XLA thread)."""
     eng = exp["engine"]
-    return [sys.executable, "-m", "planner.profile", "--model", experiment_model(exp), "--tp", "1", "--pp", "1",
+    return [sys.executable, "-m", "jaxserve.profiling", "--model", experiment_model(exp), "--tp", "1", "--pp", "1",
             "--dtype", "float32", "--layers", str(experiment_layers(exp)), "--out", out,
             "--max-num-seqs", str(eng["max_num_seqs"]), "--block-size", str(eng["block_size"]),
             "--prefill-batches", "1,2,4,8", "--prefill-lens", "16,32,64,128,256,512,1024",

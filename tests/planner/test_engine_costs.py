@@ -9,9 +9,8 @@ import pytest
 from jaxserve.config import model_preset
 from planner.colocated import run_colocated
 from planner.decode_batch import DecodeBatch
-from planner.fit import Fit, write_profile
+from planner.fit import Fit, fit_packed_prefill, write_profile
 from planner.latency import DISAGG_ENGINE, EngineCosts, InstanceModel, PhaseModel, load_profile, pow2_bucket
-from planner.profile import fit_packed_prefill
 from planner.simulator import run_disaggregated
 from planner.workload import Requests
 
@@ -157,23 +156,3 @@ def test_packed_fit_and_engine_costs_round_trip_through_the_profile(tmp_path):
     assert ph.engine_costs == EngineCosts(padded=True, call_s=0.002, seq_s=0.0005, kv_export=(0.001, 1e-5),
                                           kv_import=(0.002, 2e-5))
     assert dataclasses.replace(ph.engine_costs, step_s=0.01).import_time(100) == pytest.approx(0.004)
-
-
-def test_engine_costs_are_measured_on_a_tiny_engine():
-    import jax
-
-    from jaxserve.config import ModelConfig
-    from jaxserve.model.demo import random_params_numpy
-    from planner.engine_costs import measure_engine_costs
-
-    tiny = ModelConfig(name="tiny-opt", vocab_size=256, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                       ffn_dim=256, word_embed_proj_dim=64, max_position_embeddings=256)
-    params = jax.tree_util.tree_map(lambda a: a.astype(np.float32), random_params_numpy(tiny, seed=0))
-    c = measure_engine_costs(tiny, params, jax.devices()[0], max_num_seqs=4, max_model_len=128, token_budget=128,
-                             batches=(1, 2, 4), prompt_len=16, steps=3, kv_tokens=(16, 64), repeats=2)
-    assert min(c["call_ms"], c["seq_ms"], *c["kv_export_ms"], *c["kv_import_ms"]) >= 0
-    assert [b for b, *_ in c["samples"]["decode"]] == [1] * 3 + [2] * 3 + [4] * 3
-    assert all(wall >= call > 0 for _, wall, call in c["samples"]["decode"])  # the model call is inside the step
-    assert [t for t, _ in c["samples"]["kv_export"]] == [16, 64]
-    costs = EngineCosts.from_ms_entry(c, where="test")
-    assert costs.padded and costs.call_s == pytest.approx(c["call_ms"] / 1e3)

@@ -1,4 +1,4 @@
-"""The profiler: times a tiny random OPT on CPU, fits the planner's coefficients, writes a profile
+"""The profiler (``python -m jaxserve.profiling``): times a tiny random OPT on CPU, fits the planner's coefficients, writes a profile
 the planner reads, and turns bad input into one error line (exit 2)."""
 
 import contextlib
@@ -12,10 +12,10 @@ import pytest
 from jaxserve.config import ModelConfig
 from jaxserve.model.demo import random_params_numpy
 from jaxserve.model.loader import export_hf
+from jaxserve.profiling.cli import main
+from jaxserve.profiling.record import COLOCATED_ENGINE
 from planner.__main__ import main as planner_main
-from planner.fit import fit_decode, fit_prefill
 from planner.latency import DISAGG_ENGINE, load_profile
-from planner.profile import COLOCATED_ENGINE, fit_nonnegative, main, nonnegative_fit
 
 # wide enough FFN that prompt tokens, not dispatch overhead, dominate a prefill on a busy CPU
 TINY = ModelConfig(name="tiny-opt", vocab_size=256, hidden_size=256, num_hidden_layers=2, num_attention_heads=4,
@@ -104,20 +104,6 @@ def test_help_explains(capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "least squares" in text and "--layers" in text
-
-
-def test_negative_coefficients_are_refit_at_zero():
-    # decode times falling with batch (noise on a busy host): least squares would give c < 0
-    pre = [([16], 5.0), ([64], 9.0), ([256], 30.0), ([16] * 4, 10.0)]
-    dec = [([16], 4.0), ([16] * 2, 3.0), ([16] * 4, 2.0), ([64], 5.0)]
-    assert min(fit_decode(dec)["decode_small"].coeffs) < 0
-    p, d, refit = fit_nonnegative(pre, dec, 95)
-    assert refit == ["decode_small"] and d["decode_large"] is d["decode_small"]
-    assert min(d["decode_small"].coeffs) >= 0 and p.coeffs == fit_prefill(pre).coeffs
-    # exact data stays exact
-    x = np.array([[1, 1, 1], [1, 2, 4], [1, 3, 9], [1, 5, 2]], float)
-    f = nonnegative_fit(x, x @ np.array([1.0, 3.0, 2.0]))
-    assert np.allclose(f.coeffs, (1, 3, 2)) and f.rmse_ms < 1e-9
 
 
 def test_profile_has_the_padded_engine_model(profiled):
