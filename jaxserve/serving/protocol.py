@@ -1,0 +1,277 @@
+"""OpenAI request bodies in, validated: ``Job`` (a ``Request`` and how to answer it) or ``ApiError``.
+
+    JSON body (dict) --check_model / check_unsupported--> 404 unknown model / 400 unsupported field
+      prompt (text: tokenizer.encode; or token ids as given; chat: chat.render_chat first)
+      --parse_sampling--> SamplingParams (400 naming the field; 400 context_length_exceeded)
+      --parse_job--> Job(Request(cmpl-<hex>, ids, SamplingParams, arrival), chat, stream, usage, token ids)
+    engine-side ValueError --param_of--> the field it is about
+
+Errors are OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}`` (``ApiError``).
+
+Choices (documented, as vLLM does them):
+  * ``max_tokens`` defaults to 16 for completions (OpenAI's); for chat to the rest of the
+    context. A value past the context is capped to ``max_model_len - prompt_tokens`` (the
+    request then ends with ``length`` there), not refused; a prompt of ``max_model_len``
+    tokens or more is refused (400), since it leaves no room for a token.
+  * ``model`` may be omitted (the one served model); any other name is 404.
+  * ``top_k`` above the vocabulary means "off" and is sent as 0.
+  * Not supported, 400 if set to anything but the default: ``n``/``best_of`` != 1, ``echo``,
+    ``logprobs``, ``suffix``, ``logit_bias``, penalties, ``tools``. Unknown fields are ignored.
+  * Extensions (vLLM's names): ``ignore_eos``, ``stop_token_ids``,
+    ``include_stop_str_in_output``, ``return_token_ids`` (adds ``token_ids`` to each choice).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+import time
+import uuid
+from typing import Any, Protocol
+
+from aiohttp import web
+
+from jaxserve.request import Request, SamplingError, SamplingParams
+from jaxserve.serving.chat import ChatError, render_chat
+
+DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
+MAX_STOP_STRINGS = 4
+# fields that are fine at their default and refused otherwise
+UNSUPPORTED: dict[str, tuple[Any, ...]] = {
+    "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "suffix": ("",), "logit_bias": ({},),
+    "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "top_logprobs": (0,), "tools": ([],),
+    "functions": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},)}
+
+
+class ServedModel(Protocol):
+    """What validation needs to know about the model being served."""
+
+    tokenizer: Any
+    model_name: str
+    max_model_len: int
+    vocab_size: int
+
+
+class ApiError(Exception):
+    """An answer in OpenAI's error shape; raised anywhere in a handler."""
+
+    def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
+                 type_: str | None = None, headers: dict[str, str] | None = None) -> None:
+        super().__init__(message)
+        self.status, self.message, self.param, self.code, self.headers = status, message, param, code, headers
+        self.type = type_ or ("server_error" if status >= 500 else "invalid_request_error")
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
+
+
+def bad(param: str, why: str, code: str | None = None) -> ApiError:
+    return ApiError(400, f"{param}: {why}", param=param, code=code)
+
+
+def show(v: Any) -> str:
+    r = repr(v)
+    return r if len(r) <= 60 else r[:57] + "..."
+
+
+# ---- field parsing ---------------------------------------------------------------------------
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def get_int(body: dict[str, Any], key: str, default: int | None, lo: int | None = None) -> int | None:
+    v = body.get(key)
+    if v is None:
+        return default
+    if not _is_int(v):
+        raise bad(key, f"must be an integer, got {show(v)}")
+    if lo is not None and v < lo:
+        raise bad(key, f"must be >= {lo}, got {v}")
+    return v
+
+
+def get_num(body: dict[str, Any], key: str, default: float) -> float:
+    v = body.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, int | float) or isinstance(v, bool):
+        raise bad(key, f"must be a number, got {show(v)}")
+    try:
+        f = float(v)
+    except OverflowError:  # an integer past float range
+        f = math.inf
+    if not math.isfinite(f):
+        raise bad(key, f"must be a finite number, got {show(v)}")
+    return f
+
+
+def get_bool(body: dict[str, Any], key: str, default: bool) -> bool:
+    v = body.get(key)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise bad(key, f"must be true or false, got {show(v)}")
+    return v
+
+
+def get_stop(body: dict[str, Any]) -> tuple[str, ...]:
+    v = body.get("stop")
+    if v is None:
+        return ()
+    stops = [v] if isinstance(v, str) else v
+    if not isinstance(stops, list) or not all(isinstance(s, str) for s in stops):
+        raise bad("stop", f"must be a string or a list of strings, got {show(v)}")
+    if len(stops) > MAX_STOP_STRINGS:
+        raise bad("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+    if not all(stops):
+        raise bad("stop", "stop strings must not be empty")
+    return tuple(stops)
+
+
+def check_token_ids(ids: list[Any], param: str, vocab_size: int) -> list[int]:
+    for i, t in enumerate(ids):
+        if not _is_int(t):
+            raise bad(param, f"item {i} must be an integer token id, got {show(t)}")
+        if not 0 <= t < vocab_size:
+            raise bad(param, f"token id {t} at position {i} is outside the vocabulary [0, {vocab_size})")
+    return list(ids)
+
+
+def check_model(body: dict[str, Any], st: ServedModel) -> None:
+    m = body.get("model")
+    if m is None:
+        return
+    if not isinstance(m, str):
+        raise bad("model", f"must be a string, got {show(m)}")
+    if m != st.model_name:
+        raise ApiError(404, f"The model `{m}` does not exist (this server serves `{st.model_name}`)",
+                       param="model", code="model_not_found")
+
+
+def check_unsupported(body: dict[str, Any]) -> None:
+    for key, allowed in UNSUPPORTED.items():
+        v = body.get(key)
+        if v is not None and not any(v == ok and type(v) is type(ok) for ok in allowed):
+            raise bad(key, f"not supported by this server (got {show(v)})", code="unsupported_parameter")
+    n = body.get("n")
+    if n is not None and (not _is_int(n) or n != 1):
+        raise bad("n", f"only n=1 is supported, got {show(n)}", code="unsupported_parameter")
+
+
+def encode_text(text: str, st: ServedModel, param: str) -> list[int]:
+    if st.tokenizer is None:
+        raise bad(param, "this model has no tokenizer; send the prompt as a list of token ids")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate (JSON "\ud800"): the tokenizer would raise TypeError
+        raise bad(param, f"is not valid Unicode: lone surrogate {text[e.start]!r} at character {e.start}") from e
+    return list(st.tokenizer.encode(text))
+
+
+def parse_prompt(body: dict[str, Any], st: ServedModel) -> tuple[list[int], str | None]:
+    p = body.get("prompt")
+    if p is None:
+        raise bad("prompt", "is required")
+    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str | list):
+        p = p[0]  # a batch of one prompt
+    if isinstance(p, str):
+        if not p:
+            raise bad("prompt", "must not be empty")
+        return encode_text(p, st, "prompt"), p
+    if isinstance(p, list):
+        if not p:
+            raise bad("prompt", "must not be empty")
+        if any(isinstance(t, str | list) for t in p):
+            raise bad("prompt", "a batch of several prompts is not supported; send one request per prompt")
+        return check_token_ids(p, "prompt", st.vocab_size), None
+    raise bad("prompt", f"must be a string or a list of token ids, got {type(p).__name__}")
+
+
+def parse_sampling(body: dict[str, Any], st: ServedModel, num_prompt: int, max_tokens_keys: tuple[str, ...],
+                   default_max_tokens: int | None) -> SamplingParams:
+    room = st.max_model_len - num_prompt
+    if room < 1:
+        raise bad("prompt", f"has {num_prompt} tokens; this model's context is {st.max_model_len} tokens, so a "
+                  f"prompt may have at most {st.max_model_len - 1}", code="context_length_exceeded")
+    max_tokens = None
+    for key in max_tokens_keys:
+        max_tokens = get_int(body, key, None, lo=1)
+        if max_tokens is not None:
+            break
+    max_tokens = min(max_tokens or default_max_tokens or room, room)  # capped to the context (see above)
+    top_k = get_int(body, "top_k", 0, lo=-1)
+    stop_ids = body.get("stop_token_ids")
+    if stop_ids is not None and not isinstance(stop_ids, list):
+        raise bad("stop_token_ids", f"must be a list of token ids, got {show(stop_ids)}")
+    try:
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=get_num(body, "temperature", 1.0),
+            top_p=get_num(body, "top_p", 1.0),
+            top_k=0 if top_k >= st.vocab_size else top_k,
+            seed=get_int(body, "seed", None),
+            stop=get_stop(body),
+            stop_token_ids=tuple(check_token_ids(stop_ids or [], "stop_token_ids", st.vocab_size)),
+            ignore_eos=get_bool(body, "ignore_eos", False),
+            include_stop_str_in_output=get_bool(body, "include_stop_str_in_output", False),
+        )
+    except SamplingError as e:  # ranges: "field: why, got value"
+        raise bad(str(e).split(":", 1)[0], str(e).split(":", 1)[1].strip()) from e
+
+
+def param_of(e: Exception) -> str | None:
+    """The field an engine-side ValueError is about, from its message."""
+    msg = str(e)
+    m = re.match(r"(\w+):", msg)
+    if m and m.group(1) in ("prompt", "stop", "max_tokens", "temperature", "top_p", "top_k", "seed",
+                            "stop_token_ids"):
+        return m.group(1)
+    if msg.startswith("prompt"):
+        return "prompt"
+    if "max_tokens" in msg:
+        return "max_tokens"
+    return None
+
+
+@dataclasses.dataclass
+class Job:
+    """One admitted-to-be request and how to answer it."""
+
+    request: Request
+    chat: bool
+    stream: bool
+    include_usage: bool
+    return_token_ids: bool
+    model: str
+    created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+
+
+def parse_job(body: dict[str, Any], st: ServedModel, *, chat: bool, arrival: float) -> Job:
+    check_model(body, st)
+    check_unsupported(body)
+    if chat:
+        try:
+            text = render_chat(body.get("messages"))
+        except ChatError as e:
+            raise ApiError(400, str(e), param=e.param) from e
+        ids = encode_text(text, st, "messages")
+        sampling = parse_sampling(body, st, len(ids), ("max_completion_tokens", "max_tokens"), None)
+    else:
+        ids, text = parse_prompt(body, st)
+        sampling = parse_sampling(body, st, len(ids), ("max_tokens",), DEFAULT_MAX_TOKENS)
+    stream = get_bool(body, "stream", False)
+    opts = body.get("stream_options")
+    include_usage = False
+    if opts is not None:
+        if not stream:
+            raise bad("stream_options", "only allowed when stream is true")
+        if not isinstance(opts, dict):
+            raise bad("stream_options", f"must be an object, got {show(opts)}")
+        include_usage = get_bool(opts, "include_usage", False)
+    rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+    return Job(Request(rid, ids, sampling, prompt=text, arrival_time=arrival), chat, stream, include_usage,
+               get_bool(body, "return_token_ids", False), st.model_name)

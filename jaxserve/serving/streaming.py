@@ -1,0 +1,252 @@
+"""One admitted request answered over HTTP: its deltas in, a completion object or an SSE stream out.
+
+    Job --Orchestrator.generate(request)--> Delta stream
+      (errors before the first token: ValueError -> 400, QueueFull / timeout / unavailable -> 503)
+      stream=false: one completion object with usage (``completion``)
+      stream=true:  SSE "data: {chunk}" per Delta, [usage chunk], "data: [DONE]"
+    client gone (write fails, or the socket is closing) --> the Delta iterator is closed -->
+      the orchestrator aborts the request and its blocks are freed on every instance
+    each request's end --> ServerMetrics (TTFT, TPOT, e2e, tokens, finish reasons)
+    each request that ran to its end (stop / length) --> WorkloadWindow (the last 10 minutes)
+
+An engine failure after the first token ends a stream with an error chunk and ``[DONE]``; no
+traceback ever reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+from typing import Any
+
+from aiohttp import web
+
+from jaxserve.engine.frontend import Delta
+from jaxserve.errors import EngineUnavailable
+from jaxserve.request import FinishReason, SamplingError
+from jaxserve.serving.metrics import ServerMetrics
+from jaxserve.serving.orchestrator import Orchestrator, QueueFull
+from jaxserve.serving.protocol import ApiError, Job, param_of
+from jaxserve.serving.workload import WorkloadWindow
+
+log = logging.getLogger(__name__)
+
+CLIENT_POLL_S = 0.25  # how often a request waiting for its first token checks that its client is still there
+SSE_DONE = b"data: [DONE]\n\n"
+ENGINE_ERROR = "the engine failed while running this request"
+
+
+# ---- response objects ------------------------------------------------------------------------
+def _reason(r: FinishReason | None) -> str | None:
+    return None if r is None else r.value
+
+
+def usage(job: Job, num_out: int) -> dict[str, int]:
+    n = job.request.num_prompt_tokens
+    return {"prompt_tokens": n, "completion_tokens": num_out, "total_tokens": n + num_out}
+
+
+def chunk(job: Job, d: Delta, first: bool) -> dict[str, Any]:
+    if job.chat:
+        delta: dict[str, Any] = {"role": "assistant", "content": d.text} if first else (
+            {"content": d.text} if d.text else {})
+        choice: dict[str, Any] = {"index": 0, "delta": delta}
+    else:
+        choice = {"index": 0, "text": d.text}
+    choice.update(logprobs=None, finish_reason=_reason(d.finish_reason))
+    if job.return_token_ids:
+        choice["token_ids"] = d.token_ids
+    out = {"id": job.request.request_id, "object": "chat.completion.chunk" if job.chat else "text_completion",
+           "created": job.created, "model": job.model, "choices": [choice]}
+    if job.include_usage:
+        out["usage"] = None
+    return out
+
+
+def usage_chunk(job: Job, num_out: int) -> dict[str, Any]:
+    """The last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""
+    return {"id": job.request.request_id, "object": "chat.completion.chunk" if job.chat else "text_completion",
+            "created": job.created, "model": job.model, "choices": [], "usage": usage(job, num_out)}
+
+
+def completion(job: Job, text: str, token_ids: list[int], reason: FinishReason | None) -> dict[str, Any]:
+    if job.chat:
+        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
+    else:
+        choice = {"index": 0, "text": text}
+    choice.update(logprobs=None, finish_reason=_reason(reason))
+    if job.return_token_ids:
+        choice.update(token_ids=token_ids, prompt_token_ids=job.request.prompt_token_ids)
+    return {"id": job.request.request_id, "object": "chat.completion" if job.chat else "text_completion",
+            "created": job.created, "model": job.model, "choices": [choice], "usage": usage(job, len(token_ids))}
+
+
+def sse(obj: Any) -> bytes:
+    return b"data: " + json.dumps(obj).encode() + b"\n\n"  # ASCII JSON: never an encoding error
+
+
+# ---- running a request -----------------------------------------------------------------------
+def client_gone(http: web.Request) -> bool:
+    t = http.transport
+    return t is None or t.is_closing()
+
+
+async def first_delta(http: web.Request, agen: Any) -> Delta | None:
+    """The first delta; None if the client left while the request queued (it is aborted then).
+
+    The wait for a first token can be long (queueing under a burst), so the socket is checked
+    every ``CLIENT_POLL_S``; later deltas come every engine step and are checked as they come.
+    """
+    task = asyncio.ensure_future(agen.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=CLIENT_POLL_S)
+            if done:
+                return task.result()
+            if client_gone(http):
+                task.cancel()  # the generator's cleanup tells the orchestrator to abort
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+                return None
+    except asyncio.CancelledError:
+        task.cancel()
+        raise
+
+
+async def admit(http: web.Request, orchestrator: Orchestrator, metrics: ServerMetrics, job: Job
+                ) -> tuple[Any, Delta | None]:
+    """Start the request; returns (delta iterator, first delta or None if the client left).
+
+    Errors before the first token become ApiError (400 / 503 / 500)."""
+    agen = orchestrator.generate(job.request)
+    try:
+        return agen, await first_delta(http, agen)
+    except QueueFull as e:
+        metrics.observe_rejected("queue_full")
+        raise ApiError(503, f"server busy: {e}", code="queue_full", headers={"Retry-After": "1"}) from e
+    except SamplingError as e:
+        metrics.observe_rejected("invalid")
+        raise ApiError(400, str(e), param=param_of(e)) from e
+    except ValueError as e:
+        metrics.observe_rejected("invalid")
+        raise ApiError(400, str(e), param=param_of(e)) from e
+    except TimeoutError as e:
+        metrics.observe_rejected("timeout")
+        raise ApiError(503, "timed out waiting for the engine", code="timeout", headers={"Retry-After": "1"}) from e
+    except EngineUnavailable as e:
+        metrics.observe_rejected("unavailable")
+        raise ApiError(503, f"engine unavailable: {e}", code="unavailable", headers={"Retry-After": "5"}) from e
+    except StopAsyncIteration as e:
+        raise ApiError(500, ENGINE_ERROR, code="engine_error") from e
+
+
+class _Answer:
+    """The answer to one admitted request as it is written: what was sent, when, and how it ended."""
+
+    def __init__(self, http: web.Request, job: Job, agen: Any) -> None:
+        self.http, self.job, self.agen = http, job, agen
+        self.text: list[str] = []
+        self.ids: list[int] = []
+        self.first_token: float | None = None
+        self.reason: str = "abort"  # unless the stream reaches its end
+        self.resp: web.StreamResponse | None = None
+
+    async def run(self, d: Delta) -> web.StreamResponse:
+        """Answer from the first delta ``d`` on; sets ``reason`` (abort, error, or the finish reason)."""
+        try:
+            if self.job.stream:
+                self.resp = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+                self.resp.content_type = "text/event-stream"
+                self.resp.charset = "utf-8"
+                await self.resp.prepare(self.http)
+            return await self._close(await self._pump(d))
+        except asyncio.CancelledError:  # the handler was cancelled: abort (run_job's finally)
+            self.reason = "abort"
+            raise
+        except ConnectionError:  # the client went away: abort (run_job's finally); nobody reads the answer
+            self.reason = "abort"
+            return self.resp if self.resp is not None else web.Response(status=499,
+                                                                        text="client closed the connection")
+        except (TimeoutError, StopAsyncIteration) as e:
+            self.reason = "error"
+            if self.resp is None:
+                raise ApiError(500, f"{ENGINE_ERROR}: no output in time", code="engine_error") from e
+            await _try_write(self.resp, sse(ApiError(500, ENGINE_ERROR, code="engine_error").body()) + SSE_DONE)
+            return self.resp
+        except Exception:
+            self.reason = "error"
+            if self.resp is None or not self.resp.prepared:
+                raise  # the middleware answers 500
+            log.exception("streaming %s failed", self.job.request.request_id)
+            await _try_write(self.resp,
+                             sse(ApiError(500, "internal server error", code="internal_error").body()) + SSE_DONE)
+            return self.resp
+
+    async def _pump(self, d: Delta) -> Delta:
+        """Send deltas (as SSE chunks when streaming) until the last one, which it returns."""
+        first = True
+        while True:
+            if client_gone(self.http):
+                raise ConnectionResetError("client disconnected")
+            if d.finish_reason == FinishReason.ERROR:
+                self.reason = "error"
+                return d
+            if self.resp is not None:
+                await self.resp.write(sse(chunk(self.job, d, first)))
+            first = False
+            self.text.append(d.text)
+            self.ids += d.token_ids
+            if self.first_token is None and d.token_ids:
+                self.first_token = time.perf_counter()
+            if d.finish_reason is not None:
+                self.reason = d.finish_reason.value
+                return d
+            d = await self.agen.__anext__()
+
+    async def _close(self, last: Delta) -> web.StreamResponse:
+        """The completion object, or the end of the stream: an error or usage chunk, then [DONE]."""
+        job, resp = self.job, self.resp
+        if resp is None:
+            if self.reason == "error":
+                raise ApiError(500, ENGINE_ERROR, code="engine_error")
+            return web.json_response(completion(job, "".join(self.text), self.ids, last.finish_reason))
+        if self.reason == "error":
+            await resp.write(sse(ApiError(500, ENGINE_ERROR, code="engine_error").body()))
+        elif job.include_usage:
+            await resp.write(sse(usage_chunk(job, len(self.ids))))
+        await resp.write(SSE_DONE)
+        await resp.write_eof()
+        return resp
+
+
+async def run_job(http: web.Request, job: Job, orchestrator: Orchestrator, metrics: ServerMetrics,
+                  workload: WorkloadWindow) -> web.StreamResponse:
+    """Admit ``job``, answer it, and record its end (metrics; the workload window if it ran to its end)."""
+    arrival = job.request.arrival_time
+    agen, d = await admit(http, orchestrator, metrics, job)
+    if d is None:
+        metrics.observe_finished(job.request, arrival=arrival, first_token=None, finish=time.perf_counter(),
+                                 num_output_tokens=0, finish_reason="abort")
+        return web.Response(status=499, text="client closed the connection")
+    metrics.observe_admitted(job.request.num_prompt_tokens)
+    answer = _Answer(http, job, agen)
+    try:
+        return await answer.run(d)
+    finally:
+        await agen.aclose()  # not finished -> the orchestrator aborts it and frees its blocks
+        metrics.observe_finished(job.request, arrival=arrival, first_token=answer.first_token,
+                                 finish=time.perf_counter(), num_output_tokens=len(answer.ids),
+                                 finish_reason=answer.reason)
+        if answer.reason in ("stop", "length") and answer.ids:
+            workload.observe(arrival, job.request.num_prompt_tokens, len(answer.ids))
+
+
+async def _try_write(resp: web.StreamResponse, data: bytes) -> None:
+    try:
+        await resp.write(data)
+        await resp.write_eof()
+    except ConnectionError:
+        pass
