@@ -3,7 +3,8 @@
     args --> DeploymentConfig (--plan plan.json | --config deploy.yaml | --mode)   [no jax yet]
          --> on a CPU host: enough virtual devices for the deployment (XLA_FLAGS, before jax)
          --> load_model (HF folder / converted folder / built-in demo) + tokenizer
-         --> instances in this process (build_engine) or as Ray actors (--ray / --ray-address)
+         --> instances in this process (build_engine) or as Ray actors (--ray / --ray-address),
+             each looping on its own, behind one Router (jaxserve.runtime.router)
          --> aiohttp server on host:port (/health answers 503 until warm-up is done)
          --> warm-up (every jit shape), then the orchestrator starts and /health turns 200
     SIGINT / SIGTERM: stop admitting (503), let in-flight requests finish (up to
@@ -85,8 +86,8 @@ def engine_defaults(args: argparse.Namespace) -> dict[str, Any]:
     return kw
 
 
-def build(args: argparse.Namespace, deployment: DeploymentConfig) -> tuple[Any, Any, Any, str]:
-    """(engine, tokenizer, model config, model name) for the deployment."""
+def build(args: argparse.Namespace, deployment: DeploymentConfig) -> tuple[Any, Any, Any, str, Any]:
+    """(router, tokenizer, model config, model name, Ray placement or None) for the deployment."""
     import jax
 
     from jaxserve.engine.build import build_engine
@@ -105,19 +106,21 @@ def build(args: argparse.Namespace, deployment: DeploymentConfig) -> tuple[Any, 
         kw.setdefault("max_model_len", 512)
         kw.setdefault("max_num_seqs", 16)
     if args.ray or args.ray_address:
-        engine = _build_ray(args, deployment, model if model is not None else str(demo.ensure_demo_model()),
-                            dtype, kw, colocated_mode)
-    else:
-        engine = build_engine(lm.cfg, lm.params, deployment, mode_for_colocated=colocated_mode, **kw)
-    return engine, tok, lm.cfg, name
+        engine, placement = _build_ray(args, deployment, model if model is not None else str(demo.ensure_demo_model()),
+                                       dtype, kw, colocated_mode)
+        return engine, tok, lm.cfg, name, placement
+    engine = build_engine(lm.cfg, lm.params, deployment, mode_for_colocated=colocated_mode, **kw)
+    return engine, tok, lm.cfg, name, None
 
 
 def _build_ray(args: argparse.Namespace, deployment: DeploymentConfig, model: str, dtype: str,
-               kw: dict[str, Any], mode_for_colocated: str = "colocated") -> Any:
-    """One Ray actor per instance replica (prefill + decode, or colocated replicas), in placement groups."""
+               kw: dict[str, Any], mode_for_colocated: str = "colocated") -> tuple[Any, Any]:
+    """(router, placement): one Ray actor per instance replica (prefill + decode, or colocated
+    replicas), in placement groups."""
     import ray
 
-    from jaxserve.cluster.ray_engine import RayDisaggEngine
+    from jaxserve.cluster.ray_instance import launch_router
+    from jaxserve.engine.build import instance_names
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     if args.ray_address:
@@ -128,22 +131,23 @@ def _build_ray(args: argparse.Namespace, deployment: DeploymentConfig, model: st
 
     gpus = ray.cluster_resources().get("GPU", 0) > 0
     placement = place(deployment, gpus=gpus)  # one bundle per replica, grouped by the plan's nodes
-    configs = {role: [i.engine_config(mode_for_colocated, **kw) for i in deployment.instances if i.role == role
-                      for _ in range(i.replicas)] for role in ("prefill", "decode", "colocated")}
+    ordered = [i for role in ("prefill", "decode", "colocated") for i in deployment.instances if i.role == role]
+    roles = [i.role for i in ordered for _ in range(i.replicas)]  # the order of placement.options
+    configs = [i.engine_config(mode_for_colocated, **kw) for i in ordered for _ in range(i.replicas)]
     try:
-        engine = RayDisaggEngine.launch(model, configs["prefill"], configs["decode"], colocated=configs["colocated"],
-                                        dtype=dtype, options=placement.options)
+        engine = launch_router(model, list(zip(instance_names(roles), configs, strict=True)), dtype=dtype,
+                               options=placement.options)
     except BaseException:
         release(placement)
         raise
-    engine.placement = placement
     groups = {k for k in placement.node_of_actor}
     print(f"jaxserve: {len(placement.options)} Ray actors in {len(placement.groups)} placement group(s)"
           + (f" (plan nodes {sorted(groups)})" if None not in groups else ""), flush=True)
-    return engine
+    return engine, placement
 
 
-async def serve(args: argparse.Namespace, engine: Any, tokenizer: Any, cfg: Any, name: str) -> None:
+async def serve(args: argparse.Namespace, engine: Any, tokenizer: Any, cfg: Any, name: str,
+                placement: Any = None) -> None:
     from aiohttp import web
 
     from jaxserve.serving.api_server import create_app
@@ -162,7 +166,7 @@ async def serve(args: argparse.Namespace, engine: Any, tokenizer: Any, cfg: Any,
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    if not args.no_warmup and hasattr(engine, "warmup"):
+    if not args.no_warmup:
         t0 = time.perf_counter()
         warm: asyncio.Future[Any] = loop.create_future()
 
@@ -194,11 +198,10 @@ async def serve(args: argparse.Namespace, engine: Any, tokenizer: Any, cfg: Any,
         await asyncio.sleep(0.05)
     await loop.run_in_executor(None, orch.stop)
     await runner.cleanup()
-    if hasattr(engine, "shutdown"):
-        engine.shutdown()
-    if getattr(engine, "placement", None) is not None:
+    engine.shutdown()
+    if placement is not None:
         from jaxserve.cluster.placement import release
-        release(engine.placement)
+        release(placement)
     print("jaxserve: stopped", flush=True)
 
 
@@ -207,12 +210,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         deployment = deployment_from_args(args)
         ensure_host_devices(deployment.num_devices)
-        engine, tok, cfg, name = build(args, deployment)
+        engine, tok, cfg, name, placement = build(args, deployment)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     try:
-        asyncio.run(serve(args, engine, tok, cfg, name))
+        asyncio.run(serve(args, engine, tok, cfg, name, placement))
     except OSError as e:  # e.g. the port is taken
         print(f"error: cannot serve on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 1

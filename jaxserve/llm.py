@@ -15,11 +15,12 @@ from typing import Any
 
 from jaxserve.config import DeploymentConfig, EngineConfig
 from jaxserve.engine.build import build_engine
-from jaxserve.engine.disagg import DisaggEngine
 from jaxserve.engine.engine import LLMEngine
 from jaxserve.engine.frontend import run_requests
 from jaxserve.model.checkpoint import load_model
 from jaxserve.request import FinishReason, Request, SamplingError, SamplingParams
+from jaxserve.runtime.instance import LocalInstance
+from jaxserve.runtime.router import Router
 from jaxserve.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -35,7 +36,7 @@ class RequestOutput:
 
 
 class LLM:
-    """Load a model once, then generate for batches of prompts through one engine instance.
+    """Load a model once, then generate for batches of prompts through the runtime's router.
 
     Keyword arguments go to ``EngineConfig`` (``mode``, ``kv_cache_gb``, ``num_blocks``,
     ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``block_size``, ``tp``, ``pp``).
@@ -54,9 +55,10 @@ class LLM:
         self.cfg = lm.cfg
         self.model_name = lm.source
         self.tokenizer = Tokenizer.from_dir(lm.tokenizer_dir) if lm.tokenizer_dir is not None else None
-        self.engine: LLMEngine | DisaggEngine
+        self.engine: Router
         if deployment is None:
-            self.engine = LLMEngine(lm.cfg, lm.params, EngineConfig(**engine_kw), name="llm-0")
+            self.engine = Router([LocalInstance(LLMEngine(lm.cfg, lm.params, EngineConfig(**engine_kw),
+                                                          name="colocated-0"))])
         else:
             mode = engine_kw.pop("mode", "colocated")
             self.engine = build_engine(lm.cfg, lm.params, deployment, mode_for_colocated=mode, **engine_kw)

@@ -122,20 +122,20 @@ def workload(rate: float, n: int, seed: int, vocab: int) -> list[dict[str, Any]]
 # ---- systems ---------------------------------------------------------------------------------------
 def start_system(name: str, model: Path, a: argparse.Namespace) -> Any:
     from jaxserve.cluster.actors import ActorOptions
-    from jaxserve.cluster.ray_engine import RayDisaggEngine
+    from jaxserve.cluster.ray_instance import launch_router
     from jaxserve.config import EngineConfig
 
     max_len = PROMPT[3] + OUTPUT[3]
     common = dict(max_model_len=max_len, max_num_seqs=a.max_num_seqs, block_size=16, kv_cache_gb=1.0)
     opts = [ActorOptions(num_cpus=1, cpu_affinity=(core,), xla_threads=1) for core in (0, 1)]
     if name == "disaggregated":
-        return RayDisaggEngine.launch(model, [EngineConfig(mode="prefill", max_num_batched_tokens=a.token_budget,
-                                                           **common)],
-                                      [EngineConfig(mode="decode", max_num_batched_tokens=a.token_budget, **common)],
-                                      options=opts, timeout_s=600)
+        return launch_router(model, [("prefill-0", EngineConfig(mode="prefill", max_num_batched_tokens=a.token_budget,
+                                                                **common)),
+                                     ("decode-0", EngineConfig(mode="decode", max_num_batched_tokens=a.token_budget,
+                                                               **common))], options=opts, timeout_s=600)
     mode, budget = ("chunked", a.chunk_budget) if name == "chunked" else ("colocated", a.token_budget)
-    cfgs = [EngineConfig(mode=mode, max_num_batched_tokens=budget, **common) for _ in range(2)]
-    return RayDisaggEngine.launch(model, [], [], colocated=cfgs, options=opts, timeout_s=600)
+    cfgs = [(f"colocated-{i}", EngineConfig(mode=mode, max_num_batched_tokens=budget, **common)) for i in range(2)]
+    return launch_router(model, cfgs, options=opts, timeout_s=600)
 
 
 async def run_rate(orch: Any, reqs: list[dict[str, Any]], drain_timeout: float, tag: str) -> list[dict[str, Any]]:

@@ -1,11 +1,10 @@
 """jaxserve.cluster: engine instances as Ray actors.
 
-    actors.py      InstanceActor (an LLMEngine in its own process, own XLA devices), ActorOptions
-                   (num_cpus/gpus, resources, node hint, scheduling strategy: the placement seam),
-                   start_instance, and the records that cross processes (Reply, RequestUpdate,
-                   InstanceStats, KVPayload)
-    ray_engine.py  RayDisaggEngine: the DisaggEngine loop over prefill/decode actors; KV moves
-                   actor -> object store -> actor as numpy
+    actors.py        InstanceActor (the runtime's LocalInstance loop in its own process, own XLA
+                     devices), ObjectStoreTransport, ActorOptions (the placement seam), start_instance
+    ray_instance.py  RayInstance: the runtime's Instance interface over remote calls (a pump thread
+                     long-polls the actor); launch_router / connect: actors -> the one Router
+    placement.py     placement groups per plan node
 
 Nothing here is imported by ``import jaxserve``; Ray is only needed when this package is used.
 """

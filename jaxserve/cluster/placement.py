@@ -5,7 +5,7 @@
       --> one placement group per plan node (STRICT_PACK: its bundles share a Ray node), or a single
           PACK group when the deployment names no nodes
       --> ActorOptions(scheduling_strategy=PlacementGroupSchedulingStrategy(group, bundle index))
-          in the order ``RayDisaggEngine.launch`` starts actors (prefill, decode, colocated replicas)
+          in the order the launcher starts actors (prefill, decode, colocated replicas)
 
 A plan from the low node-affinity search puts the prefill and decode stages that hold the same
 layers on one node; those replicas share a plan node index, so their actors land on one Ray node

@@ -2,7 +2,9 @@
 
     DeploymentConfig (YAML / plan JSON) or [(role, EngineConfig)]
       --expand replicas, assign devices (explicit ids, else consecutive slices of jax.devices())-->
-    one LLMEngine (colocated) or a DisaggEngine (prefill + decode instances on disjoint meshes)
+    one LLMEngine per instance on its own mesh (one KV transport shared by all; each prefill
+    instance knows its decode peers, so its warm-up compiles the hand-offs into them)
+      --each in a LocalInstance (its own thread)--> one Router over them (jaxserve.runtime.router)
 """
 
 from __future__ import annotations
@@ -13,30 +15,38 @@ from typing import Any
 import jax
 
 from jaxserve.config import ConfigError, DeploymentConfig, EngineConfig, ModelConfig
-from jaxserve.engine.disagg import DisaggEngine
 from jaxserve.engine.engine import LLMEngine
-from jaxserve.engine.kv_transfer import KVTransport
+from jaxserve.engine.kv_transfer import KVTransport, LocalTransport
 from jaxserve.parallel.devices import devices_by_ids, split_devices
+from jaxserve.runtime.instance import LocalInstance
+from jaxserve.runtime.router import Router
+
+
+def instance_names(roles: Sequence[str]) -> list[str]:
+    """``prefill-0, prefill-1, decode-0, ...``: numbered within each role."""
+    seen: dict[str, int] = {}
+    out = []
+    for r in roles:
+        out.append(f"{r}-{seen.get(r, 0)}")
+        seen[r] = seen.get(r, 0) + 1
+    return out
 
 
 def build_instances(cfg: ModelConfig, params: Any, layouts: Sequence[tuple[str, EngineConfig]],
-                    device_sets: Sequence[Sequence[Any]], transport: KVTransport | None = None
-                    ) -> LLMEngine | DisaggEngine:
-    engines = [LLMEngine(cfg, params, c, devices=ds, name=f"{role}-{i}")
-               for i, ((role, c), ds) in enumerate(zip(layouts, device_sets, strict=True))]
-    pre = [e for e in engines if e.config.mode == "prefill"]
-    dec = [e for e in engines if e.config.mode == "decode"]
-    if not pre and not dec:
-        if len(engines) != 1:
-            raise ConfigError(f"{len(engines)} colocated replicas run as Ray actors (python -m jaxserve.launch "
-                              "--ray); in one process, run one colocated instance")
-        return engines[0]
-    return DisaggEngine(pre, dec, transport)
+                    device_sets: Sequence[Sequence[Any]], transport: KVTransport | None = None) -> Router:
+    transport = transport or LocalTransport()
+    names = instance_names([role for role, _ in layouts])
+    engines = [LLMEngine(cfg, params, c, devices=ds, name=n, transport=transport)
+               for n, (_, c), ds in zip(names, layouts, device_sets, strict=True)]
+    decodes = [e.executor for e in engines if e.config.mode == "decode"]
+    for e in engines:
+        if e.config.mode == "prefill":
+            e.transfer_peers = decodes
+    return Router([LocalInstance(e) for e in engines])
 
 
 def build_local(cfg: ModelConfig, params: Any, layouts: Sequence[tuple[str, EngineConfig]],
-                devices: Sequence[Any] | None = None, transport: KVTransport | None = None
-                ) -> LLMEngine | DisaggEngine:
+                devices: Sequence[Any] | None = None, transport: KVTransport | None = None) -> Router:
     """Instances from ``[(role, EngineConfig), ...]`` on consecutive device slices."""
     devices = list(devices) if devices is not None else jax.devices()
     sets = split_devices(devices, [c.tp * c.pp for _, c in layouts])
@@ -44,7 +54,7 @@ def build_local(cfg: ModelConfig, params: Any, layouts: Sequence[tuple[str, Engi
 
 
 def build_engine(cfg: ModelConfig, params: Any, deployment: DeploymentConfig, *, mode_for_colocated: str = "colocated",
-                 transport: KVTransport | None = None, **engine_defaults: Any) -> LLMEngine | DisaggEngine:
+                 transport: KVTransport | None = None, **engine_defaults: Any) -> Router:
     """Every instance of ``deployment`` in this process; ``engine_defaults`` fill unset EngineConfig fields."""
     layouts: list[tuple[str, EngineConfig]] = []
     explicit: list[list[Any] | None] = []

@@ -7,16 +7,19 @@
 
 Roles (``EngineConfig.mode``): ``colocated``/``chunked`` run whole requests. A
 ``prefill`` instance stops a request after its first token and *holds* its KV
-blocks (``take_ready`` lists them) until a decode instance has pulled them
-(``release``). A ``decode`` instance takes requests in with ``admit`` (blocks
-allocated for the transferred KV), then decodes them by continuous batching.
-The engine stamps lifecycle events on each Request. ``compilations_since_warmup``
-proves that a serving run after ``warmup()`` compiled nothing new.
+blocks (``take_ready`` lists them); ``export_kv`` hands the transport a copy, and
+``release`` frees them once a decode instance has the KV. A ``decode`` instance takes
+requests in with ``import_kv`` (blocks allocated, KV written, or None: no room), then
+decodes them by continuous batching. The engine stamps lifecycle events on its own
+Request objects (the runtime's instance sends them on as messages). This is the
+``EngineCore`` of ``jaxserve.runtime.instance.LocalInstance``: one thread drives it.
+``compilations_since_warmup`` proves that serving after ``warmup()`` compiled nothing new.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -25,22 +28,20 @@ import jax
 from jaxserve.config import ConfigError, EngineConfig, ModelConfig
 from jaxserve.engine.block_manager import NULL_BLOCK, BlockManager, blocks_needed
 from jaxserve.engine.executor import ModelExecutor, compile_count, kv_bytes_per_block
+from jaxserve.engine.kv_transfer import KVTransport, LocalTransport
 from jaxserve.engine.runner import Buckets, Runner
 from jaxserve.engine.scheduler import Scheduler, Sequence
 from jaxserve.model.inputs import pow2_buckets
 from jaxserve.model.sampling import new_seed
 from jaxserve.request import Event, FinishReason, Request
+from jaxserve.runtime.api import InstanceInfo, InstanceStats, StepOutput
 from jaxserve.stopping import token_finish_reason
 
 POLICY_FOR_MODE = {"colocated": "prefill-first", "chunked": "chunked", "prefill": "prefill-only",
                    "decode": "prefill-first"}
 
 
-@dataclasses.dataclass
-class StepOutput:
-    request_id: str
-    token_id: int  # -1: no token (the request failed: finish_reason ERROR)
-    finish_reason: FinishReason | None  # token-level (EOS, stop ids, length); stop strings are the front end's
+_warm_baseline: int | None = None  # compile count when the last warm-up in this process ended
 
 
 def make_executor(cfg: ModelConfig, params: Any, devices: Seq[jax.Device], tp: int, pp: int,
@@ -71,10 +72,11 @@ def resolve_num_blocks(cfg: ModelConfig, config: EngineConfig, max_len: int, dev
 
 
 class LLMEngine:
-    """A single instance serving requests by continuous batching."""
+    """A single instance serving requests by continuous batching (driven by one thread)."""
 
     def __init__(self, cfg: ModelConfig, params: Any, config: EngineConfig | None = None, *,
-                 devices: Seq[jax.Device] | None = None, name: str = "engine-0") -> None:
+                 devices: Seq[jax.Device] | None = None, name: str = "engine-0",
+                 transport: KVTransport | None = None) -> None:
         config = config or EngineConfig()
         self.cfg, self.config, self.name = cfg, config, name
         n_dev = config.tp * config.pp
@@ -93,31 +95,52 @@ class LLMEngine:
         self.runner = Runner(self.executor, self.blocks.tables, Buckets.for_limits(
             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
             max_num_batched_tokens=batched, block_size=config.block_size))
+        self.transport: KVTransport = transport or LocalTransport()
+        self.transfer_peers: list[Any] = []  # prefill role: executors of in-process decode instances
         self.seqs: dict[str, Sequence] = {}
         self.ready: dict[str, Sequence] = {}  # prefill role: prefilled, KV held for transfer
-        self._compiles_at_warmup: int | None = None
+        self.num_steps = 0
         self.num_warmup_shapes = 0
+        self._warm = False
 
     # ---- lifecycle ---------------------------------------------------------------------------
+    def info(self) -> InstanceInfo:
+        return InstanceInfo(self.name, self.config.mode, self.cfg.vocab_size, self.cfg.eos_token_id,
+                            self.max_model_len, self.config.block_size, self.blocks.capacity,
+                            self.config.max_num_seqs, self.config.tp * self.config.pp, repr(self.cfg), None,
+                            os.getpid())
+
+    def stats(self) -> InstanceStats:
+        s = self.scheduler
+        return InstanceStats(self.name, self.blocks.num_free, self.blocks.num_used, self.num_queued_tokens,
+                             len(s.running), len(s.waiting) + len(self.ready), self.has_unfinished(),
+                             self.num_steps)
+
     def warmup(self) -> int:
-        """Compile every step shape; returns how many. Serving afterwards compiles nothing new."""
+        """Compile every step shape (and, for a prefill instance, every hand-off into its in-process
+        peers); returns how many. Serving afterwards compiles nothing new."""
+        global _warm_baseline
         self.num_warmup_shapes = self.runner.warmup(
             decode=self.policy != "prefill-only", prefill=True, chunks=self.policy == "chunked")
-        if self.config.mode in ("prefill", "decode"):  # the KV hand-off's gather / scatter, per block bucket
+        if self.config.mode in ("prefill", "decode"):  # the hand-off's gather / scatter, per block bucket
             for b in pow2_buckets(1, blocks_needed(self.max_model_len, self.config.block_size)):
                 blocks = self.executor.gather_blocks([NULL_BLOCK] * b)
                 if self.config.mode == "decode":  # writes the null block onto itself
                     self.executor.scatter_blocks([NULL_BLOCK] * b, blocks)
                 jax.block_until_ready(blocks)
                 self.num_warmup_shapes += 1
-        self._compiles_at_warmup = compile_count()
+        for peer in self.transfer_peers:
+            self.transport.warmup(self.executor, peer, self.max_model_len)
+        self._warm = True
+        _warm_baseline = compile_count()
         return self.num_warmup_shapes
 
     @property
     def compilations_since_warmup(self) -> int:
-        if self._compiles_at_warmup is None:
+        """Compilations in this process since the last warm-up in it ended (instances share a process)."""
+        if not self._warm or _warm_baseline is None:
             raise RuntimeError("warmup() has not run")
-        return compile_count() - self._compiles_at_warmup
+        return compile_count() - _warm_baseline
 
     def check_request(self, request: Request) -> None:
         """Raise ValueError (naming the problem) if this request can never run on this engine."""
@@ -164,10 +187,11 @@ class LLMEngine:
         """Prefill role: ids of prefilled requests whose KV waits to be pulled (oldest first)."""
         return list(self.ready)
 
-    def kv_of(self, request_id: str) -> tuple[list[int], int]:
-        """(block ids, number of tokens with KV) of a request held for transfer."""
+    def export_kv(self, request_id: str) -> tuple[Any, int]:
+        """Prefill role: (transport handle, tokens) of a held request's KV; the blocks stay held."""
         seq = self.ready[request_id]
-        return list(self.blocks.table(request_id)), seq.num_computed
+        return self.transport.export_kv(self.executor, self.blocks.table(request_id), seq.num_computed), \
+            seq.num_computed
 
     def release(self, request_id: str) -> None:
         """Prefill role: the KV has been copied out; free the blocks and forget the request."""
@@ -178,14 +202,27 @@ class LLMEngine:
     def can_admit(self, request: Request) -> bool:
         return self.scheduler.can_admit(request.num_tokens - 1)
 
-    def admit(self, request: Request) -> list[int]:
-        """Decode role: take in a prefilled request; returns the blocks its KV must be written to."""
-        if request.request_id in self.seqs:
-            raise ValueError(f"duplicate request id {request.request_id!r}")
+    def import_kv(self, request: Request, handle: Any, source: str = "") -> int | None:
+        """Decode role: take in a prefilled request and write its KV (stamped transfer began / ended,
+        decode queued); returns the bytes written, or None if there is no room now."""
+        rid = request.request_id
+        if rid in self.seqs:
+            raise ValueError(f"duplicate request id {rid!r}")
+        if not self.can_admit(request):
+            return None
         seq = Sequence(request, seed=_seed_of(request))
         table = self.scheduler.admit_prefilled(seq, request.num_tokens - 1)
-        self.seqs[request.request_id] = seq
-        return list(table)
+        self.seqs[rid] = seq
+        where = f"{source}->{self.name}"
+        request.stamp(Event.TRANSFER_BEGAN, instance=where)
+        try:
+            nbytes = self.transport.import_kv(self.executor, list(table), handle)
+        except BaseException:
+            self.abort_request(rid, FinishReason.ERROR)
+            raise
+        request.stamp(Event.TRANSFER_ENDED, instance=where)
+        request.stamp(Event.DECODE_QUEUED, instance=self.name)
+        return nbytes
 
     # ---- the loop body -----------------------------------------------------------------------
     def step(self) -> list[StepOutput]:
@@ -194,6 +231,7 @@ class LLMEngine:
             s.request.stamp(Event.PREEMPTED, instance=self.name)
         if not out.chunks:
             return []
+        self.num_steps += 1
         for c in out.chunks:
             req = c.seq.request
             if c.start == 0 and not req.event_times(Event.PREFILL_BEGAN):

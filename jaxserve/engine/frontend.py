@@ -1,7 +1,7 @@
 """The front end of an engine: tokens in from the engine, text and stop strings out.
 
-    Requests --Frontend.add--> engine (colocated, or a disaggregated cluster)
-    engine.step() -> [StepOutput(request_id, token_id, token-level finish)]
+    Requests --Frontend.add--> the router (jaxserve.runtime.router: any deployment, in-process or Ray)
+    router.step() -> [StepOutput(request_id, token_id, token-level finish)]
         --Frontend.on_output (OutputTracker per request: detokenize, stop strings, hold-back)-->
     Delta(request_id, text, token_ids, finish_reason); a stop string ends a request here and the
     engine is told to drop it (its blocks are freed at once)
@@ -9,6 +9,8 @@
 Engines never see text, so a request can move between instances (and processes)
 without carrying a tokenizer; this is the one place stop strings are applied. The
 offline loop (``run_requests``) and the server's orchestrator both use ``Frontend``.
+``engine`` is a ``Router`` (or anything with its request surface: add_request, abort_request,
+step, has_unfinished, eos_token_id, max_model_len).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jaxserve.request import FinishReason, Request
+from jaxserve.runtime.router import Router
 from jaxserve.stopping import OutputTracker
 
 
@@ -34,7 +37,7 @@ class Delta:
 class Frontend:
     """Per-request output trackers over one engine (not thread-safe: call from the engine's thread)."""
 
-    def __init__(self, engine: Any, tokenizer: Any = None) -> None:
+    def __init__(self, engine: Router, tokenizer: Any = None) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.trackers: dict[str, OutputTracker] = {}
@@ -44,7 +47,7 @@ class Frontend:
         if request.sampling.stop and self.tokenizer is None:
             raise ValueError("stop: stop strings need a tokenizer, and this model has none")
         detok = self.tokenizer.detokenizer(request.prompt_token_ids) if self.tokenizer is not None else None
-        tracker = OutputTracker(request.sampling, self.engine.cfg.eos_token_id, detok,
+        tracker = OutputTracker(request.sampling, self.engine.eos_token_id, detok,
                                 max_tokens=self.engine.max_model_len - request.num_prompt_tokens)
         self.engine.add_request(request)
         self.trackers[request.request_id] = tracker
@@ -76,7 +79,7 @@ class Frontend:
         return [d for o in self.engine.step() if (d := self.on_output(o)) is not None]
 
 
-def run_requests(engine: Any, requests: Sequence[Request], tokenizer: Any = None,
+def run_requests(engine: Router, requests: Sequence[Request], tokenizer: Any = None,
                  progress: Callable[[int], Any] | None = None) -> list[OutputTracker]:
     """Add every request, step the engine until all finish; returns their trackers in input order."""
     fe = Frontend(engine, tokenizer)
@@ -85,7 +88,7 @@ def run_requests(engine: Any, requests: Sequence[Request], tokenizer: Any = None
     trackers = [fe.trackers[r.request_id] for r in requests]
     while fe.trackers:
         deltas = fe.step()
-        if not deltas and not engine.has_unfinished():
+        if not deltas and not engine.has_unfinished() and fe.trackers:
             raise RuntimeError(f"engine went idle with {len(fe.trackers)} requests unfinished")
         if progress is not None:
             for d in deltas:

@@ -1,35 +1,29 @@
-"""Moving one request's KV from a prefill instance to a decode instance: one interface, several transports.
+"""Moving one request's KV from a prefill instance to a decode instance: export on one side, import on the other.
 
-    staged (any devices):
-    src executor, src block ids --gather_blocks (on the prefill mesh)--> per-layer (k, v) [n, bs, H, Dh]
-        --device_put to the decode side's sharding--> scatter_blocks into dst block ids (donated cache)
-    one pass (CPU meshes: all "devices" are host memory):
-    src pages --zero-copy views, aliased onto the decode devices--> one jitted loop on the decode
-        mesh reads the request's blocks and writes them into the donated dst pages in place
+    source instance's thread:       export_kv(src executor, block ids, num tokens) -> handle
+        (a compact copy of the request's blocks; the source keeps its blocks until released)
+    ... the router passes the handle to a decode instance with room ...
+    destination instance's thread:  import_kv(dst executor, block ids, handle) -> bytes written
 
-* ``LocalTransport``: both instances in this process. The one-pass path where it applies
-  (``fused_host_ok``: CPU devices, equal block size and dtype, one tp a multiple of the other),
-  else the staged path: ``jax.device_put`` to the destination sharding re-splits heads
-  (different ``tp``) and layers (different ``pp``: each layer goes to the stage that owns it);
-  block ids differ freely; the block count is padded to a power-of-two bucket (padding
-  reads/writes the null block 0) so transfers compile once per bucket. Different block sizes are
-  re-paged through the host. On accelerators the staged path is the right one: gather and
-  scatter run at HBM speed and the middle hop is the link.
-* ``HostTransport``: the KV crosses as numpy arrays (what a Ray object-store hop carries); the
-  same code path the Ray actors use (``jaxserve.cluster``).
-* NCCL between GPUs is not implemented; the interface is the place for it.
+Every transport speaks this pair; each executor is touched only by its own instance's thread.
 
-Everything is issued through JAX's asynchronous dispatch: the decode instance's next step orders
-itself after the write on its devices, and the prefill instance's next donation of its pages
-waits for one-pass reads still in flight (``executor.ReadGuard``). Whether the host loop waits
-for the copy itself is the runtime's choice: the CPU client runs a program for a single-device
-mesh inline on the calling thread (measured: a one-pass copy into a tp1 decode returns when it is
-done), and multi-device programs asynchronously. ``warmup(src, dst)`` compiles a pair's one-pass
-programs (one per destination stage: the index arrays are padded to the destination pool size).
+* ``LocalTransport`` (in-process, the default): the handle is a ``DeviceKV``: the blocks gathered
+  on the source mesh, padded to a power-of-two bucket (compiled once per bucket). Import on CPU
+  meshes (equal block size and dtype, one tp a multiple of the other) is one jitted pass that
+  reads the export through zero-copy views and writes the donated destination pages (see below);
+  elsewhere it is staged: ``jax.device_put`` to the destination's sharding re-splits heads (tp) and
+  layers (pp), then a scatter into the donated pages (what accelerators do: the hop is the link).
+  Different block sizes are re-paged through the host.
+* ``HostTransport``: the handle is a ``KVPayload`` of numpy arrays (what crosses processes).
+* ``jaxserve.cluster.actors.ObjectStoreTransport``: a ``KVPayload`` in Ray's object store.
+* Any ``import_kv`` accepts a ``KVPayload``; JAX collectives across processes are the next transport.
+
+``warmup(src, dst)`` compiles a pair's import programs for every block bucket.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -45,11 +39,37 @@ LayerBlocks = list[tuple[Any, Any]]  # per layer (k, v) [n, bs, H, Dh]
 
 
 class KVTransport(Protocol):
-    def copy(self, src: Any, src_blocks: Sequence[int], dst: Any, dst_blocks: Sequence[int],
-             num_tokens: int) -> None: ...
+    def export_kv(self, src: Any, block_ids: Sequence[int], num_tokens: int) -> Any: ...
+    def import_kv(self, dst: Any, block_ids: Sequence[int], handle: Any) -> int: ...
+    def warmup(self, src: Any, dst: Any) -> None: ...
 
-    # optional: ``warmup(src, dst)`` compiles what ``copy`` between two executors needs beyond their
-    # own warm-up (``DisaggEngine.warmup`` calls it for every prefill/decode pair when present)
+
+@dataclasses.dataclass
+class KVPayload:
+    """One request's KV as host arrays: per layer (k, v) [n_blocks, block_size, H, Dh]."""
+
+    num_tokens: int
+    block_size: int
+    layers: list[tuple[np.ndarray, np.ndarray]]
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers)
+
+
+@dataclasses.dataclass
+class DeviceKV:
+    """One request's KV gathered on the source mesh: per layer (k, v) [bucket, bs, H, Dh], each on its
+    stage's devices; the first ``num_blocks`` rows are real."""
+
+    num_tokens: int
+    block_size: int
+    num_blocks: int
+    layers: LayerBlocks
+
+    @property
+    def nbytes(self) -> int:
+        return sum(k.nbytes + v.nbytes for k, v in self.layers) * self.num_blocks // max(1, self.layers[0][0].shape[0])
 
 
 def _pad(ids: Sequence[int], n: int) -> list[int]:
@@ -58,6 +78,11 @@ def _pad(ids: Sequence[int], n: int) -> list[int]:
 
 def _bucket(n: int) -> int:
     return pow2_buckets(1, n)[-1]
+
+
+def block_buckets(executor: Any, max_tokens: int) -> tuple[int, ...]:
+    """The hand-off block buckets an executor's requests can need."""
+    return pow2_buckets(1, blocks_needed(max_tokens, executor.block_size))
 
 
 def repage(blocks: LayerBlocks, num_tokens: int, dst_block_size: int, n_dst: int) -> list[tuple[np.ndarray, ...]]:
@@ -74,85 +99,103 @@ def repage(blocks: LayerBlocks, num_tokens: int, dst_block_size: int, n_dst: int
     return out
 
 
-class LocalTransport:
-    """Same-process transfer between meshes.
+def _check(handle: Any, dst: Any, block_ids: Sequence[int]) -> int:
+    n_dst = blocks_needed(handle.num_tokens, dst.block_size)
+    if len(block_ids) < n_dst:
+        raise ValueError(f"{handle.num_tokens} tokens need {n_dst} destination blocks, got {len(block_ids)}")
+    return n_dst
 
-    ``one_pass=None`` (default) takes the one-pass shared-memory path where it applies (CPU
-    meshes, see ``fused_host_copy``) and the staged path (gather, ``jax.device_put``, scatter)
-    elsewhere; ``False`` always stages (what an accelerator does: the middle hop is the link).
-    """
+
+def import_host(dst: Any, block_ids: Sequence[int], payload: KVPayload) -> int:
+    """Write a ``KVPayload`` into ``block_ids`` of ``dst`` (re-paged if block sizes differ; padded to a bucket)."""
+    n = _check(payload, dst, block_ids)
+    layers: Sequence[tuple[np.ndarray, ...]] = payload.layers
+    if payload.block_size != dst.block_size:
+        layers = repage(layers, payload.num_tokens, dst.block_size, n)
+    b = _bucket(n)
+
+    def pad(a: np.ndarray) -> np.ndarray:
+        a = a[:n]
+        return np.concatenate([a, np.zeros((b - n, *a.shape[1:]), a.dtype)]) if b > n else a
+
+    dst.scatter_blocks(_pad(block_ids[:n], b), [(pad(k), pad(v)) for k, v in layers])
+    return payload.nbytes
+
+
+class HostTransport:
+    """The KV as numpy arrays (what a process boundary carries)."""
+
+    def export_kv(self, src: Any, block_ids: Sequence[int], num_tokens: int) -> KVPayload:
+        n = blocks_needed(num_tokens, src.block_size)
+        blocks = src.gather_blocks(_pad(block_ids[:n], _bucket(max(1, n))))
+        return KVPayload(num_tokens, src.block_size, [(np.asarray(k)[:n], np.asarray(v)[:n]) for k, v in blocks])
+
+    def import_kv(self, dst: Any, block_ids: Sequence[int], handle: KVPayload) -> int:
+        return import_host(dst, block_ids, handle)
+
+    def warmup(self, src: Any, dst: Any) -> None:
+        """Nothing beyond the executors' own warm-up (gather / scatter per bucket)."""
+
+
+class LocalTransport:
+    """Both instances in this process. ``one_pass=None``: the one-pass import where it applies (CPU
+    meshes), staged elsewhere; ``False``: always staged (what an accelerator does)."""
 
     def __init__(self, one_pass: bool | None = None) -> None:
         self.one_pass = one_pass
 
-    def warmup(self, src: Any, dst: Any) -> None:
-        if self.one_pass is not False and fused_host_ok(src, dst):
-            fused_host_copy(src, [], dst, [])  # zero blocks: compiles the pair's program, copies nothing
-            src.wait_reads()
+    def export_kv(self, src: Any, block_ids: Sequence[int], num_tokens: int) -> DeviceKV:
+        n = blocks_needed(num_tokens, src.block_size)
+        if len(block_ids) < n:
+            raise ValueError(f"{num_tokens} tokens need {n} source blocks, got {len(block_ids)}")
+        return DeviceKV(num_tokens, src.block_size, n, src.gather_blocks(_pad(block_ids[:n], _bucket(max(1, n)))))
 
-    def copy(self, src: Any, src_blocks: Sequence[int], dst: Any, dst_blocks: Sequence[int],
-             num_tokens: int) -> None:
-        n_src = blocks_needed(num_tokens, src.block_size)
-        n_dst = blocks_needed(num_tokens, dst.block_size)
-        if len(src_blocks) < n_src or len(dst_blocks) < n_dst:
-            raise ValueError(f"{num_tokens} tokens need {n_src} source / {n_dst} destination blocks, "
-                             f"got {len(src_blocks)} / {len(dst_blocks)}")
-        if self.one_pass is not False and fused_host_ok(src, dst):
-            fused_host_copy(src, src_blocks[:n_src], dst, dst_blocks[:n_dst])
-            return
-        if self.one_pass:
-            raise ValueError("the one-pass transfer needs CPU meshes with the same block size and dtype "
+    def import_kv(self, dst: Any, block_ids: Sequence[int], handle: DeviceKV | KVPayload) -> int:
+        if isinstance(handle, KVPayload):
+            return import_host(dst, block_ids, handle)
+        n = _check(handle, dst, block_ids)
+        if handle.block_size != dst.block_size:
+            layers = repage(handle.layers, handle.num_tokens, dst.block_size, n)
+            return import_host(dst, block_ids, KVPayload(handle.num_tokens, dst.block_size, layers))
+        if self.one_pass is not False and one_pass_ok(handle, dst):
+            one_pass_import(handle, dst, block_ids[:n])
+        elif self.one_pass:
+            raise ValueError("the one-pass import needs CPU meshes with the same block size and dtype "
                              "and one tp a multiple of the other")
-        if src.block_size == dst.block_size:
-            b = _bucket(n_src)
-            blocks = src.gather_blocks(_pad(src_blocks[:n_src], b))
-            dst.scatter_blocks(_pad(dst_blocks[:n_dst], b), blocks)
-            return
-        blocks = src.gather_blocks(list(src_blocks[:n_src]))
-        dst.scatter_blocks(list(dst_blocks[:n_dst]), repage(blocks, num_tokens, dst.block_size, n_dst))
+        else:
+            b = handle.layers[0][0].shape[0]
+            dst.scatter_blocks(_pad(block_ids[:n], b), handle.layers)
+        return handle.nbytes
+
+    def warmup(self, src: Any, dst: Any, max_tokens: int | None = None) -> None:
+        """Compile the import programs from ``src`` into ``dst`` for every block bucket (copies nothing
+        real: null blocks onto the null block, or zero blocks in the one-pass loop)."""
+        limit = max_tokens if max_tokens is not None else src.num_blocks * src.block_size
+        for b in block_buckets(src, min(limit, src.num_blocks * src.block_size)):
+            h = self.export_kv(src, [NULL_BLOCK] * b, b * src.block_size)
+            h = dataclasses.replace(h, num_tokens=0, num_blocks=0)
+            if h.block_size == dst.block_size and self.one_pass is not False and one_pass_ok(h, dst):
+                one_pass_import(h, dst, [])
+            elif h.block_size == dst.block_size:
+                dst.scatter_blocks([NULL_BLOCK] * b, h.layers)
+        jax.block_until_ready(dst.kv)
 
 
-class HostTransport:
-    """Transfer through host numpy arrays (the Ray object-store path, exercised in one process).
-
-    No ``warmup``: ``export_kv`` / ``import_kv`` use the executors' own (warmed) gather / scatter."""
-
-    def copy(self, src: Any, src_blocks: Sequence[int], dst: Any, dst_blocks: Sequence[int],
-             num_tokens: int) -> None:
-        n_src = blocks_needed(num_tokens, src.block_size)
-        n_dst = blocks_needed(num_tokens, dst.block_size)
-        host = export_kv(src, src_blocks[:n_src])
-        import_kv(dst, dst_blocks[:n_dst], repage(host, num_tokens, dst.block_size, n_dst))
-
-
-def export_kv(executor: Any, block_ids: Sequence[int]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Blocks of one request as host numpy arrays, per layer (k, v) [n, bs, H, Dh]."""
-    b = _bucket(len(block_ids))
-    blocks = executor.gather_blocks(_pad(block_ids, b))
-    return [(np.asarray(k)[: len(block_ids)], np.asarray(v)[: len(block_ids)]) for k, v in blocks]
-
-
-def import_kv(executor: Any, block_ids: Sequence[int], blocks: Sequence[tuple[np.ndarray, ...]]) -> None:
-    """Write host per-layer (k, v) [n, bs, H, Dh] into ``block_ids`` (padded to a bucket)."""
-    n = len(block_ids)
-    b = _bucket(n)
-
-    def pad(a: np.ndarray) -> np.ndarray:
-        return np.concatenate([a, np.zeros((b - n, *a.shape[1:]), a.dtype)]) if b > n else a
-
-    executor.scatter_blocks(_pad(block_ids, b), [(pad(k), pad(v)) for k, v in blocks])
-
-
-# ---- one-pass transfer between CPU meshes (shared host memory) ----------------------------
-# On the CPU backend every "device" is host memory. A source page pool can be handed to the
-# destination devices without a copy (``np.asarray`` of a CPU shard is a read-only view;
-# ``device_put(view, may_alias=True)`` wraps it), so one jitted loop on the destination mesh
-# reads the request's blocks straight from the source pages and writes them into the donated
-# destination pages in place: one pass over the bytes instead of gather + device_put + scatter.
-# Heads are re-split inside the loop (a destination shard concatenates several source shards
-# or slices one), layers are paired stage by stage. While such a read is in flight the source
-# executor must not donate its pages (``ReadGuard``); if it ever did, XLA refuses to donate a
-# buffer with a live view and copies instead, so the data stay right either way.
+# ---- one-pass import on CPU meshes (shared host memory) --------------------------------------
+# On the CPU backend every "device" is host memory. An export (a compact copy of the request's
+# blocks) can be handed to the destination devices without a copy (``np.asarray`` of a CPU shard
+# is a read-only view; ``device_put(view, may_alias=True)`` wraps it), so one jitted loop on the
+# destination mesh reads the blocks straight from the export and writes them into the donated
+# destination pages in place. Heads are re-split inside the loop (a destination shard concatenates
+# several source shards or slices one), layers are paired stage by stage.
+#
+# Why nothing can race here: views are taken of the export only, never of a page pool. An export
+# is a fresh array that no executor ever donates, so a view of it cannot block a donation (XLA
+# refuses to donate a buffer with a live external reference and copies it instead: that was the
+# old in-place read of the source pool, whose guard raced with the release of those views). The
+# source pool is read only by the jitted gather on the source's own thread, an ordinary XLA use
+# that later donations are ordered after; the destination pool is written only on the
+# destination's thread.
 
 _PAGES = PartitionSpec(None, None, "tp", None)
 
@@ -169,16 +212,17 @@ def _tp_of(pages: jax.Array) -> int:
     return len({s.index[2].start or 0 for s in pages.addressable_shards})
 
 
-def fused_host_ok(src: Any, dst: Any) -> bool:
-    """Whether the one-pass shared-memory path applies: CPU devices, same block size and dtype,
-    and one side's tp a multiple of the other's."""
-    if src.block_size != dst.block_size or not src.kv or not dst.kv:
+def one_pass_ok(handle: DeviceKV, dst: Any) -> bool:
+    """Whether the one-pass import applies: CPU devices, same block size and dtype, one side's tp a
+    multiple of the other's."""
+    if handle.block_size != dst.block_size or not handle.layers or not dst.kv:
         return False
-    if any(d.platform != "cpu" for d in (*src.devices, *dst.devices)):
+    if any(d.platform != "cpu" for d in dst.devices) or any(
+            d.platform != "cpu" for d in handle.layers[0][0].devices()):
         return False
-    if src.kv[0][0].dtype != dst.kv[0][0].dtype:
+    if handle.layers[0][0].dtype != dst.kv[0][0].dtype:
         return False
-    a, b = _tp_of(src.kv[0][0]), _tp_of(dst.kv[0][0])
+    a, b = _tp_of(handle.layers[0][0]), _tp_of(dst.kv[0][0])
     return a % b == 0 or b % a == 0
 
 
@@ -250,29 +294,21 @@ def _fused_copy(dst_kv: Any, pieces: Any, src_idx: jax.Array, dst_idx: jax.Array
                          out_specs=(_PAGES, rep), check_vma=False)(dst_kv, pieces, src_idx, dst_idx, n)
 
 
-def fused_host_copy(src: Any, src_blocks: Sequence[int], dst: Any, dst_blocks: Sequence[int]) -> None:
-    """Copy ``src_blocks`` of ``src`` into ``dst_blocks`` of ``dst`` in one pass (see above).
+def one_pass_import(handle: DeviceKV, dst: Any, dst_blocks: Sequence[int]) -> None:
+    """Write the export's first ``len(dst_blocks)`` blocks into ``dst_blocks`` of ``dst`` in one pass.
 
-    Index arrays are padded to the destination pool size, so each (source layout, destination
-    stage) pair compiles once; the loop runs only over the real blocks.
-    """
-    n = len(src_blocks)
-    if len(dst_blocks) != n:
-        raise ValueError(f"{n} source blocks but {len(dst_blocks)} destination blocks")
+    Index arrays are padded to the destination pool size, so each (export bucket and layout,
+    destination stage) compiles once; the loop runs only over the real blocks."""
+    n = len(dst_blocks)
     size = max(dst.num_blocks, n)
     si = np.zeros(size, np.int32)
     di = np.zeros(size, np.int32)
-    si[:n], di[:n] = src_blocks, dst_blocks
-    outs = []
-    dst.wait_reads()  # the destination's pages are donated below: the rule every donating call follows
-    src_kv, dst_kv = src.kv, dst.kv  # layer order (each stage below replaces only its own layers)
+    si[:n], di[:n] = np.arange(n), dst_blocks
     for s, (mesh, layers) in enumerate(dst.kv_stages()):
         rep = NamedSharding(mesh, PartitionSpec())
-        tp_d, tp_s = mesh.shape["tp"], _tp_of(src_kv[layers.start][0])
-        pieces = _aliases([src_kv[layer] for layer in layers], mesh)
-        kv = [dst_kv[layer] for layer in layers]
-        new, done = _fused_copy(kv, pieces, *jax.device_put((si, di, np.int32(n)), rep), mesh=mesh,
-                                split=max(1, tp_d // tp_s))
+        tp_d, tp_s = mesh.shape["tp"], _tp_of(handle.layers[layers.start][0])
+        pieces = _aliases([handle.layers[layer] for layer in layers], mesh)
+        kv = [dst.kv[layer] for layer in layers]
+        new, _ = _fused_copy(kv, pieces, *jax.device_put((si, di, np.int32(n)), rep), mesh=mesh,
+                             split=max(1, tp_d // tp_s))
         dst.set_stage_kv(s, new)
-        outs.append(done)  # not donated later (the pages are, by the decode step)
-    src.guard_reads(outs)

@@ -23,8 +23,8 @@ Names follow vLLM's (``vllm:`` -> ``jaxserve:``) so its dashboards fit:
 
 Only stop/length requests feed the latency histograms (an aborted or failed request has
 no meaningful latency). Every series carries ``model_name``. Updates come from the
-event loop only; engine gauges are read at scrape time without locks (ints, racing with
-the engine thread, which is fine for a gauge).
+event loop only; instance gauges are the router's last ``InstanceStats`` of each instance
+(a list swapped by the router's thread, read here without locks: fine for a gauge).
 """
 
 from __future__ import annotations
@@ -37,6 +37,8 @@ import numpy as np
 
 from jaxserve import slo
 from jaxserve.request import Event, Request
+from jaxserve.runtime.api import InstanceStats
+from jaxserve.runtime.router import Router
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -103,40 +105,11 @@ def transfer_durations(request: Request) -> list[float]:
     return out
 
 
-def instance_gauges(engine: Any) -> list[dict[str, Any]]:
-    """Per instance: name, held/capacity blocks, running/waiting requests (keys only where known).
-
-    Reads what exists: an ``LLMEngine`` (one instance), a ``DisaggEngine`` (``.instances`` of
-    LLMEngines) or a ``RayDisaggEngine`` (``.instances`` with cached ``.stats``; no remote calls).
-    """
-    if engine is None:
-        return []
-    try:
-        insts = list(engine.instances) if hasattr(engine, "instances") else [engine]
-    except Exception:  # a racing read; try again at the next scrape
-        return []
-    out = []
-    for i, inst in enumerate(insts):
-        g: dict[str, Any] = {"name": str(getattr(inst, "name", f"instance-{i}"))}
-        try:
-            stats = getattr(inst, "stats", None)
-            if hasattr(inst, "num_held_blocks") and hasattr(inst, "blocks"):
-                g["held"] = int(inst.num_held_blocks)
-                g["capacity"] = int(inst.blocks.capacity)
-            elif stats is not None and hasattr(stats, "held_blocks"):
-                g["held"] = int(stats.held_blocks)
-                g["capacity"] = int(stats.held_blocks) + int(stats.free_blocks)
-            sched = getattr(inst, "scheduler", None)
-            if sched is not None:
-                g["running"] = len(sched.running)
-                g["waiting"] = len(sched.waiting) + len(getattr(inst, "ready", ()))  # ready: waits for a pull
-            elif stats is not None and hasattr(stats, "num_ready"):
-                g["waiting"] = int(stats.num_ready)
-        except Exception:  # the engine thread changed something under us
-            continue
-        if len(g) > 1:
-            out.append(g)
-    return out
+def instance_gauges(stats: Sequence[InstanceStats]) -> list[dict[str, Any]]:
+    """Per instance: name, held/capacity blocks, running/waiting requests (from the router's last
+    batch of each instance: no remote calls at scrape time)."""
+    return [{"name": s.name, "held": s.held_blocks, "capacity": s.held_blocks + s.free_blocks,
+             "running": s.running, "waiting": s.waiting} for s in stats]
 
 
 class ServerMetrics:
@@ -178,7 +151,7 @@ class ServerMetrics:
             self.tpot.observe(float(slo.tpot(t, np.array([latency]), np.array([num_output_tokens]))[0]))
 
     # ---- exposition ---------------------------------------------------------------------------
-    def render(self, engine: Any = None, num_in_flight: int | None = None) -> str:
+    def render(self, engine: Router | None = None, num_in_flight: int | None = None) -> str:
         base = {"model_name": self.model_name}
         out: list[str] = []
 
@@ -206,7 +179,7 @@ class ServerMetrics:
         ):
             out.extend(h.lines(family(name, "histogram", help_), base))
 
-        gauges = instance_gauges(engine)
+        gauges = instance_gauges(engine.stats() if engine is not None else [])
         if num_in_flight is not None:
             n = family("num_requests_in_flight", "gauge", "Requests the server is streaming now.")
             out.append(f"{n}{_labels(base)} {int(num_in_flight)}")

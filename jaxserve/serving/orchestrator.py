@@ -1,21 +1,17 @@
-"""The orchestrator: async request streams over one engine running in a background thread.
+"""The orchestrator: async request streams over the runtime's router, driven from one thread.
 
-    async caller --generate(Request)--> command queue --> engine thread:
-        Frontend.add (dispatch: prefill instance with fewest queued tokens; later the decode
-        instance with most free blocks, inside DisaggEngine) ... Frontend.step() ...
+    async caller --generate(Request)--> command queue (router woken) --> the router's thread:
+        Frontend.add --> Router.add_request (dispatch to an entry instance) ... Frontend.step()
+        (Router.step: fold the instances' message batches, pull prefilled KV to decode instances)
         Delta --loop.call_soon_threadsafe--> the request's asyncio.Queue --> async iterator
     consumer stops early (client disconnected, cancelled) --> abort command --> blocks freed
                                                              on every instance at once
 
-The engine (``LLMEngine``, ``DisaggEngine`` or ``RayDisaggEngine``) is touched only by the
-engine thread, so engines need no locks; the asyncio side only enqueues commands and reads
-queues. Admission is bounded (``max_queue`` requests in flight; more raise ``QueueFull``:
-the server answers 503). Every wait has a timeout. If a step raises, the requests in
-flight end with ``finish_reason`` ``error`` and the loop carries on.
-
-Today the whole engine is stepped from this one thread (for a DisaggEngine: prefill
-instances, the KV pull, then decode instances, in turn); JAX's async dispatch overlaps
-device work with the host loop, but prefill and decode steps do not run concurrently.
+The router (``jaxserve.runtime.router.Router``) is touched only by this thread; the instances
+run on their own (a thread each in this process, or Ray actors), so a decode instance never
+waits for a prefill step. Admission is bounded (``max_queue`` requests in flight; more raise
+``QueueFull``: the server answers 503). Every wait has a timeout. If a router step raises, the
+requests in flight end with ``finish_reason`` ``error`` and the loop carries on.
 """
 
 from __future__ import annotations
@@ -30,6 +26,7 @@ from typing import Any
 
 from jaxserve.engine.frontend import Delta, Frontend
 from jaxserve.request import FinishReason, Request
+from jaxserve.runtime.router import Router
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +36,7 @@ class QueueFull(RuntimeError):
 
 
 class Orchestrator:
-    def __init__(self, engine: Any, tokenizer: Any = None, *, max_queue: int = 256,
+    def __init__(self, engine: Router, tokenizer: Any = None, *, max_queue: int = 256,
                  admit_timeout_s: float = 30.0, token_timeout_s: float = 600.0) -> None:
         self.engine = engine
         self.frontend = Frontend(engine, tokenizer)
@@ -119,6 +116,7 @@ class Orchestrator:
     def _send(self, cmd: tuple[Any, ...]) -> None:
         self._cmds.put(cmd)
         self._wake.set()
+        self.engine.wake()  # a router step waiting for instance batches returns now
 
     # ---- the engine thread -------------------------------------------------------------------
     def _run(self) -> None:

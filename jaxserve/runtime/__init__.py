@@ -1,0 +1,1 @@
+"""The runtime above one instance: typed contracts (api), the router, instances in threads."""
