@@ -68,14 +68,16 @@ class FakeCore:
         return False
 
     def has_unfinished(self) -> bool:
-        return bool(self.waiting or self.running)
+        return bool(self.running) or (bool(self.waiting) and (self.mode != "colocated"
+                                                              or len(self.running) < self.max_running))
 
     def step(self) -> list[StepOutput]:
         self.steps += 1
         if self.fail_at_step == self.steps:
             raise RuntimeError("boom")
-        if self.waiting:
-            return self._prefill()
+        room = self.max_running - (len(self.running) if self.mode == "colocated" else 0)
+        if self.waiting and room > 0:
+            return self._prefill(room)
         return self._decode()
 
     def take_ready(self) -> list[str]:
@@ -107,8 +109,8 @@ class FakeCore:
         return 0
 
     # ---- steps ---------------------------------------------------------------------------------
-    def _prefill(self) -> list[StepOutput]:
-        batch, self.waiting = self.waiting[: self.max_running], self.waiting[self.max_running:]
+    def _prefill(self, room: int) -> list[StepOutput]:
+        batch, self.waiting = self.waiting[:room], self.waiting[room:]
         for r in batch:
             r.stamp(Event.PREFILL_BEGAN, instance=self.name)
         time.sleep(self.prefill_s)

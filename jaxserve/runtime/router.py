@@ -335,7 +335,8 @@ class Router:
         out = {}
         for s in self.live():
             try:
-                out[s.name] = s.inst.stats().held_blocks
+                s.stats = s.inst.stats()  # fresher than the last batch (a reference swap: safe from any thread)
+                out[s.name] = s.stats.held_blocks
             except Exception as e:  # an instance that cannot answer is failed
                 self._fail_instance(s, f"stats failed: {type(e).__name__}: {e}")
         return out

@@ -135,7 +135,7 @@ async def health(http: web.Request) -> web.Response:
 
 async def metrics_endpoint(http: web.Request) -> web.Response:
     st = http.app[STATE]
-    text = st.metrics.render(st.orchestrator.engine, num_in_flight=st.orchestrator.num_in_flight)
+    text = st.metrics.render(st.orchestrator.engine.stats(), num_in_flight=st.orchestrator.num_in_flight)
     return web.Response(body=text.encode(), headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
 
 

@@ -38,7 +38,6 @@ import numpy as np
 from jaxserve import slo
 from jaxserve.request import Event, Request
 from jaxserve.runtime.api import InstanceStats
-from jaxserve.runtime.router import Router
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
                 20.0, 40.0, 80.0, 160.0, 640.0, 2560.0)
@@ -151,7 +150,8 @@ class ServerMetrics:
             self.tpot.observe(float(slo.tpot(t, np.array([latency]), np.array([num_output_tokens]))[0]))
 
     # ---- exposition ---------------------------------------------------------------------------
-    def render(self, engine: Router | None = None, num_in_flight: int | None = None) -> str:
+    def render(self, instances: Sequence[InstanceStats] = (), num_in_flight: int | None = None) -> str:
+        """Prometheus text; ``instances``: the router's last stats of each instance (``Router.stats()``)."""
         base = {"model_name": self.model_name}
         out: list[str] = []
 
@@ -179,7 +179,7 @@ class ServerMetrics:
         ):
             out.extend(h.lines(family(name, "histogram", help_), base))
 
-        gauges = instance_gauges(engine.stats() if engine is not None else [])
+        gauges = instance_gauges(instances)
         if num_in_flight is not None:
             n = family("num_requests_in_flight", "gauge", "Requests the server is streaming now.")
             out.append(f"{n}{_labels(base)} {int(num_in_flight)}")

@@ -122,9 +122,9 @@ class Orchestrator:
     def _run(self) -> None:
         while not self._stopping.is_set():
             self._drain_commands()
-            if self.frontend.trackers or self.engine.has_unfinished():
-                self._step()
-            else:
+            busy = bool(self.frontend.trackers) or self.engine.has_unfinished()
+            self._step()  # idle too: folds the instances' last batches (their gauges stay current)
+            if not busy:
                 self._wake.wait(0.05)
                 self._wake.clear()
         self._drain_commands()

@@ -2,9 +2,10 @@
 
 A source instance prefills a request; ``gather_blocks`` copies its blocks out (per layer, layer order);
 a destination with another (tp, pp) layout and other block ids ``scatter_blocks`` them in and decodes.
-The destination's decode logits must equal the source's and the single-device reference. The one-pass
-CPU path (``fused_host_copy``: the destination reads the source pages in place) must write exactly
-the same bytes, touch no other block, and leave the source's pages donatable in place.
+The destination's decode logits must equal the source's and the single-device reference. The transport
+(``export_kv`` on the source, ``import_kv`` on the destination; on CPU meshes a one-pass import that
+reads the export through zero-copy views) must write exactly the same bytes, touch no other block,
+write the destination's pages in place, and never keep the source from donating its own pages.
 """
 
 import jax
@@ -13,7 +14,7 @@ import pytest
 
 from jaxserve.config import ModelConfig
 from jaxserve.engine.executor import ModelExecutor
-from jaxserve.engine.kv_transfer import LocalTransport, fused_host_copy, fused_host_ok
+from jaxserve.engine.kv_transfer import HostTransport, LocalTransport, one_pass_ok
 from jaxserve.engine.pipeline import PipelineExecutor
 from jaxserve.model.inputs import SeqChunk
 from jaxserve.model.opt import abstract_params
@@ -100,15 +101,17 @@ def _shard_pointers(ex):
     pytest.param("pre_ln", (2, 1), (4, 1), id="tp2-to-tp4"),
     pytest.param("pre_ln", (4, 1), (1, 1), id="tp4-to-tp1"),
 ])
-def test_one_pass_copy_writes_the_same_bytes_in_place(variant, src, dst, tiny, devices):
+def test_one_pass_import_writes_the_same_bytes_in_place(variant, src, dst, tiny, devices):
     cfg, params = tiny(variant)
     sc, a, b = _prefilled_pair(cfg, params, devices, src, dst)
     src_ids = sc.tables[SEQ]
     want = [(np.asarray(k), np.asarray(v)) for k, v in a.gather_blocks(src_ids)]
-    assert fused_host_ok(a, b)
+    t = LocalTransport()
+    handle = t.export_kv(a, src_ids, len(sc.prompts[SEQ]))
+    assert one_pass_ok(handle, b)
     before_a, before_b = _shard_pointers(a), _shard_pointers(b)
 
-    fused_host_copy(a, src_ids, b, DST_BLOCKS)
+    assert t.import_kv(b, DST_BLOCKS, handle) == sum(k.nbytes + v.nbytes for k, v in want)
 
     assert _shard_pointers(b) == before_b  # written in place (donated), no fresh pages
     others = [i for i in range(16) if i not in DST_BLOCKS]
@@ -122,41 +125,50 @@ def test_one_pass_copy_writes_the_same_bytes_in_place(variant, src, dst, tiny, d
     assert _shard_pointers(a) == before_a
 
 
-def test_one_pass_copy_needs_equal_block_sizes(tiny, devices):
+@pytest.mark.parametrize("transport", [LocalTransport(), LocalTransport(one_pass=False), HostTransport()],
+                         ids=["one-pass", "staged", "host"])
+def test_block_sizes_differ_the_kv_is_repaged(transport, tiny, devices):
     cfg, params = tiny("pre_ln")
     a, b = ModelExecutor(cfg, params, devices[:1]), ModelExecutor(cfg, params, devices[1:2])
     a.init_kv(8, BS)
     b.init_kv(8, BS // 2)
-    assert not fused_host_ok(a, b)
-    with pytest.raises(ValueError, match="same block size"):
-        LocalTransport(one_pass=True).copy(a, [1], b, [1, 2], BS)
+    a.scatter_blocks([1, 2], [(np.full((2, BS, cfg.num_attention_heads, cfg.head_dim), 3.0, np.float32),) * 2]
+                     * cfg.num_hidden_layers)
+    n = BS + 3  # two source blocks, three destination blocks
+    transport.import_kv(b, [5, 6, 7], transport.export_kv(a, [1, 2], n))
+    k = np.asarray(b.kv[0][0])
+    assert (k[5:7] == 3.0).all() and (k[7, :3] == 3.0).all() and not k[7, 3:].any() and not k[[1, 2, 3, 4]].any()
 
 
-def test_source_waits_for_an_in_flight_read_before_donating(devices):
-    """A prefill step dispatched right after a one-pass copy (still reading) must neither corrupt the copy
-    nor push XLA into copying the whole source pool (a live view blocks donation): ``ReadGuard``."""
+def test_source_donates_in_place_while_an_import_is_in_flight(devices):
+    """A source step dispatched right after an export whose import is still running must neither corrupt
+    the import nor push XLA into copying the whole source pool. It cannot race: the import reads the
+    export (a compact copy no one donates), never the source's pages (once a guarded in-place read that
+    failed 1 run in 3 here)."""
     cfg = ModelConfig(name="wide", vocab_size=64, hidden_size=1024, num_hidden_layers=8, num_attention_heads=8,
                       ffn_dim=64, word_embed_proj_dim=1024, max_position_embeddings=64)
     params = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), abstract_params(cfg))
-    n = 250  # 262 MB of K+V: the copy takes far longer than dispatching the next scatter
+    n = 250  # 262 MB of K+V: the import takes far longer than dispatching the next scatter
     a = ModelExecutor(cfg, params, devices[:2], tp=2)
-    b = ModelExecutor(cfg, params, devices[2:4], tp=2)  # tp>1: the copy runs asynchronously
+    b = ModelExecutor(cfg, params, devices[2:4], tp=2)  # tp>1: the import runs asynchronously
     a.init_kv(n + 2, BS)
     b.init_kv(n + 2, BS)
     page = (n, BS, cfg.num_attention_heads, cfg.head_dim)
     a.scatter_blocks(list(range(1, n + 1)), [(np.ones(page, np.float32),) * 2] * cfg.num_hidden_layers)
     one = (1, *page[1:])
     a.scatter_blocks([n], [(np.ones(one, np.float32),) * 2] * cfg.num_hidden_layers)  # compile both programs
-    fused_host_copy(a, [], b, [])
+    t = LocalTransport()
+    ids = list(range(1, n + 1))
+    t.import_kv(b, ids, t.export_kv(a, ids, n * BS))  # compiles export and import for this bucket
     jax.block_until_ready((a.kv, b.kv))
     before = _shard_pointers(a)
-    ids = list(range(1, n + 1))
 
-    fused_host_copy(a, ids, b, ids)
-    # at once, before anything waits: the source reuses the last block the copy reads
-    a.scatter_blocks([n], [(np.full(one, 2.0, np.float32),) * 2] * cfg.num_hidden_layers)
-
-    assert _shard_pointers(a) == before  # donated in place: the scatter waited for the read
-    for k, v in b.kv:
-        assert np.asarray(k)[n].min() == 1.0 and np.asarray(v)[n].max() == 1.0  # the copy read the old block
-    assert np.asarray(a.kv[0][0])[n].min() == 2.0
+    for _ in range(3):
+        t.import_kv(b, ids, t.export_kv(a, ids, n * BS))
+        # at once, before anything waits: the source reuses the last block the import reads
+        a.scatter_blocks([n], [(np.full(one, 2.0, np.float32),) * 2] * cfg.num_hidden_layers)
+        assert _shard_pointers(a) == before  # donated in place
+        for k, v in b.kv:
+            assert np.asarray(k)[n].min() == 1.0 and np.asarray(v)[n].max() == 1.0  # the export was taken before
+        assert np.asarray(a.kv[0][0])[n].min() == 2.0
+        a.scatter_blocks([n], [(np.ones(one, np.float32),) * 2] * cfg.num_hidden_layers)

@@ -1,5 +1,6 @@
 """The interference scenario shared by the in-process and the Ray test: a burst of prompts while requests decode."""
 
+import itertools
 import time
 
 from jaxserve.request import Event, Request, SamplingParams
@@ -29,7 +30,7 @@ def decode_gaps_during_burst(router, n_decoding=2, n_burst=4):
     gaps = []
     for r in decoding:
         times = [e.time for e in r.events if e.kind == Event.TOKEN and start <= e.time <= end]
-        gaps += [b - a for a, b in zip(times, times[1:], strict=False)]
+        gaps += [b - a for a, b in itertools.pairwise(times)]
     for r in decoding:
         router.abort_request(r.request_id)
     return gaps, burst, decoding, end - start

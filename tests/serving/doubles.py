@@ -1,59 +1,46 @@
-"""A hand-checkable test double of the engine for the orchestrator's and the server's own tests."""
+"""A hand-checkable deployment for the orchestrator's and the server's own tests: the real Router and
+LocalInstance over one test-double core (``jaxserve.runtime.fake.FakeCore``).
 
-import dataclasses
-import time
+Request r's tokens are 100, 101, ... (a prefill step gives the first, each decode step one more), up to
+max_tokens; the prompt [666] is refused by the instance (the request ends with ERROR). ``step_sleep``
+is each step's time, ``max_running`` caps the requests that advance, ``fail_at_step`` makes that step
+raise (the requests on the instance end with ERROR; it carries on)."""
 
-from jaxserve.engine.engine import StepOutput
-from jaxserve.request import FinishReason, Request
-
-
-@dataclasses.dataclass(frozen=True)
-class _Cfg:
-    eos_token_id: int = 2
+from jaxserve.runtime.fake import FakeCore
+from jaxserve.runtime.instance import LocalInstance
+from jaxserve.runtime.router import Router
 
 
-class CountingEngine:
-    """Test double: request r emits 100, 101, ... one per step, up to max_tokens; prompt [666] is rejected."""
+class CountingEngine(Router):
+    def __init__(self, fail_at_step=None, max_model_len=1000, step_sleep=0.0, max_running=64, capacity=1024):
+        self.core = FakeCore("colocated-0", "colocated", prefill_s=step_sleep, decode_s=step_sleep,
+                             max_running=max_running, max_model_len=max_model_len, fail_at_step=fail_at_step,
+                             capacity=capacity)
+        self.added = []
+        super().__init__([LocalInstance(self.core)], poll_s=0.01)
 
-    cfg = _Cfg()
+    def add_request(self, request):
+        super().add_request(request)
+        self.added.append(request)
 
-    def __init__(self, fail_at_step=None, max_model_len=1000, step_sleep=0.0, max_running=None):
-        self.reqs: dict[str, Request] = {}
-        self.added: list[Request] = []
-        self.max_running = max_running  # only the oldest this many requests advance
-        self.aborted: list[str] = []
-        self.steps = 0
-        self.fail_at_step = fail_at_step
-        self.max_model_len = max_model_len
-        self.step_sleep = step_sleep
+    @property
+    def reqs(self):
+        """Requests the instance still holds."""
+        c = self.core
+        return {r.request_id: r for r in [*c.waiting, *c.running.values()]}
 
-    def add_request(self, r):
-        if r.prompt_token_ids == [666]:
-            raise ValueError("prompt: 666 is not allowed")
-        self.reqs[r.request_id] = r
-        self.added.append(r)
+    @property
+    def aborted(self):
+        return self.core.aborted
 
-    def abort_request(self, rid, reason=FinishReason.ABORT):
-        if self.reqs.pop(rid, None) is not None:
-            self.aborted.append(rid)
-            return True
-        return False
+    @property
+    def steps(self):
+        return self.core.steps
 
-    def has_unfinished(self):
-        return bool(self.reqs)
+    @property
+    def fail_at_step(self):
+        return self.core.fail_at_step
 
-    def step(self):
-        self.steps += 1
-        if self.step_sleep:
-            time.sleep(self.step_sleep)
-        if self.fail_at_step == self.steps:
-            raise RuntimeError("boom")
-        out = []
-        for rid, r in list(self.reqs.items())[: self.max_running]:
-            tok = 100 + len(r.output_token_ids)
-            r.output_token_ids.append(tok)
-            done = len(r.output_token_ids) >= r.sampling.max_tokens
-            out.append(StepOutput(rid, tok, FinishReason.LENGTH if done else None))
-            if done:
-                del self.reqs[rid]
-        return out
+    @fail_at_step.setter
+    def fail_at_step(self, v):
+        self.core.fail_at_step = v

@@ -5,11 +5,11 @@ from __future__ import annotations
 import itertools
 import math
 import re
-import types
 
 import pytest
 
 from jaxserve.request import Event, Request
+from jaxserve.runtime.api import InstanceStats
 from jaxserve.serving.metrics import Histogram, ServerMetrics, instance_gauges, transfer_durations
 
 _SAMPLE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{(.*)\})? (\S+)$')
@@ -110,7 +110,7 @@ def test_text_parses_with_prometheus_client_too():
     parser = pytest.importorskip("prometheus_client.parser")
     m = ServerMetrics('we"ird\\name\n')
     m.observe_finished(None, arrival=0.0, first_token=0.1, finish=0.3, num_output_tokens=3, finish_reason="stop")
-    fams = {f.name: f for f in parser.text_string_to_metric_families(m.render(_llm_engine("e0", 3, 15, 2, 1)))}
+    fams = {f.name: f for f in parser.text_string_to_metric_families(m.render([_stats("e0", 3, 15, 2, 1)]))}
     assert fams["jaxserve:time_to_first_token_seconds"].type == "histogram"
     usage = [s for s in fams["jaxserve:kv_cache_usage_perc"].samples if s.labels.get("instance") == "e0"]
     assert usage[0].value == pytest.approx(0.2) and usage[0].labels["model_name"] == 'we"ird\\name\n'
@@ -122,43 +122,23 @@ def test_transfer_durations_pair_began_with_ended():
     assert transfer_durations(r) == [0.25, 0.5]
 
 
-def _llm_engine(name, held, capacity, waiting, running, ready=0):
-    sched = types.SimpleNamespace(waiting=[object()] * waiting, running=[object()] * running)
-    return types.SimpleNamespace(name=name, num_held_blocks=held, blocks=types.SimpleNamespace(capacity=capacity),
-                                 scheduler=sched, ready=dict.fromkeys(range(ready)))
+def _stats(name, held, capacity, waiting, running):
+    return InstanceStats(name, capacity - held, held, 0, running, waiting)
 
 
-def test_instance_gauges_from_each_engine_kind():
-    one = _llm_engine("engine-0", 3, 12, 2, 1)
-    assert instance_gauges(one) == [{"name": "engine-0", "held": 3, "capacity": 12, "running": 1, "waiting": 2}]
-    disagg = types.SimpleNamespace(instances=[_llm_engine("prefill-0", 4, 16, 5, 0, ready=2),
-                                              _llm_engine("decode-1", 8, 16, 0, 3)])
+def test_instance_gauges_from_the_routers_stats():
+    one = _stats("colocated-0", 3, 12, 2, 1)
+    assert instance_gauges([one]) == [{"name": "colocated-0", "held": 3, "capacity": 12, "running": 1, "waiting": 2}]
+    disagg = [_stats("prefill-0", 4, 16, 7, 0), _stats("decode-0", 8, 16, 0, 3)]
     g = instance_gauges(disagg)
-    assert [(x["name"], x["waiting"], x["running"]) for x in g] == [("prefill-0", 7, 0), ("decode-1", 0, 3)]
-    stats = types.SimpleNamespace(held_blocks=6, free_blocks=10, num_ready=1)
-    ray = types.SimpleNamespace(instances=[types.SimpleNamespace(name="decode-0", stats=stats)])
-    assert instance_gauges(ray) == [{"name": "decode-0", "held": 6, "capacity": 16, "waiting": 1}]
-    assert instance_gauges(None) == [] and instance_gauges(object()) == []
+    assert [(x["name"], x["waiting"], x["running"]) for x in g] == [("prefill-0", 7, 0), ("decode-0", 0, 3)]
+    assert instance_gauges([]) == []
 
     p = parse_prometheus(ServerMetrics("m").render(disagg, num_in_flight=9))
     lab = (("model_name", "m"),)
     assert p[("jaxserve:num_requests_waiting", lab)] == 7  # the total has no instance label
     assert p[("jaxserve:num_requests_waiting", (("instance", "prefill-0"), *lab))] == 7
-    assert p[("jaxserve:num_requests_running", (("instance", "decode-1"), *lab))] == 3
+    assert p[("jaxserve:num_requests_running", (("instance", "decode-0"), *lab))] == 3
     assert p[("jaxserve:kv_cache_usage_perc", (("instance", "prefill-0"), *lab))] == 0.25
     assert p[("jaxserve:kv_cache_usage_perc", lab)] == pytest.approx(12 / 32)
     assert p[("jaxserve:num_requests_in_flight", lab)] == 9
-
-
-def test_gauges_survive_an_engine_that_breaks_mid_read():
-    class Broken:
-        name = "x"
-
-        @property
-        def num_held_blocks(self):
-            raise RuntimeError("deque mutated during iteration")
-
-        blocks = types.SimpleNamespace(capacity=4)
-
-    assert instance_gauges(Broken()) == []
-    parse_prometheus(ServerMetrics().render(Broken()))

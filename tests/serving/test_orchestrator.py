@@ -30,6 +30,7 @@ def counting():
     orch.start()
     yield eng, orch
     orch.stop()
+    eng.shutdown()
 
 
 def test_streams_in_order_concurrently(counting):
@@ -50,8 +51,10 @@ def test_bad_request_and_queue_full(counting):
     eng, orch = counting
 
     async def main():
-        with pytest.raises(ValueError, match="666"):
-            await _collect(orch, _req(0, prompt=(666,)))
+        bad = await _collect(orch, _req(0, prompt=(666,)))  # refused by the instance: ends with an error
+        assert bad[-1].finish_reason == FinishReason.ERROR and not bad[-1].token_ids
+        with pytest.raises(ValueError, match="outside the vocabulary"):  # refused before dispatch
+            await _collect(orch, _req(0, prompt=(5000,)))
         gens = [orch.generate(_req(i, n=10_000)) for i in range(1, 9)]
         firsts = [await g.__anext__() for g in gens]  # 8 in flight = the limit
         assert all(f.token_ids for f in firsts)
@@ -88,7 +91,7 @@ def test_engine_failure_ends_requests_with_error():
     orch.start()
     try:
         deltas = asyncio.run(_collect(orch, _req(1, n=10)))
-        assert deltas[-1].finish_reason == FinishReason.ERROR and orch.num_errors == 1
+        assert deltas[-1].finish_reason == FinishReason.ERROR and orch.finished["error"] == 1
         assert [t for d in deltas for t in d.token_ids] == [100]
         again = asyncio.run(_collect(orch, _req(2, n=3)))  # the loop carries on
         assert [t for d in again for t in d.token_ids] == [100, 101, 102]
