@@ -4,8 +4,9 @@
         runtime_env: XLA_FLAGS=--xla_force_host_platform_device_count=tp*pp, JAX_PLATFORMS=cpu
         __init__: load_model(folder, dtype) -> LLMEngine(..., transport=ObjectStoreTransport())
                   (or a ``FakeCore`` for runtime tests) -> LocalInstance, looping in its own thread
-    add / abort / import_kv / release: queued for the loop, return at once (a threaded actor, so a
-        command never waits behind ``poll``)
+    add / abort / import_kv / release: queued for the loop in the order sent (the default concurrency
+        group has one thread), return at once; ``poll`` runs in a group of its own, so a command
+        never waits behind it
     poll(wait_s) -> Batch: the loop's messages since the last poll (waits up to ``wait_s`` for one)
 
 KV crosses as numpy through the object store: the prefill actor's export is ``ray.put`` of a
@@ -176,7 +177,7 @@ class ActorOptions:
             env["JAX_PLATFORMS"] = self.platform
         env.update(dict(self.env_vars))
         opts: dict[str, Any] = {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus,
-                                "runtime_env": {"env_vars": env}, "max_restarts": 0, "max_concurrency": 8}
+                                "runtime_env": {"env_vars": env}, "max_restarts": 0}
         if self.resources:
             opts["resources"] = dict(self.resources)
         strategy = self.scheduling_strategy
@@ -200,7 +201,8 @@ def start_instance(model: str | os.PathLike[str] | None, config: EngineConfig, n
 
     global _REMOTE_CLASS
     if _REMOTE_CLASS is None:
-        _REMOTE_CLASS = ray.remote(InstanceActor)
+        # commands run one at a time, in the order sent; poll has a thread of its own
+        _REMOTE_CLASS = ray.remote(concurrency_groups={"poll": 1})(InstanceActor)
     options = options or ActorOptions()
     model_spec = None if model is None else str(model)
     return _REMOTE_CLASS.options(**options.ray_options(config)).remote(model_spec, config, name, dtype, fake)

@@ -132,7 +132,7 @@ class RayInstance:
     # ---- the pump thread -----------------------------------------------------------------------
     def _pump(self) -> None:
         while not self._stop.is_set():
-            ref = self.actor.poll.remote(self.poll_wait_s)
+            ref = self.actor.poll.options(concurrency_group="poll").remote(self.poll_wait_s)
             try:
                 batch = ray.get(ref, timeout=self.poll_wait_s + self.timeout_s)
             except GetTimeoutError:

@@ -21,11 +21,13 @@ import pytest
 import ray
 from transformers import OPTForCausalLM
 
-from jaxserve.cluster.actors import ActorOptions, start_instance
-from jaxserve.cluster.ray_engine import NO_TOKEN, RayDisaggEngine
+from jaxserve.cluster.actors import ActorOptions
+from jaxserve.cluster.ray_instance import launch_router
 from jaxserve.config import EngineConfig
 from jaxserve.engine.frontend import run_requests
 from jaxserve.request import Event, FinishReason, Request, SamplingParams
+from jaxserve.runtime.api import NO_TOKEN
+from jaxserve.runtime.router import Router
 from tests.model_fixtures import hf_greedy, make_hf_opt
 
 pytestmark = pytest.mark.timeout(600)
@@ -56,18 +58,20 @@ def cluster():
         ray.shutdown()
 
 
-def _launch(model_dir, roles: list[str]) -> RayDisaggEngine:
-    opts = ActorOptions(num_cpus=0.5)
-    handles = [start_instance(model_dir, _cfg(r), f"{r}-{i}", options=opts) for i, r in enumerate(roles)]
-    n_p = roles.count("prefill")
-    return RayDisaggEngine(handles[:n_p], handles[n_p:], timeout_s=60, own_actors=True)
+def _launch(model_dir, roles: list[str]) -> Router:
+    names, seen = [], {}
+    for r in roles:
+        names.append(f"{r}-{seen.get(r, 0)}")
+        seen[r] = seen.get(r, 0) + 1
+    return launch_router(model_dir, [(n, _cfg(r)) for n, r in zip(names, roles, strict=True)],
+                         options=ActorOptions(num_cpus=0.5), timeout_s=60)
 
 
 def _long(i: int, prompt: list[int]) -> Request:
     return Request(f"long{i}", prompt, SamplingParams(max_tokens=400, ignore_eos=True))
 
 
-def _run_until(eng: RayDisaggEngine, done, limit_s: float = 120.0) -> list:
+def _run_until(eng: Router, done, limit_s: float = 120.0) -> list:
     outs, t0 = [], time.monotonic()
     while not done():
         assert time.monotonic() - t0 < limit_s, "condition not reached"
@@ -75,13 +79,22 @@ def _run_until(eng: RayDisaggEngine, done, limit_s: float = 120.0) -> list:
     return outs
 
 
-def _errors_within(eng: RayDisaggEngine, ids: set[str], limit_s: float) -> dict:
+def _errors_within(eng: Router, ids: set[str], limit_s: float) -> dict:
     """Step until every id in ``ids`` ended with ERROR; asserts it took < limit_s."""
     t0, errors = time.monotonic(), {}
     while not ids <= set(errors):
         assert time.monotonic() - t0 < limit_s, f"not failed within {limit_s} s: {ids - set(errors)}"
         errors.update({o.request_id: o for o in eng.step() if o.finish_reason == FinishReason.ERROR})
     return errors
+
+
+def _drained(eng: Router) -> dict:
+    for _ in range(200):
+        held = eng.held_blocks()
+        if not any(held.values()):
+            break
+        time.sleep(0.05)
+    return held
 
 
 def test_killing_a_decode_actor(cluster, model):
@@ -96,18 +109,11 @@ def test_killing_a_decode_actor(cluster, model):
         extra = _long(99, prompts[2])
         eng.add_request(extra)
         _run_until(eng, lambda: extra.request_id in eng.transit)
-        dead = eng._target(eng.transit[extra.request_id])
+        dead = eng.transit[extra.request_id].dst
         survivor = next(d for d in eng.decodes if d is not dead)
         doomed = {r.request_id for r in reqs if eng.where.get(r.request_id) is dead} | {extra.request_id}
         t_kill = time.monotonic()
-        ray.kill(dead.actor, no_restart=True)
-        # the race where the hand-off's own reply is the first one read from the dead actor (it was
-        # dequeued before the failure showed): the hand-off must still fail and free the source's KV
-        hand_off = eng.transit[extra.request_id]
-        dead.calls.remove(hand_off)
-        ray.wait([hand_off.ref], timeout=5)
-        eng._read(dead, hand_off)
-        assert extra.request_id not in eng.transit and not dead.alive
+        ray.kill(dead.inst.actor, no_restart=True)
         errors = _errors_within(eng, doomed, 5.0)
         assert time.monotonic() - t_kill < 5.0
         assert all(o.token_id == NO_TOKEN for o in errors.values())
@@ -122,10 +128,9 @@ def test_killing_a_decode_actor(cluster, model):
         assert [t.token_ids for t in run_requests(eng, fresh)] == refs
         for r in reqs:
             eng.abort_request(r.request_id)
-        eng.drain()
         assert not eng.has_unfinished()
         # the prefill actor freed the KV it held for the dead one; nothing leaks on the survivor
-        assert eng.held_blocks() == {"prefill-0": 0, survivor.name: 0}
+        assert _drained(eng) == {"prefill-0": 0, survivor.name: 0}
 
 
 def test_killing_a_prefill_actor(cluster, model):
@@ -136,14 +141,14 @@ def test_killing_a_prefill_actor(cluster, model):
         decoding = _long(0, prompts[0])
         eng.add_request(decoding)
         _run_until(eng, lambda: eng.where.get(decoding.request_id) is d and len(decoding.output_token_ids) >= 2)
-        # queue long prompts on p0 only (p1 looks busy to the dispatcher)
+        # queue long prompts on p0 only (p1 looks busy to the dispatcher until its next batch)
         p1.stats = dataclasses.replace(p1.stats, queued_tokens=10**9)
         queued = [Request(f"q{i}", prompts[3] * 3, SamplingParams(max_tokens=8)) for i in range(3)]
         for r in queued:
             eng.add_request(r)
         assert all(eng.where[r.request_id] is p0 for r in queued)
         t_kill = time.monotonic()
-        ray.kill(p0.actor, no_restart=True)
+        ray.kill(p0.inst.actor, no_restart=True)
         _errors_within(eng, {r.request_id for r in queued}, 5.0)
         assert time.monotonic() - t_kill < 5.0 and not p0.alive
         assert all(r.finish_reason == FinishReason.ERROR for r in queued)
@@ -153,35 +158,31 @@ def test_killing_a_prefill_actor(cluster, model):
         assert all(r.events[1].instance == "prefill-1" for r in fresh)
         assert decoding.finish_reason is None and len(decoding.output_token_ids) > 2
         eng.abort_request(decoding.request_id)
-        eng.drain()
-        assert eng.held_blocks() == {"prefill-1": 0, "decode-2": 0}
+        assert _drained(eng) == {"prefill-1": 0, "decode-0": 0}
 
 
 def test_prefill_actor_dying_with_its_kv_in_the_object_store(cluster, model):
     """Killed right after its step put the KV in the object store, before the hand-off: the hand-off
-    either still lands (the object is on this node; which of the two happens is Ray's race) and the
-    request finishes with HF's tokens, or it fails and the request ends with ERROR. Either way
-    nothing leaks and the survivors serve."""
+    either still lands (the object may already be on the decode side; which happens is Ray's race)
+    and the request finishes with HF's tokens, or it fails and the request ends with ERROR. Either
+    way nothing leaks and the survivors serve."""
     model_dir, prompts, refs = model
     with _launch(model_dir, ["prefill", "prefill", "decode"]) as eng:
         p0, p1 = eng.prefills
         p1.stats = dataclasses.replace(p1.stats, queued_tokens=10**9)  # the request goes to p0
         req = Request("orphan", prompts[2], SamplingParams(max_tokens=12))
+        real_pull, eng.pull = eng.pull, lambda: 0  # step and fold, but do not hand off yet
         eng.add_request(req)
         assert eng.where[req.request_id] is p0
-        t0 = time.monotonic()
-        while not p0.ready:  # step and collect, but do not hand off yet
-            assert time.monotonic() - t0 < 120, "not prefilled"
-            eng._kick()
-            eng._collect(0.05)
-        assert p0.ready_ids == [req.request_id]  # its KV is in the object store, owned by p0
-        ray.kill(p0.actor, no_restart=True)
+        _run_until(eng, lambda: bool(p0.ready))
+        assert [r for r, _ in p0.ready] == [req.request_id]  # its KV is in the object store, owned by p0
+        ray.kill(p0.inst.actor, no_restart=True)
+        eng.pull = real_pull
         _run_until(eng, lambda: req.finish_reason is not None, limit_s=30.0)
         if req.finish_reason == FinishReason.ERROR:
             assert req.request_id in eng.failures
         else:
             assert req.output_token_ids == refs[2]
-        eng.drain()
-        assert eng.held_blocks() == {"prefill-1": 0, "decode-2": 0}
+        assert _drained(eng) == {"prefill-1": 0, "decode-0": 0}
         fresh = [Request(f"new{i}", p_, SamplingParams(max_tokens=12)) for i, p_ in enumerate(prompts)]
         assert [t.token_ids for t in run_requests(eng, fresh)] == refs

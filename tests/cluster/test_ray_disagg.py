@@ -9,6 +9,7 @@ prefill actor -> object store -> decode actor as numpy.
 from __future__ import annotations
 
 import os
+import time
 
 import numpy as np
 import pytest
@@ -16,17 +17,14 @@ import ray
 from transformers import OPTForCausalLM
 
 from jaxserve.cluster.actors import ActorOptions, start_instance
-from jaxserve.cluster.ray_engine import (
-    NO_TOKEN,
-    ClusterError,
-    InstanceFailed,
-    RayDisaggEngine,
-    estimate_clock_offset,
-)
+from jaxserve.cluster.ray_instance import connect, estimate_clock_offset, launch_router
 from jaxserve.config import EngineConfig
 from jaxserve.engine.frontend import run_requests
 from jaxserve.request import Event, FinishReason, Request, SamplingParams
+from jaxserve.runtime.api import NO_TOKEN
+from jaxserve.runtime.router import ClusterError, Router
 from tests.model_fixtures import hf_greedy, make_hf_opt
+from tests.runtime.interference import DECODE_S, PREFILL_S, decode_gaps_during_burst
 
 LENS = [1, 2, 16, 17, 60, 130, 299, 300]
 
@@ -60,7 +58,8 @@ def actors(cluster, model_dir):
     opts = ActorOptions(num_cpus=0.5)
     configs = [_cfg("prefill"), _cfg("decode"), _cfg("prefill"),
                _cfg("decode", block_size=8)]  # the second pair re-pages KV from blocks of 16 to 8
-    handles = [start_instance(model_dir, c, f"{c.mode}-{i}", options=opts) for i, c in enumerate(configs)]
+    names = ["prefill-0", "decode-0", "prefill-1", "decode-1"]
+    handles = [start_instance(model_dir, c, n, options=opts) for n, c in zip(names, configs, strict=True)]
     yield handles
     for h in handles:
         ray.kill(h)
@@ -79,7 +78,7 @@ def model(model_dir):
 
 @pytest.fixture(scope="module")
 def engine(actors, model):
-    eng = RayDisaggEngine(actors[:1], actors[1:2], timeout_s=120)
+    eng = Router(connect(actors[:2], timeout_s=120))
     yield eng
     eng.shutdown()
 
@@ -93,7 +92,7 @@ def test_two_actors_equal_hf_tokens(engine, model):
     assert engine.num_transfers == sum(len(r) > 1 and r[0] != 2 for r in refs)
     assert engine.transfer_bytes > 0
     held = engine.held_blocks()
-    assert set(held) == {"prefill-0", "decode-1"} and all(v == 0 for v in held.values()), held
+    assert set(held) == {"prefill-0", "decode-0"} and all(v == 0 for v in held.values()), held
     assert not engine.has_unfinished() and not engine.where and not engine.requests
     for r, ref in zip(reqs, refs, strict=True):
         # the driver's Request objects were kept true by the actors' replies
@@ -108,10 +107,10 @@ def test_two_actors_equal_hf_tokens(engine, model):
             i = kinds.index(Event.TRANSFER_BEGAN)
             assert kinds[i:i + 4] == [Event.TRANSFER_BEGAN, Event.TRANSFER_ENDED, Event.DECODE_QUEUED,
                                       Event.DECODE_BEGAN]
-            assert r.events[i].instance == "prefill-0->decode-1" and r.events[-1].instance == "decode-1"
+            assert r.events[i].instance == "prefill-0->decode-0" and r.events[-1].instance == "decode-0"
     # one host, one CLOCK_MONOTONIC: no offset applied, and the estimator's bound holds on a real actor
     assert all(i.clock_offset == 0.0 for i in engine.instances)
-    offset, err = estimate_clock_offset(lambda: ray.get(engine.decodes[0].actor.clock.remote(), timeout=30))
+    offset, err = estimate_clock_offset(lambda: ray.get(engine.decodes[0].inst.actor.clock.remote(), timeout=30))
     assert abs(offset) <= err + 1e-6 and err < 1.0
 
 
@@ -128,6 +127,13 @@ def test_sampled_request_carries_its_seed(engine, model):
     assert len(a.output_token_ids) == 12 and b.output_token_ids == a.output_token_ids
 
 
+def _step_until(eng, cond, limit_s=120.0):
+    t0 = time.monotonic()
+    while not cond():
+        assert time.monotonic() - t0 < limit_s, "condition not reached"
+        eng.step()
+
+
 def test_abort_anywhere_frees_blocks(engine, model):
     """Abort while queued, while held for transfer, mid hand-off and mid decode: every block comes back."""
     _, prompts, _, _ = model
@@ -136,77 +142,87 @@ def test_abort_anywhere_frees_blocks(engine, model):
         engine.add_request(r)
     p, d = engine.prefills[0], engine.decodes[0]
     assert engine.abort_request("a7")  # queued on the prefill actor
-    d.full = True  # hold the hand-offs back: prefilled requests wait on the prefill side
-    while len(p.ready) < 2:
-        engine.step()
-        d.full = True
+    real_pull, engine.pull = engine.pull, lambda: 0  # hold the hand-offs back: KV waits on the prefill side
+    _step_until(engine, lambda: len(p.ready) >= 2)
     held = p.ready[-1][0]
     assert engine.abort_request(held)  # KV held on the prefill side for transfer
-    d.full = False
+    engine.pull = real_pull
     assert engine.pull() >= 1 and engine.transit
     in_flight = next(iter(engine.transit))
     assert engine.abort_request(in_flight)  # mid hand-off: the import may land, then it is freed there
-    while not (decoding := [r for r, i in engine.where.items() if i is d]):
-        engine.step()
-    while len(engine.requests[decoding[0]].output_token_ids) < 2:
-        engine.step()
-    assert engine.abort_request(decoding[0])  # mid-decode
-    engine.step()
+    _step_until(engine, lambda: any(s is d for s in engine.where.values()))
+    decoding = next(rid for rid, s in engine.where.items() if s is d)
+    _step_until(engine, lambda: len(engine.requests[decoding].output_token_ids) >= 2)
+    assert engine.abort_request(decoding)  # mid-decode
     for r in reqs:
         engine.abort_request(r.request_id)
     assert not engine.has_unfinished()
-    engine.drain()
     assert all(v == 0 for v in engine.held_blocks().values()), engine.held_blocks()
     for r in reqs:
         assert r.finish_reason == FinishReason.ABORT and r.events[-1].kind == Event.ABORTED, r.request_id
     assert len(reqs[-1].output_token_ids) == 0
-    assert len(next(r for r in reqs if r.request_id == decoding[0]).output_token_ids) >= 2
+    assert len(next(r for r in reqs if r.request_id == decoding).output_token_ids) >= 2
 
 
 def test_dead_decode_actor_fails_its_requests(actors, model):
     _, prompts, max_tokens, refs = model
-    with RayDisaggEngine(actors[2:3], actors[3:4], timeout_s=60, own_actors=True) as eng:
+    with Router(connect(actors[2:4], timeout_s=60, own_actors=True)) as eng:
         ok = [Request(f"ok{i}", prompts[i], SamplingParams(max_tokens=max_tokens[i])) for i in range(1, 4)]
         assert [t.token_ids for t in run_requests(eng, ok)] == refs[1:4]  # block size 16 -> 8
         reqs = [Request(f"x{i}", prompts[i], SamplingParams(max_tokens=40, ignore_eos=True)) for i in (1, 2, 3)]
         for r in reqs:
             eng.add_request(r)
         dec = eng.decodes[0]
-        while not all(eng.where.get(r.request_id) is dec for r in reqs):
-            eng.step()
-        ray.kill(dec.actor, no_restart=True)
-        outs = []
+        _step_until(eng, lambda: all(eng.where.get(r.request_id) is dec for r in reqs))
+        ray.kill(dec.inst.actor, no_restart=True)
+        t0, outs = time.monotonic(), []
         while eng.has_unfinished():
             outs += eng.step()
+        assert time.monotonic() - t0 < 5.0
         errors = {o.request_id: o for o in outs if o.finish_reason == FinishReason.ERROR}
         assert set(errors) == {r.request_id for r in reqs} and all(o.token_id == NO_TOKEN for o in errors.values())
         for r in reqs:
             assert r.finish_reason == FinishReason.ERROR and r.events[-1].kind == Event.ABORTED
-            assert "decode-3" in eng.failures[r.request_id]
-        assert not dec.alive and eng.held_blocks() == {"prefill-2": 0}
+            assert "decode-1" in eng.failures[r.request_id]
+        assert not dec.alive and eng.held_blocks() == {"prefill-1": 0}
         with pytest.raises(ClusterError, match="no live decode instance"):
             eng.add_request(Request("late", prompts[1]))
-        # an actor that stops answering is treated the same way once the deadline passes
-        pre, eng.timeout_s = eng.prefills[0], 0.5
-        silent = _never_answers.remote()
-        with pytest.raises(InstanceFailed, match="no reply within"):
-            eng._call(pre, silent)
-        ray.cancel(silent, force=True)
-        assert not pre.alive and eng.held_blocks() == {}
 
 
-@ray.remote(num_cpus=0)
-def _never_answers() -> None:
-    import time
-    time.sleep(600)
+def test_an_actor_that_stops_answering_is_failed(cluster, model_dir):
+    """A poll past its deadline fails the instance like a death (every call has a deadline)."""
+    actor = start_instance(None, _cfg("colocated"), "colocated-0", options=ActorOptions(num_cpus=0),
+                           fake={"decode_s": 0.01})
+    (proxy,) = connect([actor], timeout_s=0.5, own_actors=True)
+    proxy.poll_wait_s = 0.05
+    with Router([proxy]) as eng:
+        r = Request("slow", [2], SamplingParams(max_tokens=10_000))
+        eng.add_request(r)
+        _step_until(eng, lambda: len(r.output_token_ids) >= 3, 30)
+        # the poll thread gets stuck (behind a call in its group): the actor is alive but silent
+        actor.__ray_call__.options(concurrency_group="poll").remote(lambda self: time.sleep(600))
+        _step_until(eng, lambda: r.finished, 10)
+        assert r.finish_reason == FinishReason.ERROR and "no reply within" in eng.failures["slow"]
+
+
+def test_decode_actor_never_waits_for_a_prefill_step(cluster):
+    """The interference scenario with Ray actors: decode inter-token gaps stay under 50 ms while
+    400 ms prefill steps run."""
+    fake = {"prefill_s": PREFILL_S, "decode_s": DECODE_S, "max_running": 1}
+    with launch_router(None, [("prefill-0", _cfg("prefill")), ("decode-0", _cfg("decode"))],
+                       options=ActorOptions(num_cpus=0), fake=fake) as router:
+        gaps, burst, _, span = decode_gaps_during_burst(router, n_decoding=1)
+    assert span >= 4 * PREFILL_S * 0.95
+    assert len(gaps) > 25 and max(gaps) < 0.05, (len(gaps), max(gaps))
+    assert [r.output_token_ids for r in burst] == [[100, 101, 102]] * 4
 
 
 def test_colocated_replicas_share_requests_and_equal_hf(cluster, model):
-    """Two colocated replicas behind one RayDisaggEngine: requests spread over both, HF's tokens, no leaks."""
+    """Two colocated replicas behind one Router: requests spread over both, HF's tokens, no leaks."""
     model_dir, prompts, max_tokens, refs = model
     opts = ActorOptions(num_cpus=0)  # the module's four actors hold the cluster's CPUs
     handles = [start_instance(model_dir, _cfg("colocated"), f"colocated-{i}", options=opts) for i in range(2)]
-    with RayDisaggEngine([], [], colocated=handles, timeout_s=120, own_actors=True) as eng:
+    with Router(connect(handles, timeout_s=120, own_actors=True)) as eng:
         reqs = [Request(f"c{i}", p, SamplingParams(max_tokens=m))
                 for i, (p, m) in enumerate(zip(prompts, max_tokens, strict=True))]
         assert [t.token_ids for t in run_requests(eng, reqs)] == refs
