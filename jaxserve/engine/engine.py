@@ -103,6 +103,10 @@ class LLMEngine:
         self.num_warmup_shapes = 0
         self._warm = False
 
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.cfg.eos_token_id
+
     # ---- lifecycle ---------------------------------------------------------------------------
     def info(self) -> InstanceInfo:
         return InstanceInfo(self.name, self.config.mode, self.cfg.vocab_size, self.cfg.eos_token_id,

@@ -9,8 +9,7 @@
 Engines never see text, so a request can move between instances (and processes)
 without carrying a tokenizer; this is the one place stop strings are applied. The
 offline loop (``run_requests``) and the server's orchestrator both use ``Frontend``.
-``engine`` is a ``Router`` (or anything with its request surface: add_request, abort_request,
-step, has_unfinished, eos_token_id, max_model_len).
+``engine`` is a ``Stepper``: the ``Router``, or one ``LLMEngine`` stepped on the caller's thread.
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from jaxserve.request import FinishReason, Request
-from jaxserve.runtime.router import Router
+from jaxserve.runtime.api import Stepper
 from jaxserve.stopping import OutputTracker
 
 
@@ -37,7 +36,7 @@ class Delta:
 class Frontend:
     """Per-request output trackers over one engine (not thread-safe: call from the engine's thread)."""
 
-    def __init__(self, engine: Router, tokenizer: Any = None) -> None:
+    def __init__(self, engine: Stepper, tokenizer: Any = None) -> None:
         self.engine = engine
         self.tokenizer = tokenizer
         self.trackers: dict[str, OutputTracker] = {}
@@ -79,7 +78,7 @@ class Frontend:
         return [d for o in self.engine.step() if (d := self.on_output(o)) is not None]
 
 
-def run_requests(engine: Router, requests: Sequence[Request], tokenizer: Any = None,
+def run_requests(engine: Stepper, requests: Sequence[Request], tokenizer: Any = None,
                  progress: Callable[[int], Any] | None = None) -> list[OutputTracker]:
     """Add every request, step the engine until all finish; returns their trackers in input order."""
     fe = Frontend(engine, tokenizer)

@@ -105,6 +105,7 @@ class FakeCore:
     def warmup(self) -> int:
         return 0
 
+    @property
     def compilations_since_warmup(self) -> int:
         return 0
 

@@ -89,7 +89,7 @@ class LocalInstance:
         return self._call(self.core.warmup)
 
     def compilations_since_warmup(self) -> int:
-        return self._call(self.core.compilations_since_warmup)
+        return self._call(lambda: self.core.compilations_since_warmup)
 
     def stop_soon(self) -> None:
         """Ask the loop to end after its current step (does not wait)."""

@@ -1,8 +1,8 @@
 """Event times from actors on other nodes move onto the driver's clock (NTP-style offset estimate)."""
 
-from jaxserve.cluster.actors import RequestUpdate
-from jaxserve.cluster.ray_engine import estimate_clock_offset
+from jaxserve.cluster.ray_instance import estimate_clock_offset
 from jaxserve.request import Event, LifecycleEvent, Request, SamplingParams
+from jaxserve.runtime.api import RequestUpdate
 
 
 def test_offset_comes_from_the_shortest_round_trip():

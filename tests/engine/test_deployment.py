@@ -7,9 +7,9 @@ import pytest
 
 from jaxserve.config import ConfigError, DeploymentConfig
 from jaxserve.engine.build import build_engine
-from jaxserve.engine.disagg import DisaggEngine
 from jaxserve.engine.frontend import run_requests
 from jaxserve.request import Request, SamplingParams
+from jaxserve.runtime.router import Router
 
 
 def test_plan_json_is_read(tmp_path):
@@ -48,9 +48,9 @@ def test_explicit_device_ids(tiny, workload):
     dep = DeploymentConfig.from_dict({"instances": [
         {"role": "prefill", "tp": 2, "devices": [6, 7]}, {"role": "decode", "devices": [3], "max_num_seqs": 4}]})
     eng = build_engine(cfg, params, dep, max_model_len=512)
-    assert isinstance(eng, DisaggEngine)
-    assert [d.id for d in eng.prefills[0].executor.devices] == [6, 7]
-    assert [d.id for d in eng.decodes[0].executor.devices] == [3]
+    assert isinstance(eng, Router)
+    assert [d.id for d in eng.prefills[0].inst.core.executor.devices] == [6, 7]
+    assert [d.id for d in eng.decodes[0].inst.core.executor.devices] == [3]
     out = run_requests(eng, [Request("x", prompts[9], SamplingParams(max_tokens=5))])
     assert out[0].token_ids == refs[9][:5]
     with pytest.raises(ConfigError, match="overlap"):
