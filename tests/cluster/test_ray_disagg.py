@@ -208,7 +208,7 @@ def test_an_actor_that_stops_answering_is_failed(cluster, model_dir):
 def test_decode_actor_never_waits_for_a_prefill_step(cluster):
     """The interference scenario with Ray actors: decode inter-token gaps stay under 50 ms while
     400 ms prefill steps run."""
-    fake = {"prefill_s": PREFILL_S, "decode_s": DECODE_S, "max_running": 1}
+    fake = [{"prefill_s": PREFILL_S, "max_running": 1}, {"decode_s": DECODE_S}]
     with launch_router(None, [("prefill-0", _cfg("prefill")), ("decode-0", _cfg("decode"))],
                        options=ActorOptions(num_cpus=0), fake=fake) as router:
         gaps, burst, _, span = decode_gaps_during_burst(router, n_decoding=1)
