@@ -48,7 +48,7 @@ def make_executor(cfg: ModelConfig, params: Any, devices: Seq[jax.Device], tp: i
                   attention: str = "auto") -> Any:
     if pp == 1:
         return ModelExecutor(cfg, params, devices, tp, attention)
-    from jaxserve.parallel.pipeline import PipelineExecutor
+    from jaxserve.engine.pipeline import PipelineExecutor
     return PipelineExecutor(cfg, params, devices, tp, pp)
 
 

@@ -4,7 +4,7 @@
         --> logits [R, V] (on this mesh) --sample()--> token ids (numpy)
 
 The executor owns a ``('pp', 'tp')`` mesh with ``pp == 1`` (pipeline stages live
-in ``jaxserve.parallel.pipeline``, which offers the same methods). Parameters and
+in ``jaxserve.engine.pipeline``, which offers the same methods). Parameters and
 KV pages are placed by the logical-axis table (``jaxserve.parallel.sharding``), so
 tensor parallelism is XLA's SPMD partitioning of the same pure ``forward``.
 Compilations are counted process-wide (``compile_count()``) so the engine can
