@@ -20,37 +20,35 @@ it would replicate over ``pp``: place blocks with ``scatter_blocks``). ``attenti
 is a backend name as for ``ModelExecutor`` (``engine.attention_backends``), resolved
 per stage so Pallas kernels under TP are shard_mapped over that stage's sub-mesh.
 
-How stages overlap (inter-op parallelism). Every jitted stage call and every
-``device_put`` between sub-meshes is dispatched asynchronously: the call returns
-futures at once and the runtime runs it on its devices when its inputs are
-ready. ``execute_many`` takes the micro-batches of one step (disjoint sequences,
-each a ``StepInputs``) and issues them in wavefront order (tick ``t`` issues stage
-``s`` of micro-batch ``t - s``) without blocking. Stage ``s`` of micro-batch
-``m + 1`` depends only on stage ``s``'s KV from micro-batch ``m`` (donated, so
-one stage's calls run in order) and on stage ``s - 1``'s activation for ``m + 1``,
-so while stage ``s + 1`` works on ``m``, stage ``s`` already works on ``m + 1``.
-Nothing here waits; the caller blocks when it reads the logits. The overlap comes
-from async dispatch plus these data dependencies, not from the issue order: calling
-``execute`` for each micro-batch without reading logits in between overlaps the
-same way. The wavefront order only helps if something in the loop ever blocks.
+How stages overlap (inter-op parallelism). ``execute_many`` takes the micro-batches of one
+call (disjoint sequences, each a ``StepInputs``) and hands each stage's work to that stage's own
+worker thread: stage ``s`` runs its micro-batches in order and starts micro-batch ``m`` when stage
+``s - 1`` has finished it, so while stage ``s + 1`` works on ``m``, stage ``s`` already works on
+``m + 1`` (the ``jaxserve.microbatch.wavefront`` schedule, which the planner prices). A thread per
+stage is what makes this true on every backend: the CPU client runs a single-device program
+inline on the calling thread (so one dispatching thread would run tp=1 stages one after
+another), while on GPUs each stage's devices have their own streams and the threads only
+dispatch. Stage ``s`` touches only its own params and KV (donated, so its calls run in order);
+``execute_many`` returns once every stage has issued every micro-batch. ``execute`` (one
+micro-batch) runs the stages on the calling thread. The runner (``engine.runner``) splits a pp>1
+packed prefill call of several prompts into ``microbatches`` (default ``pp``) micro-batches;
+decode and prompt-continuation calls go through the stages as one micro-batch (why, and the
+figures: ``docs/planner.md``, "Pipeline stages: the engine and the model"). ``record_timeline()`` makes
+each stage wait for its result and log ``StageSpan``s: an instrumented run, for tests and benches.
 
-Limits. A single micro-batch never overlaps its own stages: one pipeline step is
-strictly sequential (as in DistServe), so PP buys memory and throughput across
-micro-batches / consecutive steps, not latency. Reading logits after each
-micro-batch (``np.asarray``) serialises everything. On the CPU backend the virtual
-devices share the host's cores (2 here): executions on different devices do run
-concurrently (measured: two independent small-op programs on two devices took 1.1x
-one, on one device 1.75x), but XLA's intra-op threading already fills both cores
-for large matmuls, so on this machine ``execute_many`` is at best ~10-20% faster
-than blocking after each micro-batch and often within noise. The dispatch loop is
-one Python thread, so very small micro-batches become dispatch-bound. On GPUs each
-stage's devices run their own streams and the overlap is real.
+Limits. A single micro-batch never overlaps its own stages, and consecutive calls do not overlap
+(a step ends with its sampled tokens). On the CPU backend the virtual devices share the host's
+cores (2 here): two stages running at once each took 1.5-1.8x as long as alone, so micro-batched
+calls took about what the stages in turn take (``scripts/bench_pipeline.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -61,6 +59,7 @@ from jax.sharding import Mesh
 from jaxserve.config import ModelConfig
 from jaxserve.engine.attention_backends import make_attention
 from jaxserve.engine.executor import gather_pages, scatter_pages
+from jaxserve.microbatch import split_runs
 from jaxserve.model.inputs import SeqChunk, StepInputs
 from jaxserve.model.opt import AttnFn, KVCache, Params, dtype_of, embed, head, run_layers
 from jaxserve.model.sampling import SamplingArrays, greedy, sample
@@ -96,23 +95,19 @@ def stage_params(params: Params, layers: range, first: bool, last: bool) -> Para
 
 def split_microbatches(chunks: Sequence[SeqChunk], n: int) -> list[list[SeqChunk]]:
     """Split one step's chunks, in order, into ``min(n, len(chunks))`` non-empty runs of similar token count."""
-    if n <= 0:
-        raise ValueError(f"micro-batch count must be >= 1, got {n}")
-    n = min(n, len(chunks))
-    total = sum(len(c.token_ids) for c in chunks)
-    out: list[list[SeqChunk]] = []
-    cur: list[SeqChunk] = []
-    acc = 0
-    for i, c in enumerate(chunks):
-        cur.append(c)
-        acc += len(c.token_ids)
-        buckets_left = n - len(out) - 1
-        if buckets_left and (acc * n >= total * (len(out) + 1) or len(chunks) - i - 1 == buckets_left):
-            out.append(cur)
-            cur = []
-    if cur:
-        out.append(cur)
-    return out
+    return [[chunks[i] for i in r] for r in split_runs([len(c.token_ids) for c in chunks], n)]
+
+
+@dataclasses.dataclass(frozen=True)
+class StageSpan:
+    """Stage ``stage`` ran micro-batch ``mb`` of ``execute_many`` call number ``call`` from ``start``
+    to ``end`` (``time.perf_counter`` seconds; recorded only in an instrumented run)."""
+
+    call: int
+    stage: int
+    mb: int
+    start: float
+    end: float
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2, 3, 4), donate_argnums=(7,))
@@ -135,7 +130,7 @@ class PipelineExecutor:
         if len(devices) != tp * pp:
             raise ValueError(f"tp={tp} x pp={pp} needs {tp * pp} devices, got {len(devices)}")
         self.cfg, self.tp, self.pp = cfg, tp, pp
-        self.microbatches = pp if microbatches is None else microbatches  # advice for the step builder
+        self.microbatches = pp if microbatches is None else microbatches  # per packed prefill call (runner)
         if self.microbatches <= 0:
             raise ValueError(f"microbatches must be >= 1, got {microbatches}")
         self.stage_layers = split_layers(cfg.num_hidden_layers, pp)
@@ -154,6 +149,9 @@ class PipelineExecutor:
         self.stage_kv: list[KVCache] = [[] for _ in range(pp)]
         self.num_blocks = 0
         self.block_size = 0
+        self._workers: list[ThreadPoolExecutor] | None = None  # one thread per stage, made on first use
+        self._calls = 0
+        self.timeline: list[StageSpan] | None = None
 
     @property
     def devices(self) -> list[jax.Device]:
@@ -193,29 +191,58 @@ class PipelineExecutor:
         return self.execute_many([inputs])[0]
 
     def execute_many(self, microbatches: Sequence[StepInputs]) -> list[jax.Array]:
-        """Run micro-batches (disjoint sequences of one step) with stages overlapping; logits per micro-batch.
+        """Run micro-batches (disjoint sequences of one call) with stages overlapping; logits per micro-batch.
 
-        Issues stage ``s`` of micro-batch ``m`` at tick ``m + s`` and never blocks (see the module
-        docstring). The result equals running ``execute`` on each micro-batch in order.
+        Stage ``s`` runs on its own worker thread and starts micro-batch ``m`` once stage ``s - 1``
+        has finished it (see the module docstring). Returns when every stage has issued every
+        micro-batch. The result equals running ``execute`` on each micro-batch in order.
         """
         n, pp = len(microbatches), self.pp
         # host -> every stage: step metadata, replicated on the stage's sub-mesh
         placed = [[jax.device_put((mb.positions, mb.meta), r) for r in self._repl] for mb in microbatches]
         h: list[Any] = [jax.device_put(mb.tokens, self._repl[0]) for mb in microbatches]
         idx = [jax.device_put(mb.logits_index, self._repl[-1]) for mb in microbatches]
-        for tick in range(n + pp - 1):
+        call, self._calls = self._calls, self._calls + 1
+        if n == 1 or pp == 1:  # nothing to overlap: the stages one after another, on this thread
+            for m in range(n):
+                for s in range(pp):
+                    h[m] = self._run_stage(s, m, call, h[m], *placed[m][s], idx[m])
+            return h
+        if self._workers is None:
+            self._workers = [ThreadPoolExecutor(1, thread_name_prefix=f"pp-stage{s}") for s in range(pp)]
+        futures: list[Future] = []
+        for m in range(n):  # each stage's queue holds its micro-batches in order
             for s in range(pp):
-                m = tick - s
-                if not 0 <= m < n:
-                    continue
-                if s > 0:  # activation x [T, D] from stage s-1's sub-mesh to stage s's
-                    h[m] = jax.device_put(h[m], self._repl[s])
-                positions, meta = placed[m][s]
-                last = s == pp - 1
-                h[m], self.stage_kv[s] = _stage_step(
-                    self.stage_params[s], self.cfg, self.stage_attn[s], s == 0, last, h[m], positions,
-                    self.stage_kv[s], meta, idx[m] if last else None)
+                h[m] = self._workers[s].submit(self._run_stage, s, m, call, h[m], *placed[m][s], idx[m])
+                futures.append(h[m])
+        for f in futures:  # let every stage finish (or fail) before returning or raising
+            f.exception()
+        return [f.result() for f in h]
+
+    def _run_stage(self, s: int, m: int, call: int, h: Any, positions: jax.Array, meta: Any,
+                   logits_index: jax.Array) -> jax.Array:
+        """Stage ``s`` of micro-batch ``m``: tokens or the previous stage's x (or its future) -> x or logits."""
+        if isinstance(h, Future):
+            h = h.result()
+        if s > 0:  # activation x [T, D] from stage s-1's sub-mesh to stage s's
+            h = jax.device_put(h, self._repl[s])
+        start = time.perf_counter()
+        last = s == self.pp - 1
+        h, self.stage_kv[s] = _stage_step(self.stage_params[s], self.cfg, self.stage_attn[s], s == 0, last, h,
+                                          positions, self.stage_kv[s], meta, logits_index if last else None)
+        if self.timeline is not None:
+            jax.block_until_ready(h)
+            self.timeline.append(StageSpan(call, s, m, start, time.perf_counter()))
         return h
+
+    def record_timeline(self) -> list[StageSpan]:
+        """Instrument every later call: each stage waits for its own result and appends a
+        ``StageSpan`` to the returned list. For tests and benchmarks; ``stop_timeline`` ends it."""
+        self.timeline = []
+        return self.timeline
+
+    def stop_timeline(self) -> None:
+        self.timeline = None
 
     def sample(self, logits: jax.Array, arrays: SamplingArrays) -> np.ndarray:
         """Token ids [R] (numpy) from logits on the last stage."""

@@ -10,6 +10,15 @@ Calls of different kinds run one after another inside a step, so the number of
 compiled shapes is the *sum* of the three bucket sets, not their product; the
 price is that in chunked mode decodes and prompt chunks do not share one matmul.
 ``warmup()`` compiles every shape the configured scheduler can produce.
+
+Pipeline stages (an executor with ``pp > 1``): the packed prefill call is cut into
+``executor.microbatches`` micro-batches of whole prompts (``jaxserve.microbatch.split_runs``,
+balanced by tokens), each padded to its own bucket (a shape warm-up compiled anyway), and run
+by ``executor.execute_many`` so that stage ``s`` of one overlaps stage ``s + 1`` of the one
+before. Decode and continuation calls pass through the stages as one micro-batch: cutting a
+decode batch would read each stage's weights once per micro-batch, which costs more than the
+overlap gains at the batch sizes that serve (docs/planner.md, "Pipeline stages: the engine and the
+model").
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ import jax
 
 from jaxserve.engine.block_manager import blocks_needed
 from jaxserve.engine.scheduler import ScheduledChunk
+from jaxserve.microbatch import split_runs
 from jaxserve.model.inputs import (
     SeqChunk,
     StepShape,
@@ -80,32 +90,45 @@ class Runner:
         out: dict[str, int] = {}
         b = self.buckets
         if packed:
-            shape = StepShape(bucket_for(sum(c.num_tokens for c in packed), b.prefill_tokens, "prefill tokens"),
-                              bucket_for(len(packed), b.prefill_rows, "prefill rows"), True)
-            out.update(self._call(packed, shape))
+            out.update(self._packed(packed))
         if decodes:
             bb = bucket_for(len(decodes), b.decode_batch, "decode batch")
             mb = bucket_for(max(len(self.tables[c.seq.id]) for c in decodes), b.blocks, "blocks per sequence")
-            out.update(self._call(decodes, StepShape(bb, bb, False, ((bb, 1, mb),))))
+            out.update(self._call([(decodes, StepShape(bb, bb, False, ((bb, 1, mb),)))]))
         for c in conts:
             q = bucket_for(c.num_tokens, b.chunk_tokens, "chunk tokens")
             mb = bucket_for(len(self.tables[c.seq.id]), b.blocks, "blocks per sequence")
-            out.update(self._call([c], StepShape(q, 1, False, ((1, q, mb),))))
+            out.update(self._call([([c], StepShape(q, 1, False, ((1, q, mb),)))]))
         return out
 
-    def _call(self, chunks: list[ScheduledChunk], shape: StepShape) -> dict[str, int]:
-        seq_chunks = [SeqChunk(c.seq.token_ids[c.start:c.start + c.num_tokens], c.start, self.tables[c.seq.id])
-                      for c in chunks]
-        inputs = build_step_inputs([seq_chunks], shape, self.block_size)
-        logits = self.executor.execute(inputs)
-        sampling = [c for c in chunks if c.samples]
-        if not sampling:
-            return {}
-        arrays = SamplingArrays.from_params(
-            [c.seq.request.sampling for c in chunks], [c.seq.seed for c in chunks],
-            [len(c.seq.request.output_token_ids) for c in chunks], shape.logits_rows)
-        tokens = self.executor.sample(logits, arrays)
-        return {c.seq.id: int(tokens[i]) for i, c in enumerate(chunks) if c.samples}
+    def _packed(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
+        """The packed prefill call: one micro-batch, or ``executor.microbatches`` of them through pp stages."""
+        b = self.buckets
+        n = getattr(self.executor, "microbatches", 1) if getattr(self.executor, "pp", 1) > 1 else 1
+        calls = []
+        for r in split_runs([c.num_tokens for c in chunks], n):
+            run = chunks[r.start:r.stop]
+            calls.append((run, StepShape(
+                bucket_for(sum(c.num_tokens for c in run), b.prefill_tokens, "prefill tokens"),
+                bucket_for(len(run), b.prefill_rows, "prefill rows"), True)))
+        return self._call(calls)
+
+    def _call(self, calls: list[tuple[list[ScheduledChunk], StepShape]]) -> dict[str, int]:
+        """One executor call of one or more micro-batches (each its chunks and shape); sampled tokens."""
+        inputs = [build_step_inputs(
+            [[SeqChunk(c.seq.token_ids[c.start:c.start + c.num_tokens], c.start, self.tables[c.seq.id])
+              for c in chunks]], shape, self.block_size) for chunks, shape in calls]
+        logits = self.executor.execute_many(inputs) if len(inputs) > 1 else [self.executor.execute(inputs[0])]
+        out: dict[str, int] = {}
+        for (chunks, shape), lg in zip(calls, logits, strict=True):
+            if not any(c.samples for c in chunks):
+                continue
+            arrays = SamplingArrays.from_params(
+                [c.seq.request.sampling for c in chunks], [c.seq.seed for c in chunks],
+                [len(c.seq.request.output_token_ids) for c in chunks], shape.logits_rows)
+            tokens = self.executor.sample(lg, arrays)
+            out.update({c.seq.id: int(tokens[i]) for i, c in enumerate(chunks) if c.samples})
+        return out
 
     def warmup(self, *, decode: bool, prefill: bool, chunks: bool) -> int:
         """Compile every step shape (and the samplers for every row count) this engine can produce."""
