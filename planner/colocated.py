@@ -15,7 +15,8 @@ b*chunk + c*chunk*(chunk + done) of each chunk (and the larger fixed cost of the
 jaxserve's padded engine costs it is the engine's separate calls instead: one packed call for
 the chunks that start a prompt, the decode call, one call per later chunk, each at its padded
 shape and with its host cost, plus one step cost.
-A pp-stage colocated instance is pp lanes, as in decoding (planner.latency).
+A pp-stage instance runs its steps as jaxserve does (planner.latency): one lane with all of its KV,
+stages overlapping only between the micro-batches of a packed prefill call.
 """
 
 from __future__ import annotations
@@ -24,13 +25,13 @@ from collections import deque
 
 import numpy as np
 
-from .latency import InstanceModel, pow2_bucket
+from .latency import InstanceModel
 from .simulator import INF, SimResult, kv_need
 from .workload import Requests
 
 
 class ColocatedLane:
-    """One colocated lane; ``chunk`` > 0 switches to chunked prefill with that token budget."""
+    """One colocated instance; ``chunk`` > 0 switches to chunked prefill with that token budget."""
 
     def __init__(self, inst: InstanceModel, reqs: Requests, out: SimResult, *, capacity: int,
                  token_budget: int = 2048, max_batch: int = 256, chunk: int = 0) -> None:
@@ -71,9 +72,6 @@ class ColocatedLane:
     def busy_at(self, t: float) -> bool:
         return bool(self.t > t or self.batch.B or self.prefilling or self.waiting)
 
-    def _prefill_time(self, tokens: float, sq: float, n: int = 1) -> float:
-        return self.inst.pp * self.inst.prefill_stage_time(tokens, sq, n)
-
     def _prefilled(self, rid: int) -> None:
         out, t = self.out, self.t
         out.prefill_end[rid] = out.decode_admit[rid] = out.decode_start[rid] = t
@@ -113,7 +111,7 @@ class ColocatedLane:
     def _prefill_first_iteration(self) -> bool:
         w, t = self.waiting, self.t
         batch: list[int] = []
-        tokens = sq = 0
+        tokens = 0
         while w and self.arr[w[0]] <= t and self._fits(w[0], self.batch.B + len(batch)):
             p = self.plen[w[0]]
             if batch and tokens + p > self.budget:
@@ -122,10 +120,9 @@ class ColocatedLane:
             self._reserve(rid)
             batch.append(rid)
             tokens += p
-            sq += p * p
         if not batch:
             return False
-        self.t += self._prefill_time(tokens, sq, len(batch))
+        self.t += self.inst.prefill_step_time([self.plen[r] for r in batch])
         self.step_tokens = tokens
         for rid in batch:
             self.out.prefill_start[rid] = t
@@ -159,7 +156,7 @@ class ColocatedLane:
             dt = self._chunked_calls(plan)
             done = batch.advance(1)[1] if batch.B else []
         else:
-            pre = self._prefill_time(x_tot, sq, len(plan))
+            pre = self.inst.prefill_call_time(x_tot, sq, len(plan))
             if batch.B:
                 a_p = self.inst.phase.prefill[0]
                 dec = batch.time_of(1)
@@ -188,7 +185,7 @@ class ColocatedLane:
         else:
             dt = k.step_s
         if first:
-            dt += k.prefill_factor * (inst.phase.packed_time(pow2_bucket(sum(first), k.min_tokens)) + k.call_s)
+            dt += inst.packed_call_time(first)
         dt += sum(inst.chunk_call_time(x, item[1] + x) for item, x in plan if item[1] > 0)
         return dt + k.prefill_factor * k.seq_s * len(plan)
 
@@ -208,9 +205,8 @@ def run_colocated(instances: list[InstanceModel], reqs: Requests, *, token_budge
     if dispatch not in DISPATCH:
         raise ValueError(f"dispatch must be one of {DISPATCH}, got {dispatch!r}")
     out = SimResult.empty(reqs)
-    lanes = [ColocatedLane(m, reqs, out, capacity=m.kv_capacity_tokens() // m.pp,
-                           token_budget=token_budget, max_batch=max_batch, chunk=chunk)
-             for m in instances for _ in range(m.pp)]
+    lanes = [ColocatedLane(m, reqs, out, capacity=m.kv_capacity_tokens(), token_budget=token_budget,
+                           max_batch=max_batch, chunk=chunk) for m in instances]
     max_cap = max(lane.capacity for lane in lanes)
     need = np.array([kv_need(int(p), int(o)) for p, o in zip(reqs.prompt_len, reqs.output_len, strict=True)])
     for rid, t in enumerate(reqs.arrival.tolist()):

@@ -18,13 +18,16 @@ per sequence it spends host time (scheduling, packing, sampling, the driver's ro
 the profiler does not time; a disaggregated prefill puts each request's KV on the host inside
 its step, and the decode side writes it in between its steps.
 
-Pipeline stages (an assumption, the profile only covers pp=1): a pp-stage instance
-runs 1/pp of the layers per stage, so every term of the pp=1 time divides by pp per
-stage, plus sending the activations (hidden_size x 2 bytes per token) to the next
-stage over the link. A prefill batch therefore takes ~T end to end but a new batch
-can enter every T/pp. A pp-stage decode instance keeps pp micro-batches in flight:
-it behaves as pp independent "lanes", each with the pp=1 step time (plus the hops)
-and 1/pp of the instance's KV capacity.
+Pipeline stages (the profile covers pp=1; each stage runs 1/pp of the layers, so it takes the
+pp=1 time / pp, plus receiving the previous stage's activations, hidden_size x 2 bytes per
+token, over the link) are priced as jaxserve runs them (``jaxserve.engine.runner``): a step's
+calls go one after another and the next step starts when this one's tokens are sampled, so
+consecutive steps never overlap. A packed prefill call of several prompts is cut into
+``microbatches`` (default pp) micro-batches of whole prompts (``split_runs``, as the runner
+does) that flow through the stages in the ``wavefront`` schedule: M equal micro-batches take
+(M + pp - 1) stage times. Decode steps and prompt continuations pass through the stages as one
+micro-batch: the pp=1 time plus pp - 1 hops. The instance keeps one decode batch over all of
+its KV.
 """
 
 from __future__ import annotations
@@ -33,10 +36,12 @@ import dataclasses
 import itertools
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from jaxserve.config import ModelConfig
+from jaxserve.microbatch import split_runs, wavefront
 
 from .decode_batch import DecodeBatch
 from .errors import PlannerError
@@ -252,7 +257,7 @@ def load_profile(path: str | Path) -> Profile:
 
 @dataclasses.dataclass(frozen=True)
 class InstanceModel:
-    """One instance: its layout, pp=1 phase model, memory, and link speed between stages."""
+    """One instance: its layout, pp=1 phase model, memory, link speed between stages, engine costs."""
 
     model: ModelConfig
     tp: int
@@ -262,6 +267,7 @@ class InstanceModel:
     stage_link_bw: float = 300e9  # bytes/s between pipeline stages
     kv_tokens: int | None = None  # KV capacity in tokens, when known (an engine's configured cache)
     costs: EngineCosts = EngineCosts()
+    microbatches: int | None = None  # per packed prefill call when pp > 1 (None: pp, the engine's default)
 
     @property
     def devices(self) -> int:
@@ -270,16 +276,38 @@ class InstanceModel:
     def _hop(self, tokens: float) -> float:
         return tokens * self.model.hidden_size * DTYPE_BYTES / self.stage_link_bw
 
-    def prefill_stage_time(self, sum_l: float, sum_l2: float, n: int = 1) -> float:
-        """Time one prefill batch (``n`` prompts) occupies each pipeline stage (incl. the send onward
-        and the engine's per-step, per-call and per-sequence costs)."""
+    def prefill_call_time(self, sum_l: float, sum_l2: float, n: int = 1) -> float:
+        """One prefill step of ``n`` prompts run as a single call through every stage (no micro-batches),
+        incl. the hops and the engine's per-step, per-call and per-sequence costs."""
         k = self.costs
-        if k.padded:
-            t = self.phase.packed_time(pow2_bucket(sum_l, k.min_tokens)) / self.pp
-        else:
-            t = self.phase.prefill_time(sum_l, sum_l2) / self.pp
-        t = k.prefill_factor * (t + k.call_s + k.seq_s * n) + k.step_s
-        return t + (self._hop(sum_l) if self.pp > 1 else 0.0)
+        tokens = pow2_bucket(sum_l, k.min_tokens) if k.padded else sum_l
+        t = self.phase.packed_time(tokens) if k.padded else self.phase.prefill_time(sum_l, sum_l2)
+        return k.prefill_factor * (t + k.call_s + k.seq_s * n) + k.step_s + (self.pp - 1) * self._hop(tokens)
+
+    def packed_call_time(self, lens: Sequence[float]) -> float:
+        """The packed prefill call of prompts ``lens`` (with its per-call costs; no step or per-sequence
+        cost): pp=1, one call; pp>1, the engine's micro-batches (``split_runs``) in the ``wavefront``
+        schedule, each micro-batch's activations received by stages 1..pp-1 before they run."""
+        k = self.costs
+        n = self.microbatches or self.pp
+        durations = []
+        for r in split_runs(lens, n if self.pp > 1 else 1):
+            part = lens[r.start:r.stop]
+            if k.padded:
+                tokens = pow2_bucket(sum(part), k.min_tokens)
+                work = self.phase.packed_time(tokens)
+            else:
+                tokens = sum(part)
+                work = self.phase.prefill_time(tokens, sum(x * x for x in part))
+            stage = k.prefill_factor * work / self.pp
+            durations.append([stage] + [stage + self._hop(tokens)] * (self.pp - 1))
+        return wavefront(durations)[-1][-1][1] + k.prefill_factor * k.call_s * len(durations)
+
+    def prefill_step_time(self, lens: Sequence[float]) -> float:
+        """One prefill step of prompts ``lens`` (a batch; order as scheduled), as the engine runs it:
+        the packed call plus the per-step and per-sequence costs."""
+        k = self.costs
+        return self.packed_call_time(lens) + k.prefill_factor * k.seq_s * len(lens) + k.step_s
 
     def chunk_call_time(self, tokens: int, context: int) -> float:
         """One prompt chunk of ``tokens`` after a cached prefix, ``context`` keys in all (no step cost).
@@ -290,13 +318,13 @@ class InstanceModel:
             a, b, c = self.phase.prefill_packed or self.phase.prefill
             q = pow2_bucket(tokens, k.min_tokens)
             keys = pow2_bucket(-(-context // k.block_size), k.min_blocks) * k.block_size
-            return k.prefill_factor * (a + b * q + c * q * keys + k.call_s)
+            return k.prefill_factor * (a + b * q + c * q * keys + k.call_s) + (self.pp - 1) * self._hop(q)
         _, b, c = self.phase.prefill
-        return k.prefill_factor * (b * tokens + c * tokens * context)
+        return k.prefill_factor * (b * tokens + c * tokens * context) + (self.pp - 1) * self._hop(tokens)
 
     def decode_lane_coeffs(self, batch: int) -> tuple[float, float, float]:
-        """(a, b, c) of one decode lane's step time: pp=1 time plus the (pp-1) hops, plus the
-        engine's per-step and per-call costs in ``a``."""
+        """(a, b, c) of one decode step of the instance's batch (its one lane): the pp=1 time plus the
+        (pp-1) hops, plus the engine's per-step and per-call costs in ``a``."""
         a, b, c = self.phase.decode_coeffs(batch)
         f = self.costs.decode_factor
         a, b, c = f * (a + self.costs.call_s), f * b, f * c

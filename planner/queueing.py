@@ -12,6 +12,11 @@ Crossover: with u = R D, equating the two and clearing denominators gives
     (2 - 3K) u^2 + (3K^2 + 4K - 4) u + 8K(1 - K) = 0,
 whose root in (0, K) is the crossover utilisation for 1 < K < 2 (below it TP=2 has
 the lower TTFT, above it PP=2 does). K >= 2: TP=2 is never worse; K <= 1: PP=2 never is.
+
+The PP=2 line is the paper's pipeline, which takes a new request every D/2. jaxserve does not
+run that: it never overlaps consecutive steps (a step ends with its sampled tokens), and its
+stages overlap only between the micro-batches of one multi-prompt call (``planner.latency``),
+so its PP=2 prefill of lone prompts is the M/D/1 line with D (tests/planner/test_slo_queueing.py).
 """
 
 from __future__ import annotations

@@ -159,20 +159,21 @@ class Scorer:
     def saturated_prefill_rate(self, inst: InstanceModel) -> float:
         """Req/s of one prefill instance whose queue never empties: the sampled prompts, in order,
         packed FCFS into batches as the simulator does (whole prompts up to the token budget and
-        max_batch), one batch entering the pipeline per stage time. Prompts that do not pair up
+        max_batch), one batch per step time (``prefill_step_time``). Prompts that do not pair up
         leave part of each batch's budget unused, so this is below ``budget / mean prompt``
         prompts per batch."""
         s, k = self.spec, inst.costs
-        total, tokens, sq, n = 0.0, 0, 0, 0
+        total, tokens, batch = 0.0, 0, []
         export = 0.0
         for pl in self.reqs.prompt_len.tolist():
-            if n and (n >= s.max_batch or tokens + pl > s.token_budget):
-                total += inst.prefill_stage_time(tokens, sq, n) + export
-                tokens, sq, n, export = 0, 0, 0, 0.0
-            tokens, sq, n = tokens + pl, sq + pl * pl, n + 1
+            if batch and (len(batch) >= s.max_batch or tokens + pl > s.token_budget):
+                total += inst.prefill_step_time(batch) + export
+                tokens, batch, export = 0, [], 0.0
+            tokens += pl
+            batch.append(pl)
             if any(k.kv_export):
                 export += k.export_time(pl)
-        total += inst.prefill_stage_time(tokens, sq, n) + export
+        total += inst.prefill_step_time(batch) + export
         return len(self.reqs) / total
 
     def max_rate(self, role: str, inst: InstanceModel) -> float:
@@ -183,7 +184,7 @@ class Scorer:
 
         Prefill: ``saturated_prefill_rate``.
 
-        Decode (per lane, Little's law): a request reserves ``kv_need(p, o)`` KV tokens for its
+        Decode (Little's law, one batch per instance): a request reserves ``kv_need(p, o)`` KV tokens for its
         ``n = o - 1`` decode steps, so at rate r and step time s the reserved KV is r*s*E[need*n]
         and the batch r*s*E[n]; with KV full the batch is ``cap * E[n] / E[need*n]``. Long
         outputs hold their KV longest, so this is below ``cap / E[p + o]`` (by ~20% on ShareGPT).
@@ -197,11 +198,12 @@ class Scorer:
         n = np.maximum(reqs.output_len.astype(np.float64) - 1, 0)  # output_len 1 ends at prefill
         mean_n = max(float(np.mean(n)), 1e-9)
         need = kv_need(reqs.prompt_len, reqs.output_len)  # per request (integer arrays)
-        lane_cap = inst.kv_capacity_tokens() / inst.pp
-        b = int(max(1, min(s.max_batch, lane_cap * mean_n / max(float(np.mean(need * n)), 1e-9))))
+        cap = inst.kv_capacity_tokens()
+        b = int(max(1, min(s.max_batch, cap * mean_n / max(float(np.mean(need * n)), 1e-9))))
         ctx = float(np.mean(n * p + n * (n + 1) / 2)) / mean_n
-        step = inst.phase.decode_time(b * ctx, b)
-        dec_rate = inst.pp * b / (mean_n * step)
+        a, per_ctx, per_seq = inst.decode_lane_coeffs(b)  # the pp=1 step plus the hops between stages
+        step = a + per_ctx * b * ctx + per_seq * b
+        dec_rate = b / (mean_n * step)
         if role == "decode":
             return dec_rate
         return 1.0 / (1.0 / pre_rate + 1.0 / dec_rate)
@@ -230,7 +232,7 @@ class Scorer:
         result = None
         if inst is None:
             self.skipped.append(f"{role} tp={tp} pp={pp}: not in the profile")
-        elif inst.kv_capacity_tokens() // (1 if role == "prefill" else pp) < MAX_CONTEXT:
+        elif inst.kv_capacity_tokens() < MAX_CONTEXT:
             self.skipped.append(f"{role} tp={tp} pp={pp}: weights leave too little memory for KV")
         else:
             hi = self.max_rate(role, inst)

@@ -2,9 +2,9 @@
 
     Requests (arrival, prompt_len, output_len)
       --dispatch: prefill instance with fewest queued tokens-->  PrefillInstance
-            FCFS batches up to a token budget; pp stages as a pipeline
+            FCFS batches up to a token budget, one step at a time (pp>1: micro-batches within a step)
       --KV transfer (bytes / link bandwidth), pulled by the decode side-->
-      --dispatch: decode instance with most free KV-->  DecodeLane (pp lanes per instance)
+      --dispatch: decode instance with most free KV-->  DecodeLane (one per instance)
             continuous batching, limited by KV capacity and batch size; FCFS pull admission
       --> SimResult: per-request timestamps -> TTFT, TPOT, five-stage breakdown
 
@@ -87,7 +87,8 @@ class SimResult:
 
 
 class PrefillInstance:
-    """FCFS batching up to ``token_budget`` tokens / ``max_batch`` requests; pp-stage pipeline."""
+    """FCFS batching up to ``token_budget`` tokens / ``max_batch`` requests; a batch starts when the
+    previous step has ended (``InstanceModel.prefill_step_time``: pp stages overlap only within it)."""
 
     def __init__(self, inst: InstanceModel, reqs: Requests, out: SimResult, *,
                  token_budget: int = 2048, max_batch: int = 256) -> None:
@@ -95,7 +96,7 @@ class PrefillInstance:
         self.arr = (reqs.arrival + inst.costs.dispatch_s).tolist()  # when the instance sees each request
         self.plen = reqs.prompt_len.tolist()
         self.budget, self.max_batch = token_budget, max_batch
-        self.stage_free = [0.0] * inst.pp
+        self.free = 0.0  # when the running step ends
         self.queue: deque[int] = deque()
         self.queued_tokens = 0
 
@@ -104,36 +105,31 @@ class PrefillInstance:
         self.queued_tokens += self.plen[rid]
 
     def advance_to(self, t: float) -> None:
-        """Start (and schedule through every stage) each batch whose start time is <= t."""
-        q, arr, plen, stage_free = self.queue, self.arr, self.plen, self.stage_free
+        """Start (and run to its end) each batch whose start time is <= t."""
+        q, arr, plen = self.queue, self.arr, self.plen
         pre_start, pre_end = self.out.prefill_start, self.out.prefill_end
         while q:
-            s = max(stage_free[0], arr[q[0]])
+            s = max(self.free, arr[q[0]])
             if s > t:
                 return
             batch = [q.popleft()]
             tokens = plen[batch[0]]
-            sq = tokens * tokens
             while q and len(batch) < self.max_batch and arr[q[0]] <= s and tokens + plen[q[0]] <= self.budget:
                 r = q.popleft()
                 batch.append(r)
                 tokens += plen[r]
-                sq += plen[r] * plen[r]
             self.queued_tokens -= tokens
-            d = self.inst.prefill_stage_time(tokens, sq, len(batch))
+            d = self.inst.prefill_step_time([plen[r] for r in batch])
             if any(self.inst.costs.kv_export):  # each prompt's KV to the host, inside the step
                 d += sum(self.inst.costs.export_time(plen[r]) for r in batch)
-            f = s
-            for k in range(len(stage_free)):
-                f = max(f, stage_free[k]) + d
-                stage_free[k] = f
+            f = self.free = s + d
             for r in batch:
                 pre_start[r] = s
                 pre_end[r] = f
 
 
 class DecodeLane:
-    """One decode lane (a pp=1 instance, or one micro-batch slot of a pp-stage instance)."""
+    """The decode batch of one instance (any pp: its steps pass through the stages one after another)."""
 
     def __init__(self, inst: InstanceModel, reqs: Requests, out: SimResult, ready: np.ndarray,
                  transfer: np.ndarray, *, capacity: int, max_batch: int = 256) -> None:
@@ -227,7 +223,7 @@ def run_prefill(instances: list[InstanceModel], reqs: Requests, out: SimResult |
         for rid, t in enumerate(reqs.arrival.tolist()):
             for p in insts:
                 p.advance_to(t)
-            min(insts, key=lambda p: (p.queued_tokens, p.stage_free[0])).submit(rid)
+            min(insts, key=lambda p: (p.queued_tokens, p.free)).submit(rid)
     for p in insts:
         p.advance_to(INF)
     return out
@@ -237,12 +233,8 @@ def run_decode(instances: list[InstanceModel], reqs: Requests, ready: np.ndarray
                out: SimResult, *, max_batch: int = 256) -> SimResult:
     """Decode phase: requests become pullable at ``ready``; fills decode_* and finish of ``out``."""
     need_decode = _finish_single_token(out, reqs)
-    groups = []
-    for m in instances:
-        cap = m.kv_capacity_tokens() // m.pp
-        groups.append([DecodeLane(m, reqs, out, ready, transfer, capacity=cap, max_batch=max_batch)
-                       for _ in range(m.pp)])
-    lanes = [lane for g in groups for lane in g]
+    lanes = [DecodeLane(m, reqs, out, ready, transfer, capacity=m.kv_capacity_tokens(), max_batch=max_batch)
+             for m in instances]
     max_cap = max(lane.capacity for lane in lanes)
     order = np.argsort(ready, kind="stable")
     order = order[need_decode[order] & np.isfinite(ready[order])]
@@ -254,8 +246,7 @@ def run_decode(instances: list[InstanceModel], reqs: Requests, ready: np.ndarray
         if len(lanes) > 1:
             for lane in lanes:
                 lane.advance_to(t)
-            g = max(groups, key=lambda g: sum(lane.free_kv() for lane in g))
-            max(g, key=lambda lane: lane.free_kv()).submit(rid)
+            max(lanes, key=lambda lane: lane.free_kv()).submit(rid)
         else:
             lanes[0].submit(rid)
     for lane in lanes:

@@ -186,7 +186,7 @@ def prefill_factor_in_situ(run: dict[str, Any], base: InstanceModel) -> tuple[fl
         began = None if r is None else r["arrival"] + r["breakdown"]["prefill_queue"]
         if batch and (r is None or began - (batch[0]["arrival"] + batch[0]["breakdown"]["prefill_queue"]) > 0.005):
             tokens = sum(b["prompt_len"] for b in batch)
-            pred = model.prefill_stage_time(tokens, sum(b["prompt_len"] ** 2 for b in batch), len(batch))
+            pred = model.prefill_call_time(tokens, sum(b["prompt_len"] ** 2 for b in batch), len(batch))
             ratios.append(float(np.median([b["breakdown"]["prefill_exec"] for b in batch])) / pred)
             batch = []
         if r is not None:
@@ -218,7 +218,7 @@ def engine_instance(exp: dict[str, Any], base: InstanceModel, system: str, *, pr
     inst = dataclasses.replace(base, costs=dataclasses.replace(costs, step_s=step_s))
     # check: the unloaded TTFT (one lone prompt) predicted with those costs
     p = unloaded["mean_prompt"]
-    ttft = dispatch_s + inst.prefill_stage_time(p, p * p, 1)
+    ttft = dispatch_s + inst.prefill_call_time(p, p * p, 1)
     if system == "disaggregated":
         ttft += inst.costs.export_time(p)
     cal.update(unloaded_ttft_s=unloaded["ttft"], modelled_unloaded_ttft_s=ttft)

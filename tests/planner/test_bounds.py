@@ -42,8 +42,10 @@ def test_decode_bound_weights_kv_by_how_long_each_request_holds_it():
     assert b == 90
     assert sc.max_rate("decode", decode_inst(100_000)) == pytest.approx(b / (501 * STEP))  # 17.96 req/s
     # (cap / E[p + o] = 100000 / 602 = 166 sequences, 33.1 req/s: twice what the KV can hold)
-    # pp lanes: each has 1/pp of the KV and the pp=1 step time
-    assert sc.max_rate("decode", decode_inst(200_000, pp=2)) == pytest.approx(2 * b / (501 * STEP))
+    # pp=2: one batch over all of the KV; a step is the pp=1 step plus a hop per row between the stages
+    b2 = int(200_000 * 501 / 552_608)
+    hop = MODEL.hidden_size * 2 / 300e9
+    assert sc.max_rate("decode", decode_inst(200_000, pp=2)) == pytest.approx(b2 / (501 * (STEP + b2 * hop)))
 
 
 def test_decode_bound_is_what_a_long_run_sustains():

@@ -94,7 +94,7 @@ def test_padded_decode_batch_matches_step_by_step(table, step):
 def test_in_situ_factors_scale_model_time_not_the_round_trip():
     k = dataclasses.replace(COSTS, prefill_factor=1.5, decode_factor=2.0)
     m = inst(k, TABLE)
-    assert m.prefill_stage_time(100, 100**2, 1) == pytest.approx(
+    assert m.prefill_call_time(100, 100**2, 1) == pytest.approx(
         1.5 * (packed(128) + COSTS.call_s + COSTS.seq_s) + COSTS.step_s)
     a, p, q = TABLE[0][1:]
     assert m.padded_decode_coeffs(1) == pytest.approx((2.0 * (a + COSTS.call_s) + COSTS.step_s, 2 * p, 2 * q))
@@ -105,10 +105,10 @@ def test_in_situ_factors_scale_model_time_not_the_round_trip():
 def test_prefill_uses_the_padded_packed_call_and_host_costs():
     m = inst()
     # 130 + 20 tokens pad to one 256-token packed call; two prompts
-    assert m.prefill_stage_time(150, 130**2 + 20**2, 2) == pytest.approx(
+    assert m.prefill_call_time(150, 130**2 + 20**2, 2) == pytest.approx(
         packed(256) + COSTS.step_s + COSTS.call_s + 2 * COSTS.seq_s)
     plain = inst(EngineCosts())
-    assert plain.prefill_stage_time(150, 130**2 + 20**2, 2) == pytest.approx(
+    assert plain.prefill_call_time(150, 130**2 + 20**2, 2) == pytest.approx(
         PRE[0] + PRE[1] * 150 + PRE[2] * (130**2 + 20**2))
 
 

@@ -60,7 +60,7 @@ def test_decode_batch_matches_step_by_step_and_respects_kv_capacity():
     assert out.finish[2] > out.finish[0]
 
 
-def test_prefill_batches_respect_token_budget_and_pipeline_overlaps():
+def test_prefill_batches_respect_token_budget_and_pp_overlaps_micro_batches_within_a_step():
     r = reqs(np.zeros(8), np.full(8, 600), np.full(8, 2))
     res = run_prefill([inst()], r, token_budget=2048)
     starts, counts = np.unique(res.prefill_start, return_counts=True)
@@ -68,9 +68,14 @@ def test_prefill_batches_respect_token_budget_and_pipeline_overlaps():
     one = PRE[0] + PRE[1] * 1800 + PRE[2] * 3 * 600**2
     assert starts[1] == pytest.approx(one)
     piped = run_prefill([inst(pp=2)], r, token_budget=2048)
-    # a 2-stage pipeline takes the next batch after half a batch time; latency per batch unchanged
-    assert np.unique(piped.prefill_start)[1] == pytest.approx(one / 2)
-    assert piped.prefill_end[0] == pytest.approx(one)
+    # pp=2 cuts the 3 prompts into micro-batches of 2 and 1 (1200 and 600 tokens); each stage runs half
+    # of a micro-batch's pp=1 time; stage 0 of the second overlaps stage 1 of the first
+    x0 = (PRE[0] + PRE[1] * 1200 + PRE[2] * 2 * 600**2) / 2
+    x1 = (PRE[0] + PRE[1] * 600 + PRE[2] * 600**2) / 2
+    step = max(x0 + x1, 2 * x0) + x1
+    assert piped.prefill_end[0] == pytest.approx(step) and step < one
+    # the next batch starts when this step has ended: consecutive steps do not overlap
+    assert np.unique(piped.prefill_start)[1] == pytest.approx(step)
 
 
 def test_more_prefill_replicas_cut_queueing():
