@@ -64,10 +64,16 @@ class Buckets:
             chunk_tokens=tokens,
         )
 
+    def packed_shape(self, tokens: int, rows: int) -> StepShape:
+        """The shape of a packed prefill call of ``rows`` prompts, ``tokens`` tokens in all."""
+        return StepShape(bucket_for(tokens, self.prefill_tokens, "prefill tokens"),
+                         bucket_for(rows, self.prefill_rows, "prefill rows"), True)
+
     def shapes(self, *, decode: bool, prefill: bool, chunks: bool) -> list[StepShape]:
         out = []
-        if prefill:
-            out += [StepShape(t, r, True) for t in self.prefill_tokens for r in self.prefill_rows if r <= t]
+        if prefill:  # a call padded to t tokens has at most t prompts: rows up to the first bucket >= t
+            out += [StepShape(t, r, True) for t in self.prefill_tokens for r in self.prefill_rows
+                    if r <= t or r == next(x for x in self.prefill_rows if x >= min(t, self.prefill_rows[-1]))]
         if decode:
             out += [StepShape(b, b, False, ((b, 1, mb),)) for b in self.decode_batch for mb in self.blocks]
         if chunks:
@@ -103,14 +109,11 @@ class Runner:
 
     def _packed(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
         """The packed prefill call: one micro-batch, or ``executor.microbatches`` of them through pp stages."""
-        b = self.buckets
         n = getattr(self.executor, "microbatches", 1) if getattr(self.executor, "pp", 1) > 1 else 1
         calls = []
         for r in split_runs([c.num_tokens for c in chunks], n):
             run = chunks[r.start:r.stop]
-            calls.append((run, StepShape(
-                bucket_for(sum(c.num_tokens for c in run), b.prefill_tokens, "prefill tokens"),
-                bucket_for(len(run), b.prefill_rows, "prefill rows"), True)))
+            calls.append((run, self.buckets.packed_shape(sum(c.num_tokens for c in run), len(run))))
         return self._call(calls)
 
     def _call(self, calls: list[tuple[list[ScheduledChunk], StepShape]]) -> dict[str, int]:
