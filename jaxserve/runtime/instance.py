@@ -16,9 +16,11 @@ and tokens new since the last batch). A step that raises ends the requests on th
 
 from __future__ import annotations
 
+import atexit
 import logging
 import queue
 import threading
+import weakref
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
@@ -36,6 +38,15 @@ from jaxserve.runtime.api import (
 )
 
 log = logging.getLogger(__name__)
+_running: weakref.WeakSet[LocalInstance] = weakref.WeakSet()
+
+
+@atexit.register
+def _stop_at_exit() -> None:
+    """End every instance loop before the interpreter goes: a daemon thread that is still inside
+    XLA when Python finalizes aborts the process ("FATAL: exception not rethrown")."""
+    for inst in list(_running):
+        inst.shutdown(timeout_s=10.0)
 
 
 class LocalInstance:
@@ -63,6 +74,7 @@ class LocalInstance:
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name=f"jaxserve-{self.info.name}", daemon=True)
             self._thread.start()
+            _running.add(self)
 
     def add(self, request: Request) -> None:
         self._send(("add", request))
@@ -96,11 +108,12 @@ class LocalInstance:
         self._stopping.set()
         self._work.set()
 
-    def shutdown(self) -> None:
+    def shutdown(self, timeout_s: float | None = None) -> None:
         self.stop_soon()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(self.call_timeout_s)
+            self._thread.join(self.call_timeout_s if timeout_s is None else timeout_s)
         self._thread = None
+        _running.discard(self)
 
     def _send(self, cmd: tuple[Any, ...]) -> None:
         self._cmds.put(cmd)
