@@ -72,6 +72,8 @@ class ModelExecutor:
         self.cfg = cfg
         self.mesh = make_mesh(list(devices), tp, 1)
         self.tp = tp
+        self.pp = 1
+        self.microbatches = 1  # one stage: nothing to overlap
         self.params = jax.device_put(params, param_shardings(cfg, self.mesh))
         self._repl = replicated(self.mesh)
         self._kv_sharding = kv_sharding(self.mesh)

@@ -109,7 +109,7 @@ class Runner:
 
     def _packed(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
         """The packed prefill call: one micro-batch, or ``executor.microbatches`` of them through pp stages."""
-        n = getattr(self.executor, "microbatches", 1) if getattr(self.executor, "pp", 1) > 1 else 1
+        n = self.executor.microbatches if self.executor.pp > 1 else 1
         calls = []
         for r in split_runs([c.num_tokens for c in chunks], n):
             run = chunks[r.start:r.stop]
