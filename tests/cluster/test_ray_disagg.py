@@ -217,6 +217,18 @@ def test_decode_actor_never_waits_for_a_prefill_step(cluster):
     assert [r.output_token_ids for r in burst] == [[100, 101, 102]] * 4
 
 
+def test_actors_with_other_layouts_equal_hf(cluster, model):
+    """tp2 prefill actor -> tp1 pp2 decode actor: heads and layers re-split through the object store."""
+    model_dir, prompts, max_tokens, refs = model
+    configs = [("prefill-0", _cfg("prefill", tp=2)), ("decode-0", _cfg("decode", pp=2))]
+    with launch_router(model_dir, configs, options=ActorOptions(num_cpus=0), timeout_s=120) as eng:
+        reqs = [Request(f"l{i}", p, SamplingParams(max_tokens=m))
+                for i, (p, m) in enumerate(zip(prompts, max_tokens, strict=True))]
+        assert [t.token_ids for t in run_requests(eng, reqs)] == refs
+        assert eng.num_transfers == sum(len(r) > 1 and r[0] != 2 for r in refs)
+        assert eng.held_blocks() == {"prefill-0": 0, "decode-0": 0}
+
+
 def test_colocated_replicas_share_requests_and_equal_hf(cluster, model):
     """Two colocated replicas behind one Router: requests spread over both, HF's tokens, no leaks."""
     model_dir, prompts, max_tokens, refs = model
