@@ -64,8 +64,8 @@ def pow2_bucket(n: float, lo: int = 1) -> int:
 class EngineCosts:
     """What a serving engine adds to the profiled model calls (seconds), and how it pads shapes.
 
-    The defaults add nothing: the published-profile model. ``planner.engine_costs`` measures the
-    host costs for jaxserve (``python -m planner.profile --engine-costs``); ``step_s`` (a driver's
+    The defaults add nothing: the published-profile model. ``jaxserve.profiling.engine_costs`` measures the
+    host costs for jaxserve (``python -m jaxserve.profiling --engine-costs``); ``step_s`` (a driver's
     round trip) is not measured there.
     """
 
@@ -84,7 +84,7 @@ class EngineCosts:
 
     @classmethod
     def from_ms_entry(cls, d: dict[str, Any], *, where: str) -> EngineCosts:
-        """Parse a profile entry's ``engine_costs`` (ms; written by ``planner.profile --engine-costs``)."""
+        """Parse a profile entry's ``engine_costs`` (ms; written by ``python -m jaxserve.profiling --engine-costs``)."""
         try:
             return cls(padded=True, call_s=float(d["call_ms"]) / 1e3, seq_s=float(d["seq_ms"]) / 1e3,
                        kv_export=(float(d["kv_export_ms"][0]) / 1e3, float(d["kv_export_ms"][1]) / 1e3),
