@@ -137,7 +137,7 @@ def _step_until(eng, cond, limit_s=120.0):
 def test_abort_anywhere_frees_blocks(engine, model):
     """Abort while queued, while held for transfer, mid hand-off and mid decode: every block comes back."""
     _, prompts, _, _ = model
-    reqs = [Request(f"a{i}", prompts[i], SamplingParams(max_tokens=30, ignore_eos=True)) for i in range(2, 8)]
+    reqs = [Request(f"a{i}", prompts[i], SamplingParams(max_tokens=200, ignore_eos=True)) for i in range(2, 8)]
     for r in reqs:
         engine.add_request(r)
     p, d = engine.prefills[0], engine.decodes[0]
@@ -169,7 +169,8 @@ def test_dead_decode_actor_fails_its_requests(actors, model):
     with Router(connect(actors[2:4], timeout_s=60, own_actors=True)) as eng:
         ok = [Request(f"ok{i}", prompts[i], SamplingParams(max_tokens=max_tokens[i])) for i in range(1, 4)]
         assert [t.token_ids for t in run_requests(eng, ok)] == refs[1:4]  # block size 16 -> 8
-        reqs = [Request(f"x{i}", prompts[i], SamplingParams(max_tokens=40, ignore_eos=True)) for i in (1, 2, 3)]
+        # long enough that none can finish before all three are decoding, however loaded the machine
+        reqs = [Request(f"x{i}", prompts[i], SamplingParams(max_tokens=400, ignore_eos=True)) for i in (1, 2, 3)]
         for r in reqs:
             eng.add_request(r)
         dec = eng.decodes[0]
