@@ -1,12 +1,12 @@
 """One instance's model on its devices: sharded params, the paged KV pytree, jitted steps.
 
-    StepInputs (numpy, host) --device_put(replicated on this mesh)--> jitted forward (KV donated)
-        --> logits [R, V] (on this mesh) --sample()--> token ids (numpy)
+    StepInputs (numpy, host) --device_put(replicated on this mesh)--> the stage programs (KV donated;
+        ``engine.stage``: embed, groups of layers, head) --> logits [R, V] (on this mesh) --sample()--> token ids (numpy)
 
 The executor owns a ``('pp', 'tp')`` mesh with ``pp == 1`` (pipeline stages live
 in ``jaxserve.engine.pipeline``, which offers the same methods). Parameters and
 KV pages are placed by the logical-axis table (``jaxserve.parallel.sharding``), so
-tensor parallelism is XLA's SPMD partitioning of the same pure ``forward``.
+tensor parallelism is XLA's SPMD partitioning of the same pure model functions.
 Compilations are counted process-wide (``compile_count()``) so the engine can
 prove that serving after warm-up compiles nothing new.
 """
@@ -25,8 +25,9 @@ from jax.sharding import Mesh
 
 from jaxserve.config import ModelConfig
 from jaxserve.engine.attention_backends import make_attention
+from jaxserve.engine.stage import run_stage
 from jaxserve.model.inputs import StepInputs
-from jaxserve.model.opt import KVCache, Params, dtype_of, forward
+from jaxserve.model.opt import KVCache, Params, dtype_of
 from jaxserve.model.sampling import SamplingArrays, greedy, sample
 from jaxserve.parallel.sharding import kv_sharding, make_mesh, param_shardings, replicated
 
@@ -56,12 +57,6 @@ def kv_bytes_per_block(cfg: ModelConfig, block_size: int, num_layers: int | None
     layers = cfg.num_hidden_layers if num_layers is None else num_layers
     itemsize = jnp.dtype(dtype_of(dtype or cfg.dtype)).itemsize
     return 2 * layers * block_size * cfg.hidden_size * itemsize
-
-
-@functools.partial(jax.jit, static_argnums=(1, 7), donate_argnums=(4,))
-def _step(params: Params, cfg: ModelConfig, tokens: jax.Array, positions: jax.Array, kv: KVCache,
-          meta: Any, logits_index: jax.Array, attn_fn: Any) -> tuple[jax.Array, KVCache]:
-    return forward(params, cfg, tokens, positions, kv, meta, logits_index, attn_fn)
 
 
 class ModelExecutor:
@@ -107,8 +102,8 @@ class ModelExecutor:
         """Run one step; returns logits [R, V] (float32, on this mesh). Updates the KV in place."""
         tokens, positions, meta, logits_index = jax.device_put(
             (inputs.tokens, inputs.positions, inputs.meta, inputs.logits_index), self._repl)
-        logits, self.kv = _step(self.params, self.cfg, tokens, positions, self.kv, meta, logits_index,
-                                self.attn_fn)
+        logits, self.kv = run_stage(self.params, self.cfg, self.attn_fn, tokens, positions, self.kv, meta,
+                                    logits_index, first=True, last=True, replicated=self._repl)
         return logits
 
     def sample(self, logits: jax.Array, arrays: SamplingArrays) -> np.ndarray:

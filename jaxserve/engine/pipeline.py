@@ -45,7 +45,6 @@ calls took about what the stages in turn take (``scripts/bench_pipeline.py``).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import time
 from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -59,9 +58,10 @@ from jax.sharding import Mesh
 from jaxserve.config import ModelConfig
 from jaxserve.engine.attention_backends import make_attention
 from jaxserve.engine.executor import gather_pages, scatter_pages
+from jaxserve.engine.stage import run_stage
 from jaxserve.microbatch import split_runs
 from jaxserve.model.inputs import SeqChunk, StepInputs
-from jaxserve.model.opt import AttnFn, KVCache, Params, dtype_of, embed, head, run_layers
+from jaxserve.model.opt import AttnFn, KVCache, Params, dtype_of
 from jaxserve.model.sampling import SamplingArrays, greedy, sample
 from jaxserve.parallel.sharding import check_tp, kv_sharding, make_mesh, param_shardings, replicated
 
@@ -108,16 +108,6 @@ class StageSpan:
     mb: int
     start: float
     end: float
-
-
-@functools.partial(jax.jit, static_argnums=(1, 2, 3, 4), donate_argnums=(7,))
-def _stage_step(params: Params, cfg: ModelConfig, attn_fn: Any, first: bool, last: bool,
-                h: jax.Array, positions: jax.Array, kv: KVCache, meta: Any, logits_index: Any
-                ) -> tuple[jax.Array, KVCache]:
-    """One stage: (tokens [T] if first else x [T, D]) -> (logits [R, V] if last else x [T, D]), new KV."""
-    x = embed(params, cfg, h, positions) if first else h  # [T, D]
-    x, kv = run_layers(params["layers"], cfg, x, positions, kv, meta, attn_fn)
-    return (head(params, cfg, x, logits_index) if last else x), kv
 
 
 class PipelineExecutor:
@@ -228,8 +218,9 @@ class PipelineExecutor:
             h = jax.device_put(h, self._repl[s])
         start = time.perf_counter()
         last = s == self.pp - 1
-        h, self.stage_kv[s] = _stage_step(self.stage_params[s], self.cfg, self.stage_attn[s], s == 0, last, h,
-                                          positions, self.stage_kv[s], meta, logits_index if last else None)
+        h, self.stage_kv[s] = run_stage(self.stage_params[s], self.cfg, self.stage_attn[s], h, positions,
+                                        self.stage_kv[s], meta, logits_index if last else None, first=s == 0,
+                                        last=last, replicated=self._repl[s])
         if self.timeline is not None:
             jax.block_until_ready(h)
             self.timeline.append(StageSpan(call, s, m, start, time.perf_counter()))
