@@ -1,4 +1,4 @@
-"""How much memory this process may use.
+"""How much memory this process may use, and zeroed buffers that cost nothing until written.
 
     host:   min(/proc/meminfo MemAvailable, cgroup memory.max - working set)  --> MemoryInfo (fraction 0.5)
     device: sum over devices of memory_stats() bytes_limit - bytes_in_use    --> MemoryInfo (fraction 0.9)
@@ -7,16 +7,22 @@
 Consumers: the model loader checks that the weights fit before reading them
 (``check_weights_fit``); the engine sizes its KV pool from a ``MemoryInfo``
 (``jaxserve.engine.kv_budget``); tests pass a ``MemoryInfo`` of their own instead of
-measuring this machine.
+measuring this machine. ``zeros_untouched`` makes the KV pages: on a Linux CPU host
+their memory goes back to the kernel right after the zero fill, so the resident size
+grows with the blocks actually written, not with the pool.
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import math
+import mmap
 import os
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -139,3 +145,33 @@ def check_weights_fit(cfg: ModelConfig, memory: MemoryInfo | None) -> None:
             f"{cfg.name}: the weights need {need / GiB:.2f} GiB ({cfg.dtype}) but only "
             f"{memory.available / GiB:.2f} GiB is available ({memory.source}); use a smaller dtype "
             "(--dtype bfloat16), more devices (tp/pp), or a machine with more memory")
+
+
+def zeros_untouched(shape: tuple[int, ...], dtype: Any, sharding: Any) -> jax.Array:
+    """Zeros with ``sharding``; on a Linux CPU host their pages go back to the kernel at once.
+
+    The kernel maps a released private page again, zero-filled, on its next touch, so the
+    contents stay zeros while the resident size counts only pages written since."""
+    x = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+    if sys.platform.startswith("linux") and all(d.platform == "cpu" for d in sharding.device_set):
+        x.block_until_ready()
+        for shard in x.addressable_shards:
+            _dont_need(shard.data.unsafe_buffer_pointer(), shard.data.nbytes)
+    return x
+
+
+_MADV_DONTNEED = 4
+
+
+def _dont_need(ptr: int, nbytes: int) -> None:
+    """madvise(MADV_DONTNEED) on the whole pages inside [ptr, ptr + nbytes) (best effort)."""
+    page = mmap.PAGESIZE
+    start, end = -(-ptr // page) * page, (ptr + nbytes) // page * page
+    if end <= start:
+        return
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.madvise(start, end - start, _MADV_DONTNEED)
+    except (OSError, AttributeError):
+        pass

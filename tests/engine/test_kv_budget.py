@@ -10,15 +10,17 @@ import sys
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
 from jaxserve.config import ConfigError, EngineConfig, ModelConfig
-from jaxserve.engine.block_manager import blocks_needed
+from jaxserve.engine.block_manager import BlockManager, blocks_needed
 from jaxserve.engine.build import build_local
 from jaxserve.engine.engine import LLMEngine
 from jaxserve.engine.executor import kv_bytes_per_block
 from jaxserve.engine.kv_budget import plan_kv
-from jaxserve.memory import GiB, MemoryInfo, weight_bytes
+from jaxserve.memory import GiB, MemoryInfo, weight_bytes, zeros_untouched
 from jaxserve.model.demo import random_params_numpy
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,6 +113,31 @@ def test_weights_are_checked_before_the_checkpoint_is_read(tmp_path, monkeypatch
     monkeypatch.setattr("jaxserve.model.loader.host_memory", lambda: MemoryInfo(1000, "fake host"))
     with pytest.raises(ConfigError, match=r"the weights need .* only 0.00 GiB is available \(fake host\)"):
         load_hf_checkpoint(tmp_path)
+
+
+def test_freed_blocks_are_reused_first():
+    bm = BlockManager(10, 4)
+    bm.grow("a", 8)
+    bm.grow("b", 8)
+    assert bm.table("a") == [1, 2] and bm.table("b") == [3, 4]
+    bm.free("a")
+    assert bm.grow("c", 12) == [1, 2, 5]
+    bm.check_invariants()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="page release is Linux-only")
+def test_untouched_zeros_cost_no_resident_memory():
+    def rss() -> int:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) * 1024 for x in f if x.startswith("VmRSS"))
+
+    sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    before = rss()
+    x = zeros_untouched((64, MiB), jnp.float32, sharding)  # 256 MiB
+    assert rss() - before < 64 * MiB
+    y = jax.jit(lambda a: a.at[3, :8].set(1.0), donate_argnums=0)(x)
+    assert float(y.sum()) == 8.0 and np.asarray(y[3, :9]).tolist() == [1.0] * 8 + [0.0]
+    assert rss() - before < 64 * MiB
 
 
 def _small_model(tmp_path: Path) -> Path:
