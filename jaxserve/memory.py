@@ -67,7 +67,7 @@ def _cgroup_available() -> int | None:
                 rel = line[3:].lstrip("/")
     except OSError:
         pass
-    for base in {Path("/sys/fs/cgroup") / rel, Path("/sys/fs/cgroup")}:
+    for base in dict.fromkeys([Path("/sys/fs/cgroup") / rel, Path("/sys/fs/cgroup")]):  # own cgroup first
         limit, used = _read_int(base / "memory.max"), _read_int(base / "memory.current")
         if limit is not None and used is not None:
             return limit - used + _inactive_file(base / "memory.stat")
