@@ -48,7 +48,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before new ones get 503")
-    p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache per instance in GiB (default: derived)")
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="KV cache per instance in GiB (default: on CPU half the host memory left after the "
+                        "weights, split between the instances; on GPU 90%% of what the weights leave; at most "
+                        "what --max-num-seqs sequences of --max-model-len tokens can use)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="running sequences per instance")
     p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"],
@@ -206,7 +209,10 @@ async def serve(args: argparse.Namespace, engine: Any, tokenizer: Any, cfg: Any,
 
 
 def main(argv: list[str] | None = None) -> int:
+    from jaxserve.logs import show_logs
+
     args = parse_args(argv)
+    show_logs()  # e.g. each instance's KV pool size, and why
     try:
         deployment = deployment_from_args(args)
         ensure_host_devices(deployment.num_devices)

@@ -47,7 +47,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--top-k", type=int, default=0, help="0 = off")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (same seed, same tokens)")
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
-    p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget in GiB (default: derived)")
+    p.add_argument("--kv-cache-gb", type=float, default=None,
+                   help="KV cache in GiB (default: half the host memory left after the weights, at most what "
+                        "--max-num-seqs sequences of --max-model-len tokens can use)")
+    p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
+    p.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded together (default: 64)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     args = p.parse_args(argv)
     if args.input is None and not args.prompt:
@@ -56,6 +60,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--max-tokens must be positive, got {args.max_tokens}")
     if args.kv_cache_gb is not None and args.kv_cache_gb <= 0:
         p.error(f"--kv-cache-gb must be positive, got {args.kv_cache_gb}")
+    for name in ("max_model_len", "max_num_seqs"):
+        if getattr(args, name) is not None and getattr(args, name) <= 0:
+            p.error(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     return args
 
 
@@ -124,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from jaxserve.llm import LLM
+    from jaxserve.logs import show_logs
     from jaxserve.request import SamplingError, SamplingParams
 
     try:
@@ -133,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     lines = read_lines(args)
-    engine_kw = {k: v for k, v in (("kv_cache_gb", args.kv_cache_gb), ("mode", args.mode),
-                                   ("config", args.config)) if v is not None}
+    show_logs()  # the KV pool's size, and why
+    engine_kw = {k: getattr(args, k) for k in ("kv_cache_gb", "max_model_len", "max_num_seqs", "mode", "config")
+                 if getattr(args, k) is not None}
     try:
         llm = LLM(args.model, dtype=args.dtype, **engine_kw)
     except (ValueError, OSError) as e:

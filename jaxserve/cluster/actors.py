@@ -2,7 +2,8 @@
 
     driver --start_instance(model, EngineConfig, name, ActorOptions)--> Ray actor process
         runtime_env: XLA_FLAGS=--xla_force_host_platform_device_count=tp*pp, JAX_PLATFORMS=cpu
-        __init__: load_model(folder, dtype) -> LLMEngine(..., transport=ObjectStoreTransport())
+        __init__: load_model(folder, dtype) -> LLMEngine(..., transport=ObjectStoreTransport()), its
+                  KV pool sized from 1/host_share of the host's memory when it runs on CPU devices
                   (or a ``FakeCore`` for runtime tests) -> LocalInstance, looping in its own thread
     add / abort / import_kv / release: queued for the loop in the order sent (the default concurrency
         group has one thread), return at once; ``poll`` runs in a group of its own, so a command
@@ -75,10 +76,11 @@ def pin_threads() -> set[int] | None:
     return cpus
 
 
-def _engine_core(model: str | None, config: EngineConfig, name: str, dtype: str) -> Any:
+def _engine_core(model: str | None, config: EngineConfig, name: str, dtype: str, host_share: int = 1) -> Any:
     import jax
 
     from jaxserve.engine.engine import LLMEngine
+    from jaxserve.memory import measure_memory
     from jaxserve.model.checkpoint import load_model
 
     n = config.tp * config.pp
@@ -87,23 +89,28 @@ def _engine_core(model: str | None, config: EngineConfig, name: str, dtype: str)
         raise ConfigError(f"{name}: tp={config.tp} x pp={config.pp} needs {n} devices, the actor sees "
                           f"{len(devices)} (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})")
     loaded = load_model(model, dtype)
+    memory = measure_memory(devices[:n])
+    if memory is not None and all(d.platform == "cpu" for d in devices[:n]):
+        memory = memory.share(host_share)  # the other actors on this host draw on the same memory
     return LLMEngine(loaded.cfg, loaded.params, config, devices=devices[:n], name=name,
-                     transport=ObjectStoreTransport())
+                     transport=ObjectStoreTransport(), memory=memory)
 
 
 class InstanceActor:
     """A ``LocalInstance`` in an actor process (a plain class: usable in-process for tests)."""
 
     def __init__(self, model: str | None, config: EngineConfig, name: str, dtype: str = "float32",
-                 fake: dict[str, Any] | None = None) -> None:
+                 fake: dict[str, Any] | None = None, host_share: int = 1) -> None:
+        from jaxserve.logs import show_logs
         from jaxserve.runtime.instance import LocalInstance
 
         pin_threads()
+        show_logs()
         if fake is not None:
             from jaxserve.runtime.fake import FakeCore
             core: Any = FakeCore(name=name, mode=config.mode, **fake)
         else:
-            core = _engine_core(model, config, name, dtype)
+            core = _engine_core(model, config, name, dtype, host_share)
         self._ready = threading.Event()
         self.instance = LocalInstance(core)
         self.instance.start(self._ready)
@@ -194,9 +201,10 @@ _REMOTE_CLASS: Any = None
 
 def start_instance(model: str | os.PathLike[str] | None, config: EngineConfig, name: str, *,
                    dtype: str = "float32", options: ActorOptions | None = None,
-                   fake: dict[str, Any] | None = None) -> Any:
+                   fake: dict[str, Any] | None = None, host_share: int = 1) -> Any:
     """Create an ``InstanceActor`` (asynchronously: its first call waits for the model to load).
-    ``fake``: a ``FakeCore``'s settings instead of a model (runtime tests)."""
+    ``fake``: a ``FakeCore``'s settings instead of a model (runtime tests). ``host_share``: how many
+    instances may share this actor's host memory (a CPU actor's KV pool takes from 1/host_share)."""
     import ray
 
     global _REMOTE_CLASS
@@ -205,4 +213,5 @@ def start_instance(model: str | os.PathLike[str] | None, config: EngineConfig, n
         _REMOTE_CLASS = ray.remote(concurrency_groups={"poll": 1})(InstanceActor)
     options = options or ActorOptions()
     model_spec = None if model is None else str(model)
-    return _REMOTE_CLASS.options(**options.ray_options(config)).remote(model_spec, config, name, dtype, fake)
+    return _REMOTE_CLASS.options(**options.ray_options(config)).remote(model_spec, config, name, dtype, fake,
+                                                                       host_share)

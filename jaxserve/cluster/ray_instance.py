@@ -186,7 +186,9 @@ def launch_router(model: str | None, configs: Sequence[tuple[str, EngineConfig]]
     fakes = list(fake) if fake is not None else [None] * len(configs)
     if len(opts) != len(configs) or len(fakes) != len(configs):
         raise ValueError(f"{len(opts)} ActorOptions and {len(fakes)} fakes for {len(configs)} instances")
-    actors = [start_instance(model, c, name, dtype=dtype, options=o, fake=f)
+    # CPU actors size their KV pools as if all of them shared one host (true for a local Ray;
+    # on several nodes it leaves memory unused rather than overcommitting one)
+    actors = [start_instance(model, c, name, dtype=dtype, options=o, fake=f, host_share=len(configs))
               for (name, c), o, f in zip(configs, opts, fakes, strict=True)]
     proxies = connect(actors, timeout_s=timeout_s, start_timeout_s=start_timeout_s, own_actors=True)
     return Router(proxies, poll_s=poll_s)

@@ -4,7 +4,8 @@
         --> block_tables[seq] : list[int]  --> int32 arrays built for jit by model.inputs
 
 Block 0 is reserved as the null block (padding writes go there) and is never
-handed out. Ref counts let several sequences share a block later (prefix
+handed out. Freed blocks are handed out again first, so the pages a CPU host keeps
+resident follow the most blocks in use at once, not every block ever used. Ref counts let several sequences share a block later (prefix
 sharing); today every block has one owner. No jax import here.
 """
 
@@ -85,13 +86,13 @@ class BlockManager:
         table = self.tables.pop(seq, None)
         if not table:
             return 0
-        released = 0
+        released = []
         for b in table:
             self._ref[b] -= 1
             if self._ref[b] == 0:
-                self._free.append(b)
-                released += 1
-        return released
+                released.append(b)
+        self._free.extendleft(reversed(released))  # reused first: their pages are already resident
+        return len(released)
 
     def check_invariants(self) -> None:
         """Every block is free xor referenced; ref counts match the tables (for tests)."""

@@ -3,7 +3,8 @@
     DeploymentConfig (YAML / plan JSON) or [(role, EngineConfig)]
       --expand replicas, assign devices (explicit ids, else consecutive slices of jax.devices())-->
     one LLMEngine per instance on its own mesh (one KV transport shared by all; each prefill
-    instance knows its decode peers, so its warm-up compiles the hand-offs into them)
+    instance knows its decode peers, so its warm-up compiles the hand-offs into them; instances
+    on CPU devices size their KV pools from one host measurement, split evenly between them)
       --each in a LocalInstance (its own thread)--> one Router over them (jaxserve.runtime.router)
 """
 
@@ -17,6 +18,7 @@ import jax
 from jaxserve.config import ConfigError, DeploymentConfig, EngineConfig, ModelConfig
 from jaxserve.engine.engine import LLMEngine
 from jaxserve.engine.kv_transfer import KVTransport, LocalTransport
+from jaxserve.memory import MemoryInfo, host_memory
 from jaxserve.parallel.devices import devices_by_ids, split_devices
 from jaxserve.runtime.instance import LocalInstance
 from jaxserve.runtime.router import Router
@@ -32,12 +34,22 @@ def instance_names(roles: Sequence[str]) -> list[str]:
     return out
 
 
+def memory_shares(device_sets: Sequence[Sequence[Any]]) -> list[MemoryInfo | None]:
+    """Per instance: an even share of the host's memory, measured once before any is built, for
+    instances on CPU devices (they all draw on it); None for the others (each measures its own devices)."""
+    on_host = [all(d.platform == "cpu" for d in ds) for ds in device_sets]
+    host = host_memory() if any(on_host) else None
+    share = host.share(sum(on_host)) if host is not None else None
+    return [share if cpu else None for cpu in on_host]
+
+
 def build_instances(cfg: ModelConfig, params: Any, layouts: Sequence[tuple[str, EngineConfig]],
                     device_sets: Sequence[Sequence[Any]], transport: KVTransport | None = None) -> Router:
     transport = transport or LocalTransport()
     names = instance_names([role for role, _ in layouts])
-    engines = [LLMEngine(cfg, params, c, devices=ds, name=n, transport=transport)
-               for n, (_, c), ds in zip(names, layouts, device_sets, strict=True)]
+    memory = memory_shares(device_sets)
+    engines = [LLMEngine(cfg, params, c, devices=ds, name=n, transport=transport, memory=m)
+               for n, (_, c), ds, m in zip(names, layouts, device_sets, memory, strict=True)]
     decodes = [e.executor for e in engines if e.config.mode == "decode"]
     for e in engines:
         if e.config.mode == "prefill":

@@ -14,11 +14,14 @@ decodes them by continuous batching. The engine stamps lifecycle events on its o
 Request objects (the runtime's instance sends them on as messages). This is the
 ``EngineCore`` of ``jaxserve.runtime.instance.LocalInstance``: one thread drives it.
 ``compilations_since_warmup`` proves that serving after ``warmup()`` compiled nothing new.
+The KV pool's size comes from ``kv_budget.plan_kv`` over the machine's memory (``memory``:
+measured here unless the caller passes the share it measured, or a test passes its own).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Sequence as Seq
 from typing import Any
@@ -28,14 +31,18 @@ import jax
 from jaxserve.config import ConfigError, EngineConfig, ModelConfig
 from jaxserve.engine.block_manager import NULL_BLOCK, BlockManager, blocks_needed
 from jaxserve.engine.executor import ModelExecutor, compile_count, kv_bytes_per_block
+from jaxserve.engine.kv_budget import plan_kv
 from jaxserve.engine.kv_transfer import KVTransport, LocalTransport
 from jaxserve.engine.runner import Buckets, Runner
 from jaxserve.engine.scheduler import Scheduler, Sequence
+from jaxserve.memory import MemoryInfo, measure_memory
 from jaxserve.model.inputs import pow2_buckets
 from jaxserve.model.sampling import new_seed
 from jaxserve.request import Event, FinishReason, Request
 from jaxserve.runtime.api import InstanceInfo, InstanceStats, StepOutput
 from jaxserve.stopping import token_finish_reason
+
+log = logging.getLogger(__name__)
 
 POLICY_FOR_MODE = {"colocated": "prefill-first", "chunked": "chunked", "prefill": "prefill-only",
                    "decode": "prefill-first"}
@@ -52,31 +59,12 @@ def make_executor(cfg: ModelConfig, params: Any, devices: Seq[jax.Device], tp: i
     return PipelineExecutor(cfg, params, devices, tp, pp)
 
 
-def resolve_num_blocks(cfg: ModelConfig, config: EngineConfig, max_len: int, devices: Seq[jax.Device]) -> int:
-    """KV capacity in blocks (including the null block) from the config and device memory."""
-    per_block = kv_bytes_per_block(cfg, config.block_size)
-    if config.num_blocks is not None:
-        n = config.num_blocks
-    elif config.kv_cache_gb is not None:
-        n = int(config.kv_cache_gb * 2**30 // per_block)
-    else:
-        n = config.max_num_seqs * blocks_needed(max_len, config.block_size) + 1
-        stats = devices[0].memory_stats() if hasattr(devices[0], "memory_stats") else None
-        if stats and "bytes_limit" in stats:  # accelerators: at most 90% of what is free, over all devices
-            free = (0.9 * stats["bytes_limit"] - stats.get("bytes_in_use", 0)) * len(devices)
-            n = min(n, int(free // per_block))
-    if n < 2:
-        raise ConfigError(f"KV cache of {n} blocks is too small (a block of {config.block_size} tokens takes "
-                          f"{per_block} bytes); raise --kv-cache-gb")
-    return n
-
-
 class LLMEngine:
     """A single instance serving requests by continuous batching (driven by one thread)."""
 
     def __init__(self, cfg: ModelConfig, params: Any, config: EngineConfig | None = None, *,
                  devices: Seq[jax.Device] | None = None, name: str = "engine-0",
-                 transport: KVTransport | None = None) -> None:
+                 transport: KVTransport | None = None, memory: MemoryInfo | None = None) -> None:
         config = config or EngineConfig()
         self.cfg, self.config, self.name = cfg, config, name
         n_dev = config.tp * config.pp
@@ -85,10 +73,13 @@ class LLMEngine:
             raise ConfigError(f"{name}: tp={config.tp} x pp={config.pp} needs {n_dev} devices, got {len(devices)}")
         self.max_model_len = config.resolved_max_model_len(cfg)
         batched = config.resolved_batched_tokens(cfg)
-        num_blocks = resolve_num_blocks(cfg, config, self.max_model_len, devices)
+        # before anything is placed: the weights and the pool must fit in what the devices have
+        self.kv_plan = plan_kv(cfg, config, self.max_model_len, kv_bytes_per_block(cfg, config.block_size),
+                               memory if memory is not None else measure_memory(devices))
+        log.info("%s: %s", name, self.kv_plan.describe())
         self.executor = make_executor(cfg, params, devices, config.tp, config.pp, config.attention)
-        self.executor.init_kv(num_blocks, config.block_size)
-        self.blocks = BlockManager(num_blocks, config.block_size)
+        self.executor.init_kv(self.kv_plan.num_blocks, config.block_size)
+        self.blocks = BlockManager(self.kv_plan.num_blocks, config.block_size)
         self.policy = POLICY_FOR_MODE[config.mode]
         self.scheduler = Scheduler(self.blocks, policy=self.policy, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=batched, max_model_len=self.max_model_len)

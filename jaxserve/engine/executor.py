@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 from jaxserve.config import ModelConfig
 from jaxserve.engine.attention_backends import make_attention
 from jaxserve.engine.stage import run_stage
+from jaxserve.memory import zeros_untouched
 from jaxserve.model.inputs import StepInputs
 from jaxserve.model.opt import KVCache, Params, dtype_of
 from jaxserve.model.sampling import SamplingArrays, greedy, sample
@@ -94,8 +95,9 @@ class ModelExecutor:
         """Allocate zeroed pages ``[num_blocks, block_size, H, Dh]`` per layer, heads split over tp."""
         shape = (num_blocks, block_size, self.cfg.num_attention_heads, self.cfg.head_dim)
         dt = dtype_of(self.cfg.dtype)
-        zeros = jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=self._kv_sharding)
-        self.kv = [(zeros(), zeros()) for _ in range(self.cfg.num_hidden_layers)]
+        self.kv = []  # the old pages go first; on CPU the new ones cost memory only where written
+        self.kv = [(zeros_untouched(shape, dt, self._kv_sharding), zeros_untouched(shape, dt, self._kv_sharding))
+                   for _ in range(self.cfg.num_hidden_layers)]
         self.num_blocks, self.block_size = num_blocks, block_size
 
     def execute(self, inputs: StepInputs) -> jax.Array:

@@ -51,7 +51,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -59,6 +58,7 @@ from jaxserve.config import ModelConfig
 from jaxserve.engine.attention_backends import make_attention
 from jaxserve.engine.executor import gather_pages, scatter_pages
 from jaxserve.engine.stage import run_stage
+from jaxserve.memory import zeros_untouched
 from jaxserve.microbatch import split_runs
 from jaxserve.model.inputs import SeqChunk, StepInputs
 from jaxserve.model.opt import AttnFn, KVCache, Params, dtype_of
@@ -171,8 +171,8 @@ class PipelineExecutor:
         dt = dtype_of(self.cfg.dtype)
         self.stage_kv = []
         for layers, sharding in zip(self.stage_layers, self._kv_sharding, strict=True):
-            zeros = jax.jit(lambda: jnp.zeros(shape, dt), out_shardings=sharding)
-            self.stage_kv.append([(zeros(), zeros()) for _ in layers])
+            self.stage_kv.append([(zeros_untouched(shape, dt, sharding), zeros_untouched(shape, dt, sharding))
+                                  for _ in layers])
         self.num_blocks, self.block_size = num_blocks, block_size
 
     # ---- steps -----------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from jaxserve.config import ModelConfig
+from jaxserve.memory import check_weights_fit, measure_memory
 from jaxserve.model.loader import CheckpointError, load_hf_checkpoint
 from jaxserve.model.opt import Params, abstract_params
 
@@ -51,6 +52,8 @@ def restore_converted(ckpt_dir: str | Path, shardings: Any = None, dtype: str | 
     cfg = ModelConfig.from_dict(json.loads(marker.read_text()), source=str(marker))
     if dtype is not None and dtype != cfg.dtype:
         raise CheckpointError(f"{d}: saved as {cfg.dtype}, asked for {dtype}; convert again from the HF folder")
+    if shardings is None:  # everything lands on the default device: check it can hold the weights
+        check_weights_fit(cfg, measure_memory(jax.devices()[:1]))
     target = abstract_params(cfg)
     if shardings is not None:
         target = jax.tree_util.tree_map(

@@ -25,6 +25,7 @@ import ml_dtypes
 import numpy as np
 
 from jaxserve.config import ConfigError, ModelConfig
+from jaxserve.memory import check_weights_fit, host_memory
 from jaxserve.model.opt import Params, is_shape_tuple, param_shapes
 
 
@@ -252,6 +253,7 @@ def load_hf_checkpoint(model_dir: str | Path, dtype: str = "float32") -> tuple[M
     """Load an HF OPT folder into (config, numpy params). Raises CheckpointError, never returns partial."""
     model_dir = Path(model_dir)
     cfg = load_hf_config(model_dir, dtype)
+    check_weights_fit(cfg, host_memory())  # before reading: a clear error, not the kernel's OOM killer
     tensors, origin = read_hf_tensors(model_dir)
     return cfg, convert_hf_tensors(tensors, cfg, origin, source=str(model_dir))
 
