@@ -8,6 +8,8 @@
           (a bad input line gets {"line": N, "error": "..."} in its place)
 
 With no --model, the built-in demo model (random weights: the text is gibberish).
+Compiled programs are kept in the persistent compilation cache (--compilation-cache, default
+~/.cache/jaxserve/xla), so a second run with the same model and limits compiles nothing.
 With --prompt instead of --input, prompts come from the command line and results
 go to stdout. Exit status: 0 if any line was generated, 1 if nothing could be done.
 """
@@ -49,6 +51,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget in GiB (default: derived)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--compilation-cache", default=None, metavar="DIR|off",
+                   help="where compiled programs are kept between runs; off: compile at every run (unset: "
+                        "$JAXSERVE_COMPILATION_CACHE, else $JAXSERVE_CACHE/xla, i.e. ~/.cache/jaxserve/xla)")
     args = p.parse_args(argv)
     if args.input is None and not args.prompt:
         args.prompt = ["Hello, my name is", "The weather today is"]
@@ -123,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_cpu_devices(args.config)
     from tqdm import tqdm
 
+    from jaxserve.compile_cache import describe, enable_compilation_cache, setting
     from jaxserve.llm import LLM
     from jaxserve.request import SamplingError, SamplingParams
 
@@ -135,8 +141,10 @@ def main(argv: list[str] | None = None) -> int:
     lines = read_lines(args)
     engine_kw = {k: v for k, v in (("kv_cache_gb", args.kv_cache_gb), ("mode", args.mode),
                                    ("config", args.config)) if v is not None}
+    cache = enable_compilation_cache(args.compilation_cache)  # before anything compiles
+    print(describe(cache), file=sys.stderr, flush=True)
     try:
-        llm = LLM(args.model, dtype=args.dtype, **engine_kw)
+        llm = LLM(args.model, dtype=args.dtype, compilation_cache=setting(cache), **engine_kw)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -178,15 +178,16 @@ class RayInstance:
 def launch_router(model: str | None, configs: Sequence[tuple[str, EngineConfig]], *, dtype: str = "float32",
                   options: ActorOptions | Sequence[ActorOptions] | None = None, timeout_s: float = 300.0,
                   start_timeout_s: float = 600.0, fake: Sequence[dict[str, Any]] | None = None,
-                  poll_s: float = 0.02) -> Router:
+                  poll_s: float = 0.02, compilation_cache: str | None = None) -> Router:
     """One actor per ``(name, EngineConfig)`` (``options``: one for all, or one each), every model
     loaded, clock offsets estimated; a ``Router`` over them (its ``shutdown`` kills the actors).
-    ``fake``: one ``FakeCore`` settings dict per instance instead of a model (runtime tests)."""
+    ``fake``: one ``FakeCore`` settings dict per instance instead of a model (runtime tests).
+    ``compilation_cache``: a directory or "off" for every actor; None: the driver's default."""
     opts = list(options) if isinstance(options, Sequence) else [options] * len(configs)
     fakes = list(fake) if fake is not None else [None] * len(configs)
     if len(opts) != len(configs) or len(fakes) != len(configs):
         raise ValueError(f"{len(opts)} ActorOptions and {len(fakes)} fakes for {len(configs)} instances")
-    actors = [start_instance(model, c, name, dtype=dtype, options=o, fake=f)
+    actors = [start_instance(model, c, name, dtype=dtype, options=o, fake=f, compilation_cache=compilation_cache)
               for (name, c), o, f in zip(configs, opts, fakes, strict=True)]
     proxies = connect(actors, timeout_s=timeout_s, start_timeout_s=start_timeout_s, own_actors=True)
     return Router(proxies, poll_s=poll_s)

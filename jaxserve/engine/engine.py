@@ -13,7 +13,8 @@ requests in with ``import_kv`` (blocks allocated, KV written, or None: no room),
 decodes them by continuous batching. The engine stamps lifecycle events on its own
 Request objects (the runtime's instance sends them on as messages). This is the
 ``EngineCore`` of ``jaxserve.runtime.instance.LocalInstance``: one thread drives it.
-``compilations_since_warmup`` proves that serving after ``warmup()`` compiled nothing new.
+``compilations_since_warmup`` proves that serving after ``warmup()`` built no new program (compiled or
+loaded from the persistent cache).
 """
 
 from __future__ import annotations
@@ -25,9 +26,10 @@ from typing import Any
 
 import jax
 
+from jaxserve.compile_cache import program_count
 from jaxserve.config import ConfigError, EngineConfig, ModelConfig
 from jaxserve.engine.block_manager import NULL_BLOCK, BlockManager, blocks_needed
-from jaxserve.engine.executor import ModelExecutor, compile_count, kv_bytes_per_block
+from jaxserve.engine.executor import ModelExecutor, kv_bytes_per_block
 from jaxserve.engine.kv_transfer import KVTransport, LocalTransport
 from jaxserve.engine.runner import Buckets, Runner
 from jaxserve.engine.scheduler import Scheduler, Sequence
@@ -41,7 +43,7 @@ POLICY_FOR_MODE = {"colocated": "prefill-first", "chunked": "chunked", "prefill"
                    "decode": "prefill-first"}
 
 
-_warm_baseline: int | None = None  # compile count when the last warm-up in this process ended
+_warm_baseline: int | None = None  # program count when the last warm-up in this process ended
 
 
 def make_executor(cfg: ModelConfig, params: Any, devices: Seq[jax.Device], tp: int, pp: int,
@@ -136,15 +138,16 @@ class LLMEngine:
         for peer in self.transfer_peers:
             self.transport.warmup(self.executor, peer, self.max_model_len)
         self._warm = True
-        _warm_baseline = compile_count()
+        _warm_baseline = program_count()
         return self.num_warmup_shapes
 
     @property
     def compilations_since_warmup(self) -> int:
-        """Compilations in this process since the last warm-up in it ended (instances share a process)."""
+        """Programs built in this process since the last warm-up in it ended (instances share a process):
+        compiled, or loaded from the persistent compilation cache (a shape warm-up missed, either way)."""
         if not self._warm or _warm_baseline is None:
             raise RuntimeError("warmup() has not run")
-        return compile_count() - _warm_baseline
+        return program_count() - _warm_baseline
 
     def check_request(self, request: Request) -> None:
         """Raise ValueError (naming the problem) if this request can never run on this engine."""
