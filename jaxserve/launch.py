@@ -7,8 +7,8 @@
          --> instances in this process (build_engine) or as Ray actors (--ray / --ray-address),
              each looping on its own, behind one Router (jaxserve.runtime.router)
          --> aiohttp server on host:port (/health answers 503 until warm-up is done)
-         --> warm-up (every jit shape; from the cache on a second start), then the orchestrator starts
-             and /health turns 200
+         --> warm-up (every jit shape, progress on stderr; from the cache on a second start), then the
+             orchestrator starts and /health turns 200
     SIGINT / SIGTERM: stop admitting (503), let in-flight requests finish (up to
     --shutdown-timeout), abort the rest, stop the engine thread, release Ray actors.
 
@@ -168,7 +168,8 @@ async def serve(args: argparse.Namespace, engine: Any, tokenizer: Any, cfg: Any,
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
-    print(f"jaxserve: serving {name} on http://{args.host}:{args.port} (warming up...)", flush=True)
+    print(f"jaxserve: serving {name} on http://{args.host}:{args.port} (warming up, progress on stderr...)",
+          flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -179,7 +180,7 @@ async def serve(args: argparse.Namespace, engine: Any, tokenizer: Any, cfg: Any,
 
         def run_warmup() -> None:  # a daemon thread, so Ctrl-C during warm-up can still exit
             try:
-                n = engine.warmup()
+                n = engine.warmup(progress=True)
                 loop.call_soon_threadsafe(lambda: warm.done() or warm.set_result(n))
             except Exception as e:  # surfaces in the event loop as the warm-up's failure
                 loop.call_soon_threadsafe(lambda err=e: warm.done() or warm.set_exception(err))

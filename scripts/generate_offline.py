@@ -9,7 +9,8 @@
 
 With no --model, the built-in demo model (random weights: the text is gibberish).
 Compiled programs are kept in the persistent compilation cache (--compilation-cache, default
-~/.cache/jaxserve/xla), so a second run with the same model and limits compiles nothing.
+~/.cache/jaxserve/xla), so a second run with the same model and limits compiles nothing; shapes
+compile as the batch first needs them, or all up front with --warmup (progress on stderr).
 With --prompt instead of --input, prompts come from the command line and results
 go to stdout. Exit status: 0 if any line was generated, 1 if nothing could be done.
 """
@@ -51,6 +52,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ignore-eos", action="store_true", help="keep generating past the end-of-sequence token")
     p.add_argument("--kv-cache-gb", type=float, default=None, help="KV cache budget in GiB (default: derived)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--warmup", action="store_true",
+                   help="compile every shape the engine can run before generating, with progress on stderr; "
+                        "without it, each shape compiles when the batch first needs it")
     p.add_argument("--compilation-cache", default=None, metavar="DIR|off",
                    help="where compiled programs are kept between runs; off: compile at every run (unset: "
                         "$JAXSERVE_COMPILATION_CACHE, else $JAXSERVE_CACHE/xla, i.e. ~/.cache/jaxserve/xla)")
@@ -144,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
     cache = enable_compilation_cache(args.compilation_cache)  # before anything compiles
     print(describe(cache), file=sys.stderr, flush=True)
     try:
-        llm = LLM(args.model, dtype=args.dtype, compilation_cache=setting(cache), **engine_kw)
+        llm = LLM(args.model, dtype=args.dtype, warmup=args.warmup, compilation_cache=setting(cache), **engine_kw)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -5,6 +5,7 @@
         __init__: the driver's compilation cache setting (jaxserve.compile_cache), before any compile
                   -> load_model(folder, dtype) -> LLMEngine(..., transport=ObjectStoreTransport())
                   (or a ``FakeCore`` for runtime tests) -> LocalInstance, looping in its own thread
+    warmup(progress): compiles every shape; progress lines go to the actor's stderr (Ray's log)
     add / abort / import_kv / release: queued for the loop in the order sent (the default concurrency
         group has one thread), return at once; ``poll`` runs in a group of its own, so a command
         never waits behind it
@@ -148,8 +149,8 @@ class InstanceActor:
     def stats(self) -> InstanceStats:
         return self.instance.stats()
 
-    def warmup(self) -> int:
-        return self.instance.warmup()
+    def warmup(self, progress: bool = False) -> int:
+        return self.instance.warmup(progress)
 
     def compilations_since_warmup(self) -> int:
         return self.instance.compilations_since_warmup()

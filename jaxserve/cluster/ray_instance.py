@@ -112,8 +112,8 @@ class RayInstance:
     def stats(self) -> InstanceStats:
         return self._get(self.actor.stats.remote())
 
-    def warmup(self) -> int:
-        return self._get(self.actor.warmup.remote())
+    def warmup(self, progress: bool = False) -> int:
+        return self._get(self.actor.warmup.remote(progress))
 
     def compilations_since_warmup(self) -> int:
         return self._get(self.actor.compilations_since_warmup.remote())

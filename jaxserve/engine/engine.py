@@ -14,7 +14,7 @@ decodes them by continuous batching. The engine stamps lifecycle events on its o
 Request objects (the runtime's instance sends them on as messages). This is the
 ``EngineCore`` of ``jaxserve.runtime.instance.LocalInstance``: one thread drives it.
 ``compilations_since_warmup`` proves that serving after ``warmup()`` built no new program (compiled or
-loaded from the persistent cache).
+loaded from the persistent cache); ``warmup(progress)`` reports each shape to a ``(done, total)`` callback.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from jaxserve.model.sampling import new_seed
 from jaxserve.request import Event, FinishReason, Request
 from jaxserve.runtime.api import InstanceInfo, InstanceStats, StepOutput
 from jaxserve.stopping import token_finish_reason
+from jaxserve.warmup_progress import ProgressFn
 
 POLICY_FOR_MODE = {"colocated": "prefill-first", "chunked": "chunked", "prefill": "prefill-only",
                    "decode": "prefill-first"}
@@ -122,24 +123,37 @@ class LLMEngine:
                              len(s.running), len(s.waiting) + len(self.ready), self.has_unfinished(),
                              self.num_steps)
 
-    def warmup(self) -> int:
-        """Compile every step shape (and, for a prefill instance, every hand-off into its in-process
-        peers); returns how many. Serving afterwards compiles nothing new."""
+    def warmup(self, progress: ProgressFn | None = None) -> int:
+        """Compile every step shape and, for a prefill or decode instance, its hand-off gather / scatter
+        per block bucket (a prefill instance also compiles the imports into its in-process peers);
+        returns how many shapes. ``progress(done, total)`` follows along (``jaxserve.warmup_progress``);
+        it hears ``done == total`` once everything, peers included, is compiled. Serving afterwards
+        builds no new program."""
         global _warm_baseline
-        self.num_warmup_shapes = self.runner.warmup(
-            decode=self.policy != "prefill-only", prefill=True, chunks=self.policy == "chunked")
-        if self.config.mode in ("prefill", "decode"):  # the hand-off's gather / scatter, per block bucket
-            for b in pow2_buckets(1, blocks_needed(self.max_model_len, self.config.block_size)):
-                blocks = self.executor.gather_blocks([NULL_BLOCK] * b)
-                if self.config.mode == "decode":  # writes the null block onto itself
-                    self.executor.scatter_blocks([NULL_BLOCK] * b, blocks)
-                jax.block_until_ready(blocks)
-                self.num_warmup_shapes += 1
+        chunks, decode = self.policy == "chunked", self.policy != "prefill-only"
+        handoffs = (pow2_buckets(1, blocks_needed(self.max_model_len, self.config.block_size))
+                    if self.config.mode in ("prefill", "decode") else ())
+        total = len(self.runner.buckets.shapes(decode=decode, prefill=True, chunks=chunks)) + len(handoffs)
+
+        def report(done: int, _: int = 0) -> None:
+            if progress is not None and done < total:  # the end is reported below, after the peers
+                progress(done, total)
+
+        n = self.runner.warmup(decode=decode, prefill=True, chunks=chunks, progress=report)
+        for i, b in enumerate(handoffs, n + 1):  # the hand-off's gather / scatter
+            blocks = self.executor.gather_blocks([NULL_BLOCK] * b)
+            if self.config.mode == "decode":  # writes the null block onto itself
+                self.executor.scatter_blocks([NULL_BLOCK] * b, blocks)
+            jax.block_until_ready(blocks)
+            report(i)
         for peer in self.transfer_peers:
             self.transport.warmup(self.executor, peer, self.max_model_len)
+        if progress is not None:
+            progress(total, total)
+        self.num_warmup_shapes = total
         self._warm = True
         _warm_baseline = program_count()
-        return self.num_warmup_shapes
+        return total
 
     @property
     def compilations_since_warmup(self) -> int:
