@@ -2,11 +2,13 @@
 
     args --> DeploymentConfig (--plan plan.json | --config deploy.yaml | --mode)   [no jax yet]
          --> on a CPU host: enough virtual devices for the deployment (XLA_FLAGS, before jax)
+         --> the persistent compilation cache (--compilation-cache; Ray actors get the same setting)
          --> load_model (HF folder / converted folder / built-in demo) + tokenizer
          --> instances in this process (build_engine) or as Ray actors (--ray / --ray-address),
              each looping on its own, behind one Router (jaxserve.runtime.router)
          --> aiohttp server on host:port (/health answers 503 until warm-up is done)
-         --> warm-up (every jit shape), then the orchestrator starts and /health turns 200
+         --> warm-up (every jit shape, progress on stderr; from the cache on a second start), then the
+             orchestrator starts and /health turns 200
     SIGINT / SIGTERM: stop admitting (503), let in-flight requests finish (up to
     --shutdown-timeout), abort the rest, stop the engine thread, release Ray actors.
 
@@ -25,6 +27,7 @@ import threading
 import time
 from typing import Any
 
+from jaxserve.compile_cache import describe, enable_compilation_cache, setting
 from jaxserve.config import ConfigError, DeploymentConfig, InstanceSpec, ensure_host_devices
 
 MODES = ("disaggregated", "colocated", "chunked")
@@ -60,6 +63,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ray", action="store_true", help="run each instance as a Ray actor on a local Ray")
     p.add_argument("--ray-address", default=None, help="connect to an existing Ray cluster (implies --ray)")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling every shape up front")
+    p.add_argument("--compilation-cache", default=None, metavar="DIR|off",
+                   help="where compiled programs are kept between starts, so a second start compiles "
+                        "nothing; off: compile at every start (unset: $JAXSERVE_COMPILATION_CACHE, else "
+                        "$JAXSERVE_CACHE/xla, i.e. ~/.cache/jaxserve/xla)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish on SIGINT/SIGTERM")
     args = p.parse_args(argv)
@@ -139,7 +146,7 @@ def _build_ray(args: argparse.Namespace, deployment: DeploymentConfig, model: st
     configs = [i.engine_config(mode_for_colocated, **kw) for i in ordered for _ in range(i.replicas)]
     try:
         engine = launch_router(model, list(zip(instance_names(roles), configs, strict=True)), dtype=dtype,
-                               options=placement.options)
+                               options=placement.options, compilation_cache=args.compilation_cache)
     except BaseException:
         release(placement)
         raise
@@ -164,7 +171,8 @@ async def serve(args: argparse.Namespace, engine: Any, tokenizer: Any, cfg: Any,
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
-    print(f"jaxserve: serving {name} on http://{args.host}:{args.port} (warming up...)", flush=True)
+    print(f"jaxserve: serving {name} on http://{args.host}:{args.port} (warming up, progress on stderr...)",
+          flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -175,7 +183,7 @@ async def serve(args: argparse.Namespace, engine: Any, tokenizer: Any, cfg: Any,
 
         def run_warmup() -> None:  # a daemon thread, so Ctrl-C during warm-up can still exit
             try:
-                n = engine.warmup()
+                n = engine.warmup(progress=True)
                 loop.call_soon_threadsafe(lambda: warm.done() or warm.set_result(n))
             except Exception as e:  # surfaces in the event loop as the warm-up's failure
                 loop.call_soon_threadsafe(lambda err=e: warm.done() or warm.set_exception(err))
@@ -188,7 +196,8 @@ async def serve(args: argparse.Namespace, engine: Any, tokenizer: Any, cfg: Any,
             await runner.cleanup()
             return
         stopper.cancel()
-        print(f"jaxserve: compiled {warm.result()} step shapes in {time.perf_counter() - t0:.1f} s", flush=True)
+        print(f"jaxserve: {warm.result()} step shapes ready (compiled or from the compilation cache) in "
+              f"{time.perf_counter() - t0:.1f} s", flush=True)
     orch.start()
     ready["ok"] = True
     print(f"jaxserve: ready on http://{args.host}:{args.port}/v1 (model {name!r})", flush=True)
@@ -216,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         deployment = deployment_from_args(args)
         ensure_host_devices(deployment.num_devices)
+        cache = enable_compilation_cache(args.compilation_cache)  # before anything compiles
+        print(f"jaxserve: {describe(cache)}", flush=True)
+        args.compilation_cache = setting(cache)  # what each Ray actor uses
         engine, tok, cfg, name, placement = build(args, deployment)
     except (ConfigError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,5 +1,6 @@
 """The offline API: ``LLM(model=...).generate(prompts, sampling_params)``.
 
+    compilation_cache (a dir, "off", None: the default) --> JAX's persistent cache, before anything compiles
     prompts (str or token ids) --tokenize/validate--> Requests --engine--> RequestOutput per prompt (input order)
 
 ``model`` is an HF OPT folder, a converted (orbax) folder, or None for the
@@ -13,6 +14,7 @@ import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jaxserve.compile_cache import enable_compilation_cache
 from jaxserve.config import DeploymentConfig, EngineConfig
 from jaxserve.engine.build import build_engine
 from jaxserve.engine.engine import LLMEngine
@@ -43,11 +45,17 @@ class LLM:
     ``config`` (a deployment YAML, a planner plan JSON, or a DeploymentConfig) runs the listed
     instances instead, e.g. one prefill and one decode instance (then the keywords fill in
     every instance's unset limits, and ``mode`` applies to colocated instances).
-    Shapes compile on first use; pass ``warmup=True`` to compile them all up front.
+    Shapes compile on first use; pass ``warmup=True`` to compile them all up front (with a progress
+    report on stderr unless ``warmup_progress=False``). Compiled programs are kept in the persistent
+    compilation cache ``compilation_cache`` (a directory, "off", or None for the default of
+    ``jaxserve.compile_cache.resolve_cache_dir``; the directory used is ``self.compilation_cache``),
+    so the next process with the same model and limits compiles nothing.
     """
 
     def __init__(self, model: str | None = None, *, dtype: str = "float32", warmup: bool = False,
-                 config: str | DeploymentConfig | None = None, **engine_kw: Any) -> None:
+                 config: str | DeploymentConfig | None = None, compilation_cache: str | None = None,
+                 warmup_progress: bool = True, **engine_kw: Any) -> None:
+        self.compilation_cache = enable_compilation_cache(compilation_cache)
         deployment = DeploymentConfig.load(config) if isinstance(config, str) else config
         if model is None and deployment is not None:
             model = deployment.model
@@ -63,7 +71,7 @@ class LLM:
             mode = engine_kw.pop("mode", "colocated")
             self.engine = build_engine(lm.cfg, lm.params, deployment, mode_for_colocated=mode, **engine_kw)
         if warmup:
-            self.engine.warmup()
+            self.engine.warmup(progress=warmup_progress)
         self._counter = itertools.count()
 
     def tokenize(self, prompt: Prompt) -> list[int]:

@@ -67,10 +67,11 @@ from _timing import median_time
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from jaxserve.compile_cache import compile_count
 from jaxserve.config import EngineConfig, ModelConfig, model_preset
 from jaxserve.engine.block_manager import blocks_needed
 from jaxserve.engine.build import build_local
-from jaxserve.engine.executor import ModelExecutor, compile_count, kv_bytes_per_block
+from jaxserve.engine.executor import ModelExecutor, kv_bytes_per_block
 from jaxserve.engine.frontend import run_requests
 from jaxserve.engine.kv_transfer import HostTransport, KVTransport, LocalTransport
 from jaxserve.engine.pipeline import PipelineExecutor

@@ -8,6 +8,9 @@
           (a bad input line gets {"line": N, "error": "..."} in its place)
 
 With no --model, the built-in demo model (random weights: the text is gibberish).
+Compiled programs are kept in the persistent compilation cache (--compilation-cache, default
+~/.cache/jaxserve/xla), so a second run with the same model and limits compiles nothing; shapes
+compile as the batch first needs them, or all up front with --warmup (progress on stderr).
 With --prompt instead of --input, prompts come from the command line and results
 go to stdout. Exit status: 0 if any line was generated, 1 if nothing could be done.
 """
@@ -53,6 +56,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded together (default: 64)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--warmup", action="store_true",
+                   help="compile every shape the engine can run before generating, with progress on stderr; "
+                        "without it, each shape compiles when the batch first needs it")
+    p.add_argument("--compilation-cache", default=None, metavar="DIR|off",
+                   help="where compiled programs are kept between runs; off: compile at every run (unset: "
+                        "$JAXSERVE_COMPILATION_CACHE, else $JAXSERVE_CACHE/xla, i.e. ~/.cache/jaxserve/xla)")
     args = p.parse_args(argv)
     if args.input is None and not args.prompt:
         args.prompt = ["Hello, my name is", "The weather today is"]
@@ -130,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_cpu_devices(args.config)
     from tqdm import tqdm
 
+    from jaxserve.compile_cache import describe, enable_compilation_cache, setting
     from jaxserve.llm import LLM
     from jaxserve.logs import show_logs
     from jaxserve.request import SamplingError, SamplingParams
@@ -144,8 +154,10 @@ def main(argv: list[str] | None = None) -> int:
     show_logs()  # the KV pool's size, and why
     engine_kw = {k: getattr(args, k) for k in ("kv_cache_gb", "max_model_len", "max_num_seqs", "mode", "config")
                  if getattr(args, k) is not None}
+    cache = enable_compilation_cache(args.compilation_cache)  # before anything compiles
+    print(describe(cache), file=sys.stderr, flush=True)
     try:
-        llm = LLM(args.model, dtype=args.dtype, **engine_kw)
+        llm = LLM(args.model, dtype=args.dtype, warmup=args.warmup, compilation_cache=setting(cache), **engine_kw)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -1,6 +1,14 @@
-"""Test-wide setup: 8 virtual CPU devices before jax is imported, offline HF, shared fixtures."""
+"""Test-wide setup: 8 virtual CPU devices before jax is imported, offline HF, shared fixtures.
+
+The persistent compilation cache (``jaxserve.compile_cache``) of everything a test starts (``LLM``, the
+launcher and the offline script in subprocesses, Ray actors) is one temporary directory for the whole
+run, removed at its end: tests never write into the user's ~/.cache, and a subprocess or actor loads
+the programs an earlier one compiled instead of compiling them again.
+"""
 
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=8")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -8,8 +16,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["JAXSERVE_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="jaxserve-test-xla-")
 
 import pytest
+
+
+def pytest_sessionfinish(session, exitstatus):
+    shutil.rmtree(os.environ["JAXSERVE_COMPILATION_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

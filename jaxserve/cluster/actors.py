@@ -1,10 +1,12 @@
 """One instance inside a Ray actor: the same ``LocalInstance`` loop as in-process, behind remote methods.
 
-    driver --start_instance(model, EngineConfig, name, ActorOptions)--> Ray actor process
+    driver --start_instance(model, EngineConfig, name, ActorOptions, compilation cache)--> Ray actor process
         runtime_env: XLA_FLAGS=--xla_force_host_platform_device_count=tp*pp, JAX_PLATFORMS=cpu
-        __init__: load_model(folder, dtype) -> LLMEngine(..., transport=ObjectStoreTransport()), its
+        __init__: the driver's compilation cache setting (jaxserve.compile_cache), before any compile
+                  -> load_model(folder, dtype) -> LLMEngine(..., transport=ObjectStoreTransport()), its
                   KV pool sized from 1/host_share of the host's memory when it runs on CPU devices
                   (or a ``FakeCore`` for runtime tests) -> LocalInstance, looping in its own thread
+    warmup(progress): compiles every shape; progress lines go to the actor's stderr (Ray's log)
     add / abort / import_kv / release: queued for the loop in the order sent (the default concurrency
         group has one thread), return at once; ``poll`` runs in a group of its own, so a command
         never waits behind it
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -76,12 +79,17 @@ def pin_threads() -> set[int] | None:
     return cpus
 
 
-def _engine_core(model: str | None, config: EngineConfig, name: str, dtype: str, host_share: int = 1) -> Any:
+def _engine_core(model: str | None, config: EngineConfig, name: str, dtype: str,
+                 compilation_cache: str | None, host_share: int = 1) -> Any:
     import jax
 
+    from jaxserve.compile_cache import describe, enable_compilation_cache
     from jaxserve.engine.engine import LLMEngine
     from jaxserve.memory import measure_memory
     from jaxserve.model.checkpoint import load_model
+
+    # before anything compiles; a directory, "off", or None (this process's default)
+    print(f"{name}: {describe(enable_compilation_cache(compilation_cache))}", file=sys.stderr, flush=True)
 
     n = config.tp * config.pp
     devices = jax.devices()
@@ -100,7 +108,8 @@ class InstanceActor:
     """A ``LocalInstance`` in an actor process (a plain class: usable in-process for tests)."""
 
     def __init__(self, model: str | None, config: EngineConfig, name: str, dtype: str = "float32",
-                 fake: dict[str, Any] | None = None, host_share: int = 1) -> None:
+                 fake: dict[str, Any] | None = None, compilation_cache: str | None = None,
+                 host_share: int = 1) -> None:
         from jaxserve.logs import show_logs
         from jaxserve.runtime.instance import LocalInstance
 
@@ -110,7 +119,7 @@ class InstanceActor:
             from jaxserve.runtime.fake import FakeCore
             core: Any = FakeCore(name=name, mode=config.mode, **fake)
         else:
-            core = _engine_core(model, config, name, dtype, host_share)
+            core = _engine_core(model, config, name, dtype, compilation_cache, host_share)
         self._ready = threading.Event()
         self.instance = LocalInstance(core)
         self.instance.start(self._ready)
@@ -148,8 +157,8 @@ class InstanceActor:
     def stats(self) -> InstanceStats:
         return self.instance.stats()
 
-    def warmup(self) -> int:
-        return self.instance.warmup()
+    def warmup(self, progress: bool = False) -> int:
+        return self.instance.warmup(progress)
 
     def compilations_since_warmup(self) -> int:
         return self.instance.compilations_since_warmup()
@@ -201,11 +210,16 @@ _REMOTE_CLASS: Any = None
 
 def start_instance(model: str | os.PathLike[str] | None, config: EngineConfig, name: str, *,
                    dtype: str = "float32", options: ActorOptions | None = None,
-                   fake: dict[str, Any] | None = None, host_share: int = 1) -> Any:
+                   fake: dict[str, Any] | None = None, compilation_cache: str | None = None,
+                   host_share: int = 1) -> Any:
     """Create an ``InstanceActor`` (asynchronously: its first call waits for the model to load).
-    ``fake``: a ``FakeCore``'s settings instead of a model (runtime tests). ``host_share``: how many
-    instances may share this actor's host memory (a CPU actor's KV pool takes from 1/host_share)."""
+    ``fake``: a ``FakeCore``'s settings instead of a model (runtime tests). ``compilation_cache``: a
+    directory or "off"; None: the driver's default (``jaxserve.compile_cache.resolve_cache_dir``),
+    resolved here so that the actor uses the same directory. ``host_share``: how many instances may
+    share this actor's host memory (a CPU actor's KV pool takes from 1/host_share)."""
     import ray
+
+    from jaxserve.compile_cache import resolve_cache_dir, setting
 
     global _REMOTE_CLASS
     if _REMOTE_CLASS is None:
@@ -213,5 +227,6 @@ def start_instance(model: str | os.PathLike[str] | None, config: EngineConfig, n
         _REMOTE_CLASS = ray.remote(concurrency_groups={"poll": 1})(InstanceActor)
     options = options or ActorOptions()
     model_spec = None if model is None else str(model)
-    return _REMOTE_CLASS.options(**options.ray_options(config)).remote(model_spec, config, name, dtype, fake,
+    cache = setting(resolve_cache_dir(compilation_cache))
+    return _REMOTE_CLASS.options(**options.ray_options(config)).remote(model_spec, config, name, dtype, fake, cache,
                                                                        host_share)

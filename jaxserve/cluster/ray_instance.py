@@ -112,8 +112,8 @@ class RayInstance:
     def stats(self) -> InstanceStats:
         return self._get(self.actor.stats.remote())
 
-    def warmup(self) -> int:
-        return self._get(self.actor.warmup.remote())
+    def warmup(self, progress: bool = False) -> int:
+        return self._get(self.actor.warmup.remote(progress))
 
     def compilations_since_warmup(self) -> int:
         return self._get(self.actor.compilations_since_warmup.remote())
@@ -178,17 +178,19 @@ class RayInstance:
 def launch_router(model: str | None, configs: Sequence[tuple[str, EngineConfig]], *, dtype: str = "float32",
                   options: ActorOptions | Sequence[ActorOptions] | None = None, timeout_s: float = 300.0,
                   start_timeout_s: float = 600.0, fake: Sequence[dict[str, Any]] | None = None,
-                  poll_s: float = 0.02) -> Router:
+                  poll_s: float = 0.02, compilation_cache: str | None = None) -> Router:
     """One actor per ``(name, EngineConfig)`` (``options``: one for all, or one each), every model
     loaded, clock offsets estimated; a ``Router`` over them (its ``shutdown`` kills the actors).
-    ``fake``: one ``FakeCore`` settings dict per instance instead of a model (runtime tests)."""
+    ``fake``: one ``FakeCore`` settings dict per instance instead of a model (runtime tests).
+    ``compilation_cache``: a directory or "off" for every actor; None: the driver's default."""
     opts = list(options) if isinstance(options, Sequence) else [options] * len(configs)
     fakes = list(fake) if fake is not None else [None] * len(configs)
     if len(opts) != len(configs) or len(fakes) != len(configs):
         raise ValueError(f"{len(opts)} ActorOptions and {len(fakes)} fakes for {len(configs)} instances")
     # CPU actors size their KV pools as if all of them shared one host (true for a local Ray;
     # on several nodes it leaves memory unused rather than overcommitting one)
-    actors = [start_instance(model, c, name, dtype=dtype, options=o, fake=f, host_share=len(configs))
+    actors = [start_instance(model, c, name, dtype=dtype, options=o, fake=f, host_share=len(configs),
+                             compilation_cache=compilation_cache)
               for (name, c), o, f in zip(configs, opts, fakes, strict=True)]
     proxies = connect(actors, timeout_s=timeout_s, start_timeout_s=start_timeout_s, own_actors=True)
     return Router(proxies, poll_s=poll_s)

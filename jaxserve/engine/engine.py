@@ -13,7 +13,8 @@ requests in with ``import_kv`` (blocks allocated, KV written, or None: no room),
 decodes them by continuous batching. The engine stamps lifecycle events on its own
 Request objects (the runtime's instance sends them on as messages). This is the
 ``EngineCore`` of ``jaxserve.runtime.instance.LocalInstance``: one thread drives it.
-``compilations_since_warmup`` proves that serving after ``warmup()`` compiled nothing new.
+``compilations_since_warmup`` proves that serving after ``warmup()`` built no new program (compiled or
+loaded from the persistent cache); ``warmup(progress)`` reports each shape to a ``(done, total)`` callback.
 The KV pool's size comes from ``kv_budget.plan_kv`` over the machine's memory (``memory``:
 measured here unless the caller passes the share it measured, or a test passes its own).
 """
@@ -28,9 +29,10 @@ from typing import Any
 
 import jax
 
+from jaxserve.compile_cache import program_count
 from jaxserve.config import ConfigError, EngineConfig, ModelConfig
 from jaxserve.engine.block_manager import NULL_BLOCK, BlockManager, blocks_needed
-from jaxserve.engine.executor import ModelExecutor, compile_count, kv_bytes_per_block
+from jaxserve.engine.executor import ModelExecutor, kv_bytes_per_block
 from jaxserve.engine.kv_budget import plan_kv
 from jaxserve.engine.kv_transfer import KVTransport, LocalTransport
 from jaxserve.engine.runner import Buckets, Runner
@@ -41,6 +43,7 @@ from jaxserve.model.sampling import new_seed
 from jaxserve.request import Event, FinishReason, Request
 from jaxserve.runtime.api import InstanceInfo, InstanceStats, StepOutput
 from jaxserve.stopping import token_finish_reason
+from jaxserve.warmup_progress import ProgressFn
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +51,7 @@ POLICY_FOR_MODE = {"colocated": "prefill-first", "chunked": "chunked", "prefill"
                    "decode": "prefill-first"}
 
 
-_warm_baseline: int | None = None  # compile count when the last warm-up in this process ended
+_warm_baseline: int | None = None  # program count when the last warm-up in this process ended
 
 
 def make_executor(cfg: ModelConfig, params: Any, devices: Seq[jax.Device], tp: int, pp: int,
@@ -111,31 +114,45 @@ class LLMEngine:
                              len(s.running), len(s.waiting) + len(self.ready), self.has_unfinished(),
                              self.num_steps)
 
-    def warmup(self) -> int:
-        """Compile every step shape (and, for a prefill instance, every hand-off into its in-process
-        peers); returns how many. Serving afterwards compiles nothing new."""
+    def warmup(self, progress: ProgressFn | None = None) -> int:
+        """Compile every step shape and, for a prefill or decode instance, its hand-off gather / scatter
+        per block bucket (a prefill instance also compiles the imports into its in-process peers);
+        returns how many shapes. ``progress(done, total)`` follows along (``jaxserve.warmup_progress``);
+        it hears ``done == total`` once everything, peers included, is compiled. Serving afterwards
+        builds no new program."""
         global _warm_baseline
-        self.num_warmup_shapes = self.runner.warmup(
-            decode=self.policy != "prefill-only", prefill=True, chunks=self.policy == "chunked")
-        if self.config.mode in ("prefill", "decode"):  # the hand-off's gather / scatter, per block bucket
-            for b in pow2_buckets(1, blocks_needed(self.max_model_len, self.config.block_size)):
-                blocks = self.executor.gather_blocks([NULL_BLOCK] * b)
-                if self.config.mode == "decode":  # writes the null block onto itself
-                    self.executor.scatter_blocks([NULL_BLOCK] * b, blocks)
-                jax.block_until_ready(blocks)
-                self.num_warmup_shapes += 1
+        chunks, decode = self.policy == "chunked", self.policy != "prefill-only"
+        handoffs = (pow2_buckets(1, blocks_needed(self.max_model_len, self.config.block_size))
+                    if self.config.mode in ("prefill", "decode") else ())
+        total = len(self.runner.buckets.shapes(decode=decode, prefill=True, chunks=chunks)) + len(handoffs)
+
+        def report(done: int, _: int = 0) -> None:
+            if progress is not None and done < total:  # the end is reported below, after the peers
+                progress(done, total)
+
+        n = self.runner.warmup(decode=decode, prefill=True, chunks=chunks, progress=report)
+        for i, b in enumerate(handoffs, n + 1):  # the hand-off's gather / scatter
+            blocks = self.executor.gather_blocks([NULL_BLOCK] * b)
+            if self.config.mode == "decode":  # writes the null block onto itself
+                self.executor.scatter_blocks([NULL_BLOCK] * b, blocks)
+            jax.block_until_ready(blocks)
+            report(i)
         for peer in self.transfer_peers:
             self.transport.warmup(self.executor, peer, self.max_model_len)
+        if progress is not None:
+            progress(total, total)
+        self.num_warmup_shapes = total
         self._warm = True
-        _warm_baseline = compile_count()
-        return self.num_warmup_shapes
+        _warm_baseline = program_count()
+        return total
 
     @property
     def compilations_since_warmup(self) -> int:
-        """Compilations in this process since the last warm-up in it ended (instances share a process)."""
+        """Programs built in this process since the last warm-up in it ended (instances share a process):
+        compiled, or loaded from the persistent compilation cache (a shape warm-up missed, either way)."""
         if not self._warm or _warm_baseline is None:
             raise RuntimeError("warmup() has not run")
-        return compile_count() - _warm_baseline
+        return program_count() - _warm_baseline
 
     def check_request(self, request: Request) -> None:
         """Raise ValueError (naming the problem) if this request can never run on this engine."""

@@ -7,16 +7,14 @@ The executor owns a ``('pp', 'tp')`` mesh with ``pp == 1`` (pipeline stages live
 in ``jaxserve.engine.pipeline``, which offers the same methods). Parameters and
 KV pages are placed by the logical-axis table (``jaxserve.parallel.sharding``), so
 tensor parallelism is XLA's SPMD partitioning of the same pure model functions.
-Compilations are counted process-wide (``compile_count()``) so the engine can
-prove that serving after warm-up compiles nothing new.
+Programs are counted process-wide (``jaxserve.compile_cache``: ``program_count()``, compiled or
+loaded from the persistent cache) so the engine can prove that serving after warm-up builds nothing new.
 """
 
 from __future__ import annotations
 
 import functools
-import threading
 from collections.abc import Sequence
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -31,26 +29,6 @@ from jaxserve.model.inputs import StepInputs
 from jaxserve.model.opt import KVCache, Params, dtype_of
 from jaxserve.model.sampling import SamplingArrays, greedy, sample
 from jaxserve.parallel.sharding import kv_sharding, make_mesh, param_shardings, replicated
-
-_compiles = 0
-_lock = threading.Lock()
-_installed = False
-
-
-def _on_event(name: str, *_: Any, **__: Any) -> None:
-    global _compiles
-    if name == "/jax/core/compile/backend_compile_duration":
-        with _lock:
-            _compiles += 1
-
-
-def compile_count() -> int:
-    """Backend compilations in this process since the counter was installed."""
-    global _installed
-    if not _installed:
-        jax.monitoring.register_event_duration_secs_listener(_on_event)
-        _installed = True
-    return _compiles
 
 
 def kv_bytes_per_block(cfg: ModelConfig, block_size: int, num_layers: int | None = None,

@@ -9,7 +9,8 @@
 Calls of different kinds run one after another inside a step, so the number of
 compiled shapes is the *sum* of the three bucket sets, not their product; the
 price is that in chunked mode decodes and prompt chunks do not share one matmul.
-``warmup()`` compiles every shape the configured scheduler can produce.
+``warmup()`` compiles every shape the configured scheduler can produce, reporting each to a
+``(done, total)`` callback (``jaxserve.warmup_progress``: the runner itself prints nothing).
 
 Pipeline stages (an executor with ``pp > 1``): the packed prefill call is cut into
 ``executor.microbatches`` micro-batches of whole prompts (``jaxserve.microbatch.split_runs``,
@@ -41,6 +42,7 @@ from jaxserve.model.inputs import (
     pow2_buckets,
 )
 from jaxserve.model.sampling import SamplingArrays
+from jaxserve.warmup_progress import ProgressFn
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,15 +135,20 @@ class Runner:
             out.update({c.seq.id: int(tokens[i]) for i, c in enumerate(chunks) if c.samples})
         return out
 
-    def warmup(self, *, decode: bool, prefill: bool, chunks: bool) -> int:
-        """Compile every step shape (and the samplers for every row count) this engine can produce."""
+    def warmup(self, *, decode: bool, prefill: bool, chunks: bool, progress: ProgressFn | None = None) -> int:
+        """Compile every step shape (and the samplers for every row count) this engine can produce;
+        returns how many shapes. ``progress(done, total)`` is called before the first and after each."""
         shapes = self.buckets.shapes(decode=decode, prefill=prefill, chunks=chunks)
-        logits_by_rows: dict[int, Any] = {}
-        for s in shapes:
-            logits_by_rows[s.logits_rows] = self.executor.execute(dummy_step_inputs(s, self.block_size))
-        for r, logits in logits_by_rows.items():
-            greedy = SamplingArrays.from_params([], [], [], r)
-            self.executor.sample(logits, greedy)
-            self.executor.sample(logits, dataclasses.replace(greedy, temperature=greedy.temperature + 1.0))
+        report = progress or (lambda done, total: None)
+        report(0, len(shapes))
+        sampled: set[int] = set()
+        for i, s in enumerate(shapes, 1):
+            logits = self.executor.execute(dummy_step_inputs(s, self.block_size))
+            if s.logits_rows not in sampled:  # its samplers right away, so that the progress counts them
+                sampled.add(s.logits_rows)
+                greedy = SamplingArrays.from_params([], [], [], s.logits_rows)
+                self.executor.sample(logits, greedy)
+                self.executor.sample(logits, dataclasses.replace(greedy, temperature=greedy.temperature + 1.0))
+            report(i, len(shapes))
         jax.block_until_ready(self.executor.kv)
         return len(shapes)

@@ -102,7 +102,7 @@ class FakeCore:
         self.running[request.request_id] = request
         return 8 * handle[2]
 
-    def warmup(self) -> int:
+    def warmup(self, progress: Any = None) -> int:
         return 0
 
     @property

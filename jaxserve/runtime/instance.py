@@ -36,6 +36,7 @@ from jaxserve.runtime.api import (
     Message,
     RequestUpdate,
 )
+from jaxserve.warmup_progress import WarmupProgress
 
 log = logging.getLogger(__name__)
 _running: weakref.WeakSet[LocalInstance] = weakref.WeakSet()
@@ -97,8 +98,9 @@ class LocalInstance:
         """Load right after every command sent so far (a round trip through the loop)."""
         return self._call(self.core.stats)
 
-    def warmup(self) -> int:
-        return self._call(self.core.warmup)
+    def warmup(self, progress: bool = False) -> int:
+        """Compile every shape on the loop's thread; ``progress``: report it on stderr as it goes."""
+        return self._call(lambda: self.core.warmup(WarmupProgress(f"{self.core.name} warm-up") if progress else None))
 
     def compilations_since_warmup(self) -> int:
         return self._call(lambda: self.core.compilations_since_warmup)

@@ -341,16 +341,17 @@ class Router:
                 self._fail_instance(s, f"stats failed: {type(e).__name__}: {e}")
         return out
 
-    def warmup(self) -> int:
+    def warmup(self, progress: bool = False) -> int:
         """Compile every instance's shapes, before serving; returns the number of shapes. Instances in
         other processes warm up concurrently; those sharing a process one after another (a prefill
-        instance's warm-up also compiles its hand-offs into its in-process peers)."""
+        instance's warm-up also compiles its hand-offs into its in-process peers). ``progress``: each
+        instance reports its warm-up on its own process's stderr (``jaxserve.warmup_progress``)."""
         by_pid: dict[Any, list[Slot]] = {}
         for s in self.live():
             by_pid.setdefault(s.inst.info.pid or id(s), []).append(s)
         groups = list(by_pid.values())
         with ThreadPoolExecutor(max(1, len(groups)), thread_name_prefix="jaxserve-warmup") as pool:
-            return sum(pool.map(lambda g: sum(s.inst.warmup() for s in g), groups))
+            return sum(pool.map(lambda g: sum(s.inst.warmup(progress) for s in g), groups))
 
     @property
     def compilations_since_warmup(self) -> int:

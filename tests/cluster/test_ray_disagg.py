@@ -18,6 +18,7 @@ from transformers import OPTForCausalLM
 
 from jaxserve.cluster.actors import ActorOptions, start_instance
 from jaxserve.cluster.ray_instance import connect, estimate_clock_offset, launch_router
+from jaxserve.compile_cache import resolve_cache_dir
 from jaxserve.config import EngineConfig
 from jaxserve.engine.frontend import run_requests
 from jaxserve.request import Event, FinishReason, Request, SamplingParams
@@ -112,6 +113,16 @@ def test_two_actors_equal_hf_tokens(engine, model):
     assert all(i.clock_offset == 0.0 for i in engine.instances)
     offset, err = estimate_clock_offset(lambda: ray.get(engine.decodes[0].inst.actor.clock.remote(), timeout=30))
     assert abs(offset) <= err + 1e-6 and err < 1.0
+
+
+def test_actors_compile_into_the_drivers_compilation_cache(engine):
+    """Each actor was given the driver's resolved cache directory (this test session's) before it compiled."""
+    def cache_dir(actor):
+        return ray.get(actor.__ray_call__.remote(lambda self: __import__("jax").config.jax_compilation_cache_dir),
+                       timeout=30)
+    want = str(resolve_cache_dir(None))
+    assert want == os.environ["JAXSERVE_COMPILATION_CACHE"]
+    assert [cache_dir(s.inst.actor) for s in (*engine.prefills, *engine.decodes)] == [want, want]
 
 
 def test_sampled_request_carries_its_seed(engine, model):
@@ -212,6 +223,7 @@ def test_decode_actor_never_waits_for_a_prefill_step(cluster):
     fake = [{"prefill_s": PREFILL_S, "max_running": 1}, {"decode_s": DECODE_S}]
     with launch_router(None, [("prefill-0", _cfg("prefill")), ("decode-0", _cfg("decode"))],
                        options=ActorOptions(num_cpus=0), fake=fake) as router:
+        assert router.warmup(progress=True) == 0  # a fake core has nothing to compile
         gaps, burst, _, span = decode_gaps_during_burst(router, n_decoding=1)
     assert span >= 4 * PREFILL_S * 0.95
     assert len(gaps) > 25 and max(gaps) < 0.05, (len(gaps), max(gaps))

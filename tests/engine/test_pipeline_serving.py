@@ -5,9 +5,9 @@ import collections
 
 import jax
 
+from jaxserve.compile_cache import program_count
 from jaxserve.config import EngineConfig
 from jaxserve.engine.engine import LLMEngine
-from jaxserve.engine.executor import compile_count
 from jaxserve.engine.frontend import run_requests
 from jaxserve.request import Request, SamplingParams
 from jaxserve.runtime.instance import LocalInstance
@@ -23,12 +23,12 @@ def test_pp2_engine_micro_batches_prefill_and_equals_hf(tiny, workload):
                        devices=jax.devices()[:2])
     with Router([LocalInstance(engine)]) as router:
         router.warmup()
-        compiled = compile_count()
+        compiled = program_count()
         spans = engine.executor.record_timeline()
         reqs = [Request(f"pp-{i}", prompts[i], SamplingParams(max_tokens=max_tokens[i])) for i in PICK]
         trackers = run_requests(router, reqs)
         assert [t.token_ids for t in trackers] == [refs[i] for i in PICK]
-        assert compile_count() == compiled
+        assert program_count() == compiled
         assert engine.num_held_blocks == 0
 
     calls = collections.defaultdict(dict)
