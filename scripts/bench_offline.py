@@ -396,7 +396,7 @@ def breakdown(engine: LLMEngine, small: ModelExecutor, cfg: ModelConfig, batch: 
     """Time one decode step of ``batch`` sequences at ``context`` tokens in variants (see ``Breakdown``)."""
     ex = engine.executor
     bs = ex.block_size
-    blocks = bucket_for(-(-context // bs), engine.runner.buckets.blocks)
+    blocks = engine.runner.buckets.decode_blocks
     rows = bucket_for(batch, engine.runner.buckets.decode_batch)
     inputs = decode_inputs(batch, rows, context, blocks, ex.num_blocks, bs)
     small_inputs = decode_inputs(batch, rows, context, blocks, small.num_blocks, bs)
@@ -640,7 +640,7 @@ def render(r: dict[str, Any]) -> str:
     bds: list[Breakdown] = r["breakdown"]
     lines += ["**Where a decode step's time goes** (medians of repeated calls; all variants use the engine's "
               "params and the same packed step; the small cache aliases block tables, which costs the same reads)",
-              "", "| | " + " | ".join(f"batch {b.batch}, context {b.context} ({b.blocks}-block bucket)" for b in bds)
+              "", "| | " + " | ".join(f"batch {b.batch}, context {b.context} ({b.blocks}-block table)" for b in bds)
               + " |", "|---|" + "---|" * len(bds)]
 
     def row(name: str, fn: Callable[[Breakdown], str]) -> None:

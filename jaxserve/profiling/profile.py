@@ -149,11 +149,9 @@ class _Steps:
         self.rng = np.random.default_rng(seed)
 
     def shape(self, lens: Sequence[int], decode: bool) -> StepShape:
-        bs, b_ = self.bs, self.buckets
+        b_ = self.buckets
         if decode:
-            b = bucket_for(len(lens), b_.decode_batch, "decode batch")
-            mb = bucket_for(max(-(-c // bs) for c in lens), b_.blocks, "blocks per sequence")
-            return StepShape(b, b, False, ((b, 1, mb),))
+            return b_.decode_shape(len(lens))
         return StepShape(bucket_for(sum(lens), b_.prefill_tokens, "prefill tokens"),
                          bucket_for(len(lens), b_.prefill_rows, "prefill rows"), True)
 
