@@ -50,7 +50,7 @@ def build_instances(cfg: ModelConfig, params: Any, layouts: Sequence[tuple[str, 
     memory = memory_shares(device_sets)
     engines = [LLMEngine(cfg, params, c, devices=ds, name=n, transport=transport, memory=m)
                for n, (_, c), ds, m in zip(names, layouts, device_sets, memory, strict=True)]
-    decodes = [e.executor for e in engines if e.config.mode == "decode"]
+    decodes = [e for e in engines if e.config.mode == "decode"]
     for e in engines:
         if e.config.mode == "prefill":
             e.transfer_peers = decodes

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 from collections.abc import Sequence as Seq
 from typing import Any
 
@@ -90,7 +91,8 @@ class LLMEngine:
             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
             max_num_batched_tokens=batched, block_size=config.block_size))
         self.transport: KVTransport = transport or LocalTransport()
-        self.transfer_peers: list[Any] = []  # prefill role: executors of in-process decode instances
+        self.transfer_peers: list[LLMEngine] = []  # prefill role: the in-process decode instances
+        self.warm_lock = threading.Lock()  # held while warming up; peers' hand-off warm-ups take it too
         self.seqs: dict[str, Sequence] = {}
         self.ready: dict[str, Sequence] = {}  # prefill role: prefilled, KV held for transfer
         self.num_steps = 0
@@ -130,15 +132,17 @@ class LLMEngine:
             if progress is not None and done < total:  # the end is reported below, after the peers
                 progress(done, total)
 
-        n = self.runner.warmup(decode=decode, prefill=True, chunks=chunks, progress=report)
-        for i, b in enumerate(handoffs, n + 1):  # the hand-off's gather / scatter
-            blocks = self.executor.gather_blocks([NULL_BLOCK] * b)
-            if self.config.mode == "decode":  # writes the null block onto itself
-                self.executor.scatter_blocks([NULL_BLOCK] * b, blocks)
-            jax.block_until_ready(blocks)
-            report(i)
-        for peer in self.transfer_peers:
-            self.transport.warmup(self.executor, peer, self.max_model_len)
+        with self.warm_lock:
+            n = self.runner.warmup(decode=decode, prefill=True, chunks=chunks, progress=report)
+            for i, b in enumerate(handoffs, n + 1):  # the hand-off's gather / scatter
+                blocks = self.executor.gather_blocks([NULL_BLOCK] * b)
+                if self.config.mode == "decode":  # writes the null block onto itself
+                    self.executor.scatter_blocks([NULL_BLOCK] * b, blocks)
+                jax.block_until_ready(blocks)
+                report(i)
+        for peer in self.transfer_peers:  # writes into the peer's pages: not while it warms up itself
+            with peer.warm_lock:
+                self.transport.warmup(self.executor, peer.executor, self.max_model_len)
         if progress is not None:
             progress(total, total)
         self.num_warmup_shapes = total

