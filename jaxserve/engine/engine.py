@@ -89,7 +89,7 @@ class LLMEngine:
                                    max_num_batched_tokens=batched, max_model_len=self.max_model_len)
         self.runner = Runner(self.executor, self.blocks.tables, Buckets.for_limits(
             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-            max_num_batched_tokens=batched, block_size=config.block_size))
+            max_num_batched_tokens=batched, block_size=config.block_size, rare_prefill=config.mode == "decode"))
         self.transport: KVTransport = transport or LocalTransport()
         self.transfer_peers: list[LLMEngine] = []  # prefill role: the in-process decode instances
         self.warm_lock = threading.Lock()  # held while warming up; peers' hand-off warm-ups take it too

@@ -56,7 +56,10 @@ class Buckets:
 
     @classmethod
     def for_limits(cls, *, max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int,
-                   block_size: int) -> Buckets:
+                   block_size: int, rare_prefill: bool = False) -> Buckets:
+        """``rare_prefill``: packed prefill only recomputes preempted sequences (a decode instance), so
+        every such call is padded to the one largest token bucket: one layer program instead of one
+        per bucket (the demo's decode instance: 18 shapes to warm up instead of 29)."""
         max_blocks = blocks_needed(max_model_len, block_size)
         tokens = pow2_buckets(16, max_num_batched_tokens)
         # decode attention loops over each batch's longest real context, not the table's width, so
@@ -66,7 +69,7 @@ class Buckets:
             decode_batch=pow2_buckets(1, max_num_seqs),
             blocks=pow2_buckets(min(4, max_blocks), max_blocks),
             decode_blocks=max_blocks,
-            prefill_tokens=tokens,
+            prefill_tokens=tokens[-1:] if rare_prefill else tokens,
             prefill_rows=(*(r for r in (1, 4, 16, 64, 256) if r < max_num_seqs), max_num_seqs),
             chunk_tokens=tokens,
         )
