@@ -18,7 +18,7 @@ Counters, process-wide, from ``jax.monitoring`` events: JAX emits
 cache hits (the event wraps ``compile_or_get_cached``), and ``/jax/compilation_cache/cache_hits`` for
 each hit. So ``program_count()`` counts executables obtained (compiled or loaded: what warm-up must
 leave at zero while serving), ``cache_hit_count()`` the loads and ``compile_count()`` the difference:
-programs XLA really compiled.
+programs XLA really compiled. ``thread_cache_hit_count()`` counts the loads of the calling thread only.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ OFF = "off"
 _BACKEND_COMPILE = "/jax/core/compile/backend_compile_duration"
 _CACHE_HIT = "/jax/compilation_cache/cache_hits"
 _counts = {_BACKEND_COMPILE: 0, _CACHE_HIT: 0}
+_thread_hits: dict[int, int] = {}  # cache hits by the thread that compiled (events fire on it)
 _lock = threading.Lock()
 _installed = False
 
@@ -112,6 +113,9 @@ def _on_event(name: str, *_: Any, **__: Any) -> None:
     if name in _counts:
         with _lock:
             _counts[name] += 1
+            if name == _CACHE_HIT:
+                tid = threading.get_ident()
+                _thread_hits[tid] = _thread_hits.get(tid, 0) + 1
 
 
 def _install_counters() -> None:
@@ -136,6 +140,14 @@ def cache_hit_count() -> int:
     """Executables loaded from the persistent compilation cache since the counters were installed."""
     _install_counters()
     return _counts[_CACHE_HIT]
+
+
+def thread_cache_hit_count() -> int:
+    """Cache loads by the calling thread only: what one instance's warm-up (on its own thread) obtained
+    from the cache while others warm up beside it."""
+    _install_counters()
+    with _lock:
+        return _thread_hits.get(threading.get_ident(), 0)
 
 
 def compile_count() -> int:

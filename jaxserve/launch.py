@@ -27,7 +27,7 @@ import threading
 import time
 from typing import Any
 
-from jaxserve.compile_cache import describe, enable_compilation_cache, setting
+from jaxserve.compile_cache import enable_compilation_cache, setting
 from jaxserve.config import ConfigError, DeploymentConfig, InstanceSpec, ensure_host_devices
 
 MODES = ("disaggregated", "colocated", "chunked")
@@ -225,8 +225,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         deployment = deployment_from_args(args)
         ensure_host_devices(deployment.num_devices)
-        cache = enable_compilation_cache(args.compilation_cache)  # before anything compiles
-        print(f"jaxserve: {describe(cache)}", flush=True)
+        cache = enable_compilation_cache(args.compilation_cache)  # before anything compiles; logs where
         args.compilation_cache = setting(cache)  # what each Ray actor uses
         engine, tok, cfg, name, placement = build(args, deployment)
     except (ConfigError, ValueError, OSError) as e:

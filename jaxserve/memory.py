@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ctypes
 import dataclasses
+import functools
 import math
 import mmap
 import os
@@ -152,12 +153,18 @@ def zeros_untouched(shape: tuple[int, ...], dtype: Any, sharding: Any) -> jax.Ar
 
     The kernel maps a released private page again, zero-filled, on its next touch, so the
     contents stay zeros while the resident size counts only pages written since."""
-    x = jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)()
+    x = _zeros_program(tuple(shape), jnp.dtype(dtype), sharding)()
     if sys.platform.startswith("linux") and all(d.platform == "cpu" for d in sharding.device_set):
         x.block_until_ready()
         for shard in x.addressable_shards:
             _dont_need(shard.data.unsafe_buffer_pointer(), shard.data.nbytes)
     return x
+
+
+@functools.lru_cache(maxsize=64)
+def _zeros_program(shape: tuple[int, ...], dtype: Any, sharding: Any) -> Any:
+    """One jitted zero fill per (shape, dtype, sharding): a pool's 2 x layers arrays trace and compile once."""
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)
 
 
 _MADV_DONTNEED = 4

@@ -8,8 +8,9 @@
             the way and at the end, so a log shows signs of life without one line per shape
 
 The engine and the runner only call a ``(done, total)`` callback; this reporter is the one that
-prints. Cache hits are the process-wide counter (``jaxserve.compile_cache.cache_hit_count``) since the
-reporter was made: the instances of one process warm up one after another, so theirs do not mix.
+prints. Cache hits are those of the warming thread (``jaxserve.compile_cache.thread_cache_hit_count``)
+since the reporter was made: the instances of one process warm up at once, each on its own thread, so
+a process-wide count would mix theirs.
 """
 
 from __future__ import annotations
@@ -36,8 +37,8 @@ class WarmupProgress:
                  steps: int = 10, clock: Callable[[], float] = time.monotonic,
                  hits: Callable[[], int] | None = None) -> None:
         if hits is None:
-            from jaxserve.compile_cache import cache_hit_count
-            hits = cache_hit_count
+            from jaxserve.compile_cache import thread_cache_hit_count
+            hits = thread_cache_hit_count
         self.label, self.steps, self.clock, self._hits = label, steps, clock, hits
         self.stream = stream if stream is not None else sys.stderr
         self.tty = _isatty(self.stream) if tty is None else tty

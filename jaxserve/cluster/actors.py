@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import sys
 import threading
 import time
 from collections.abc import Sequence
@@ -83,13 +82,13 @@ def _engine_core(model: str | None, config: EngineConfig, name: str, dtype: str,
                  compilation_cache: str | None, host_share: int = 1) -> Any:
     import jax
 
-    from jaxserve.compile_cache import describe, enable_compilation_cache
+    from jaxserve.compile_cache import enable_compilation_cache
     from jaxserve.engine.engine import LLMEngine
     from jaxserve.memory import measure_memory
     from jaxserve.model.checkpoint import load_model
 
-    # before anything compiles; a directory, "off", or None (this process's default)
-    print(f"{name}: {describe(enable_compilation_cache(compilation_cache))}", file=sys.stderr, flush=True)
+    # before anything compiles; a directory, "off", or None (this process's default); logs where
+    enable_compilation_cache(compilation_cache)
 
     n = config.tp * config.pp
     devices = jax.devices()

@@ -32,14 +32,13 @@ import jax
 
 from jaxserve.compile_cache import program_count
 from jaxserve.config import ConfigError, EngineConfig, ModelConfig
-from jaxserve.engine.block_manager import NULL_BLOCK, BlockManager, blocks_needed
+from jaxserve.engine.block_manager import NULL_BLOCK, BlockManager
 from jaxserve.engine.executor import ModelExecutor, kv_bytes_per_block
 from jaxserve.engine.kv_budget import plan_kv
-from jaxserve.engine.kv_transfer import KVTransport, LocalTransport
+from jaxserve.engine.kv_transfer import KVTransport, LocalTransport, block_buckets
 from jaxserve.engine.runner import Buckets, Runner
 from jaxserve.engine.scheduler import Scheduler, Sequence
 from jaxserve.memory import MemoryInfo, measure_memory
-from jaxserve.model.inputs import pow2_buckets
 from jaxserve.model.sampling import new_seed
 from jaxserve.request import Event, FinishReason, Request
 from jaxserve.runtime.api import InstanceInfo, InstanceStats, StepOutput
@@ -124,7 +123,7 @@ class LLMEngine:
         builds no new program."""
         global _warm_baseline
         chunks, decode = self.policy == "chunked", self.policy != "prefill-only"
-        handoffs = (pow2_buckets(1, blocks_needed(self.max_model_len, self.config.block_size))
+        handoffs = (block_buckets(self.executor, self.max_model_len)
                     if self.config.mode in ("prefill", "decode") else ())
         total = len(self.runner.buckets.shapes(decode=decode, prefill=True, chunks=chunks)) + len(handoffs)
 

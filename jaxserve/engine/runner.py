@@ -59,7 +59,7 @@ class Buckets:
                    block_size: int, rare_prefill: bool = False) -> Buckets:
         """``rare_prefill``: packed prefill only recomputes preempted sequences (a decode instance), so
         every such call is padded to the one largest token bucket: one layer program instead of one
-        per bucket (the demo's decode instance: 18 shapes to warm up instead of 29)."""
+        per bucket (the demo's decode instance: 14 shapes to warm up instead of 29)."""
         max_blocks = blocks_needed(max_model_len, block_size)
         tokens = pow2_buckets(16, max_num_batched_tokens)
         # decode attention loops over each batch's longest real context, not the table's width, so

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxserve.config import ModelConfig, model_preset
+from jaxserve.profiling.profile import times_ms
 
 
 @dataclasses.dataclass
@@ -40,12 +40,7 @@ class Row:
 def timed(fn: Callable[[], Any], reps: int) -> float:
     """Median seconds of ``fn()`` (its result waited for), after one call that compiles."""
     jax.block_until_ready(fn())
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        ts.append(time.perf_counter() - t0)
-    return float(np.median(ts))
+    return float(np.median(times_ms(fn, reps))) / 1e3
 
 
 def _tol(dtype: Any) -> float:

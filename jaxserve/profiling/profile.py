@@ -131,7 +131,7 @@ def _device_memory_gib(dev: Any, n_devices: int) -> float:
         return 0.0
 
 
-def _times_ms(call: Callable[[], Any], repeats: int) -> list[float]:
+def times_ms(call: Callable[[], Any], repeats: int) -> list[float]:
     """Wall times (ms) of ``repeats`` calls, each waited on with ``jax.block_until_ready``."""
     times = []
     for _ in range(repeats):
@@ -186,7 +186,7 @@ def _time_groups(executor: Any, steps: _Steps, groups: Sequence[tuple[bool, list
                 if shape not in warmed:  # compile outside the timing
                     jax.block_until_ready(executor.execute(inputs))
                     warmed.add(shape)
-                times.setdefault((g, k), []).extend(_times_ms(lambda i=inputs: executor.execute(i), grid.repeats))
+                times.setdefault((g, k), []).extend(times_ms(lambda i=inputs: executor.execute(i), grid.repeats))
                 bar.update()
     bar.close()
     stat = min if grid.stat == "min" else statistics.median

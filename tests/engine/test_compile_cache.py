@@ -53,8 +53,8 @@ def _start(cache: Path) -> dict:
 def test_second_start_with_the_same_cache_compiles_nothing(tmp_path):
     cache = tmp_path / "xla"
     cold, warm = _start(cache), _start(cache)
-    # cold: everything compiles (its few hits are programs this process already built under another
-    # jit object, such as the zero fill of each KV array)
+    # cold: everything compiles (a hit there could only be a program this process already built under
+    # another jit object)
     assert cold["compiles"] > cold["shapes"] > 0 and cold["hits"] < cold["compiles"]
     assert warm["compiles"] == 0 and warm["hits"] == warm["programs"] == cold["programs"]
     assert warm["tokens"] == cold["tokens"] and all(len(t) == 6 for t in cold["tokens"])
