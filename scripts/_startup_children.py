@@ -70,29 +70,11 @@ def hf_child(argv: list[str]) -> None:
     t1 = time.perf_counter()
     model = OPTForCausalLM.from_pretrained(a.model, dtype="float32").eval()
     t2 = time.perf_counter()
-    raw = 0
-    pad = model.config.pad_token_id
+    from _hf import left_padded_generate
+
     rows = [json.loads(line) for line in Path(a.input).read_text().splitlines() if line.strip()]
-    order = list(range(len(rows)))
-    if a.sort:
-        order.sort(key=lambda i: (rows[i]["max_tokens"], len(rows[i]["prompt_token_ids"])))
-    tokens: dict[int, list[int]] = {}
-    for s in range(0, len(order), a.batch_size):
-        batch = order[s:s + a.batch_size]
-        plen = max(len(rows[i]["prompt_token_ids"]) for i in batch)
-        new = max(rows[i]["max_tokens"] for i in batch)
-        ids = torch.full((len(batch), plen), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), plen), dtype=torch.long)
-        for r, i in enumerate(batch):  # left padding
-            prompt = rows[i]["prompt_token_ids"]
-            ids[r, plen - len(prompt):] = torch.tensor(prompt)
-            mask[r, plen - len(prompt):] = 1
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
-                                 min_new_tokens=new, max_new_tokens=new, pad_token_id=pad)
-        for r, i in enumerate(batch):
-            tokens[i] = out[r, plen:plen + rows[i]["max_tokens"]].tolist()
-        raw += len(batch) * new
+    tokens, raw, _ = left_padded_generate(model, [r["prompt_token_ids"] for r in rows], [r["max_tokens"] for r in rows],
+                                          a.batch_size, a.sort, model.config.pad_token_id)
     Path(a.output).write_text("".join(json.dumps({"token_ids": tokens[i]}) + "\n" for i in range(len(rows))))
     print(f"hf: import {t1 - t0:.1f} s, load {t2 - t1:.1f} s, generate {time.perf_counter() - t2:.1f} s "
           f"({raw} tokens generated, {sum(r['max_tokens'] for r in rows)} requested)", file=sys.stderr)

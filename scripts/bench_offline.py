@@ -499,13 +499,10 @@ def pick_torch_threads(model: Any, choice: str, pad_id: int) -> dict[str, Any]:
 
 def run_hf(model: Any, wl: Workload, batch_size: int, sort: bool, pad_id: int) -> HFRun:
     import torch
+    from _hf import batches, left_padded_generate
     from transformers import StoppingCriteria, StoppingCriteriaList
 
-    order = list(range(len(wl.prompts)))
-    if sort:
-        order.sort(key=lambda i: (wl.outputs[i], len(wl.prompts[i])))
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    raw = sum(len(b) * max(wl.outputs[i] for i in b) for b in batches)
+    raw = sum(len(b) * max(wl.outputs[i] for i in b) for b in batches(wl.prompts, wl.outputs, batch_size, sort))
     bar = tqdm(total=raw, desc=f"HF bs={batch_size}", unit="tok", file=sys.stderr, leave=False)
 
     class Tick(StoppingCriteria):
@@ -513,26 +510,9 @@ def run_hf(model: Any, wl: Workload, batch_size: int, sort: bool, pad_id: int) -
             bar.update(input_ids.shape[0])
             return torch.zeros(input_ids.shape[0], dtype=torch.bool)
 
-    tokens: dict[int, list[int]] = {}
     t_start, c_start, p_start = time.perf_counter(), cpu_s(), cpu_pressure_us()
-    walls = []
-    for b in batches:
-        t_batch = time.perf_counter()
-        plen = max(len(wl.prompts[i]) for i in b)
-        new = max(wl.outputs[i] for i in b)
-        ids = torch.full((len(b), plen), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(b), plen), dtype=torch.long)
-        for row, i in enumerate(b):  # left padding
-            p = wl.prompts[i]
-            ids[row, plen - len(p):] = torch.tensor(p)
-            mask[row, plen - len(p):] = 1
-        with torch.inference_mode():
-            out = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, num_beams=1,
-                                 min_new_tokens=new, max_new_tokens=new, pad_token_id=pad_id,
-                                 stopping_criteria=StoppingCriteriaList([Tick()]))
-        for row, i in enumerate(b):
-            tokens[i] = out[row, plen:plen + wl.outputs[i]].tolist()
-        walls.append((len(b), plen, new, time.perf_counter() - t_batch))
+    tokens, _, walls = left_padded_generate(model, wl.prompts, wl.outputs, batch_size, sort, pad_id,
+                                            StoppingCriteriaList([Tick()]))
     wall, cpu = time.perf_counter() - t_start, cpu_s() - c_start
     bar.close()
     return HFRun(batch_size, sort, wall, wl.output_tokens, raw, tokens, cpu, pressure_share(p_start, wall), walls)
