@@ -121,8 +121,9 @@ def test_killing_a_decode_actor(cluster, model):
         for r in [*reqs, extra]:
             if r.request_id in doomed:
                 assert r.finish_reason == FinishReason.ERROR and r.events[-1].kind == Event.ABORTED
-            else:  # requests on the survivor carry on
-                assert r.finish_reason is None and eng.where[r.request_id] is survivor
+            else:  # requests on the survivor carry on (a fast machine may finish them by length meanwhile)
+                assert r.request_id not in eng.failures and r.finish_reason in (None, FinishReason.LENGTH)
+                assert r.finish_reason is not None or eng.where[r.request_id] is survivor
         # new requests are served exactly, by the survivors
         fresh = [Request(f"new{i}", p_, SamplingParams(max_tokens=12)) for i, p_ in enumerate(prompts)]
         assert [t.token_ids for t in run_requests(eng, fresh)] == refs
@@ -156,7 +157,10 @@ def test_killing_a_prefill_actor(cluster, model):
         fresh = [Request(f"new{i}", p_, SamplingParams(max_tokens=12)) for i, p_ in enumerate(prompts)]
         assert [t.token_ids for t in run_requests(eng, fresh)] == refs
         assert all(r.events[1].instance == "prefill-1" for r in fresh)
-        assert decoding.finish_reason is None and len(decoding.output_token_ids) > 2
+        # (a fast machine may finish its 400 tokens meanwhile: then it ended by length, not by error)
+        assert decoding.finish_reason in (None, FinishReason.LENGTH) and eng.failures.get(decoding.request_id) is None
+        assert len(decoding.output_token_ids) == 400 if decoding.finish_reason else len(decoding.output_token_ids) > 2
+        assert Event.ABORTED not in [e.kind for e in decoding.events]
         eng.abort_request(decoding.request_id)
         assert _drained(eng) == {"prefill-1": 0, "decode-0": 0}
 
