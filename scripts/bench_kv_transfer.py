@@ -270,7 +270,7 @@ class TimedTransport(LocalTransport):
         self.exports: dict[int, float] = {}  # id(handle) -> s; a handle lives until its import
         self.times: list[tuple[float, float]] = []
 
-    def export_kv(self, src: Any, block_ids: Sequence[int], num_tokens: int) -> Any:
+    def export_kv(self, src: Any, block_ids: Sequence[int], num_tokens: int, request_id: str = "") -> Any:
         t0 = time.perf_counter()
         handle = super().export_kv(src, block_ids, num_tokens)
         if self.wait:

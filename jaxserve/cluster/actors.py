@@ -12,7 +12,8 @@
         never waits behind it
     poll(wait_s) -> Batch: the loop's messages since the last poll (waits up to ``wait_s`` for one)
 
-KV crosses as numpy through the object store: the prefill actor's export is ``ray.put`` of a
+KV crosses over JAX collectives when the actors form a group (``jaxserve.cluster.collective``:
+``send_kv`` / ``warm_transfer`` here), otherwise as numpy through the object store: the prefill actor's export is ``ray.put`` of a
 ``KVPayload`` (its ``KVReady`` carries the ObjectRef); the driver passes that ref to the decode
 actor's ``import_kv`` at top level, so Ray pulls the bytes to that node before the call runs and
 the import itself is a plain numpy write. Only numpy crosses, never ``jax.Array`` (see FACTS.md).
@@ -25,6 +26,7 @@ across actors on one host); for an actor on another node the driver estimates th
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import threading
 import time
@@ -34,6 +36,8 @@ from typing import Any
 from jaxserve.config import ConfigError, EngineConfig
 from jaxserve.request import FinishReason, Request
 from jaxserve.runtime.api import Batch, InstanceInfo, InstanceStats
+
+log = logging.getLogger(__name__)
 
 
 class ObjectStoreTransport:
@@ -46,7 +50,7 @@ class ObjectStoreTransport:
         self.host = HostTransport()
         self.get_timeout_s = get_timeout_s
 
-    def export_kv(self, src: Any, block_ids: Sequence[int], num_tokens: int) -> Any:
+    def export_kv(self, src: Any, block_ids: Sequence[int], num_tokens: int, request_id: str = "") -> Any:
         import ray
 
         return ray.put(self.host.export_kv(src, block_ids, num_tokens))
@@ -79,7 +83,7 @@ def pin_threads() -> set[int] | None:
 
 
 def _engine_core(model: str | None, config: EngineConfig, name: str, dtype: str,
-                 compilation_cache: str | None, host_share: int = 1) -> Any:
+                 compilation_cache: str | None, host_share: int = 1, process_id: int | None = None) -> Any:
     import jax
 
     from jaxserve.compile_cache import enable_compilation_cache
@@ -91,7 +95,7 @@ def _engine_core(model: str | None, config: EngineConfig, name: str, dtype: str,
     enable_compilation_cache(compilation_cache)
 
     n = config.tp * config.pp
-    devices = jax.devices()
+    devices = jax.local_devices()  # (in a collective group jax.devices() lists every process's)
     if len(devices) < n:
         raise ConfigError(f"{name}: tp={config.tp} x pp={config.pp} needs {n} devices, the actor sees "
                           f"{len(devices)} (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})")
@@ -99,8 +103,13 @@ def _engine_core(model: str | None, config: EngineConfig, name: str, dtype: str,
     memory = measure_memory(devices[:n])
     if memory is not None and all(d.platform == "cpu" for d in devices[:n]):
         memory = memory.share(host_share)  # the other actors on this host draw on the same memory
+    if process_id is None:
+        transport: Any = ObjectStoreTransport()
+    else:
+        from jaxserve.cluster.collective import CollectiveTransport
+        transport = CollectiveTransport(process_id)
     return LLMEngine(loaded.cfg, loaded.params, config, devices=devices[:n], name=name,
-                     transport=ObjectStoreTransport(), memory=memory)
+                     transport=transport, memory=memory)
 
 
 class InstanceActor:
@@ -108,7 +117,7 @@ class InstanceActor:
 
     def __init__(self, model: str | None, config: EngineConfig, name: str, dtype: str = "float32",
                  fake: dict[str, Any] | None = None, compilation_cache: str | None = None,
-                 host_share: int = 1) -> None:
+                 host_share: int = 1, group: Any = None, process_id: int | None = None) -> None:
         from jaxserve.logs import show_logs
         from jaxserve.runtime.instance import LocalInstance
 
@@ -118,8 +127,13 @@ class InstanceActor:
             from jaxserve.runtime.fake import FakeCore
             core: Any = FakeCore(name=name, mode=config.mode, **fake)
         else:
-            core = _engine_core(model, config, name, dtype, compilation_cache, host_share)
+            if group is not None:  # before anything starts JAX's backends
+                from jaxserve.cluster.collective import join_group
+                join_group(group, process_id)
+            core = _engine_core(model, config, name, dtype, compilation_cache, host_share,
+                                None if group is None else process_id)
         self._ready = threading.Event()
+        self._sender: Any = None
         self.instance = LocalInstance(core)
         self.instance.start(self._ready)
 
@@ -146,6 +160,36 @@ class InstanceActor:
 
     def release(self, request_id: str) -> None:
         self.instance.release(request_id)
+
+    # ---- the collective transport (jaxserve.cluster.collective) -------------------------------------
+    def send_kv(self, request_id: str, key: str, dst_process: int, shape: tuple[int, ...], dtype: str) -> None:
+        """Queue the source side of a transfer on the transfer thread; returns at once."""
+        if self._sender is None:
+            from concurrent.futures import ThreadPoolExecutor
+            self._sender = ThreadPoolExecutor(1, thread_name_prefix="jaxserve-send")
+        transport = self.instance.core.transport
+
+        def send() -> None:
+            try:
+                if not transport.send(request_id, key, dst_process, shape, dtype):
+                    log.info("%s: %s was released before its transfer", self.instance.info.name, request_id)
+            except Exception as e:  # the peer died mid-transfer: it fails that request on its side
+                log.warning("%s: sending %s failed: %s", self.instance.info.name, request_id, e)
+
+        self._sender.submit(send)
+
+    def transfer_shapes(self) -> list[tuple[tuple[int, ...], str]]:
+        core = self.instance.core
+        return self.instance._call(lambda: core.transport.transfer_shapes(core.executor, core.max_model_len))
+
+    def warm_transfer(self, role: str, peer: int, block_size: int = 0, shapes: Any = None) -> int:
+        """One end of a pair's warm-up (both ends at once): every bucket's transfer, import included."""
+        core = self.instance.core
+        if role == "send":
+            return self.instance._call(lambda: core.warm_more(
+                lambda: core.transport.warm_send(core.executor, peer, core.max_model_len)))
+        return self.instance._call(lambda: core.warm_more(
+            lambda: core.transport.warm_recv(core.executor, peer, block_size, shapes)))
 
     def poll(self, wait_s: float) -> Batch:
         """The loop's messages since the last poll; waits up to ``wait_s`` while there are none."""
@@ -210,12 +254,14 @@ _REMOTE_CLASS: Any = None
 def start_instance(model: str | os.PathLike[str] | None, config: EngineConfig, name: str, *,
                    dtype: str = "float32", options: ActorOptions | None = None,
                    fake: dict[str, Any] | None = None, compilation_cache: str | None = None,
-                   host_share: int = 1) -> Any:
+                   host_share: int = 1, group: Any = None, process_id: int | None = None) -> Any:
     """Create an ``InstanceActor`` (asynchronously: its first call waits for the model to load).
     ``fake``: a ``FakeCore``'s settings instead of a model (runtime tests). ``compilation_cache``: a
     directory or "off"; None: the driver's default (``jaxserve.compile_cache.resolve_cache_dir``),
     resolved here so that the actor uses the same directory. ``host_share``: how many instances may
-    share this actor's host memory (a CPU actor's KV pool takes from 1/host_share)."""
+    share this actor's host memory (a CPU actor's KV pool takes from 1/host_share). ``group`` (a
+    ``jaxserve.cluster.collective.GroupSpec``) and ``process_id``: the actor joins that collective
+    group and moves KV over it."""
     import ray
 
     from jaxserve.compile_cache import resolve_cache_dir, setting
@@ -228,4 +274,4 @@ def start_instance(model: str | os.PathLike[str] | None, config: EngineConfig, n
     model_spec = None if model is None else str(model)
     cache = setting(resolve_cache_dir(compilation_cache))
     return _REMOTE_CLASS.options(**options.ray_options(config)).remote(model_spec, config, name, dtype, fake, cache,
-                                                                       host_share)
+                                                                       host_share, group, process_id)

@@ -68,6 +68,8 @@ class RayInstance:
         self._wake: threading.Event | None = None
         self._thread: threading.Thread | None = None
         self.error: str | None = None
+        self.process_id: int | None = None  # in a collective group
+        self.peers: dict[str, RayInstance] = {}  # name -> proxy (a collective hand-off calls its source)
 
     # ---- commands (the router's thread) --------------------------------------------------------
     def start(self, wake: threading.Event | None = None) -> None:
@@ -83,7 +85,11 @@ class RayInstance:
         self._sent(self.actor.abort.remote(request_id, reason), None, "abort")
 
     def import_kv(self, request: Request, handle: Any, source: str) -> None:
-        # the handle (an ObjectRef) goes at top level: Ray fetches the KV to the actor's node first
+        if getattr(handle, "remote", False):  # a collective hand-off: the source sends, this actor fetches
+            src = self.peers[source]
+            src._sent(src.actor.send_kv.remote(handle.request_id, handle.key, self.process_id, handle.shape,
+                                               handle.dtype), None, "send")
+        # an ObjectRef handle goes at top level: Ray fetches the KV to the actor's node first
         self._sent(self.actor.import_kv.remote(request, handle, source), request.request_id, "import")
 
     def release(self, request_id: str) -> None:
@@ -178,22 +184,54 @@ class RayInstance:
 def launch_router(model: str | None, configs: Sequence[tuple[str, EngineConfig]], *, dtype: str = "float32",
                   options: ActorOptions | Sequence[ActorOptions] | None = None, timeout_s: float = 300.0,
                   start_timeout_s: float = 600.0, fake: Sequence[dict[str, Any]] | None = None,
-                  poll_s: float = 0.02, compilation_cache: str | None = None) -> Router:
+                  poll_s: float = 0.02, compilation_cache: str | None = None,
+                  transport: str = "object-store") -> Router:
     """One actor per ``(name, EngineConfig)`` (``options``: one for all, or one each), every model
     loaded, clock offsets estimated; a ``Router`` over them (its ``shutdown`` kills the actors).
     ``fake``: one ``FakeCore`` settings dict per instance instead of a model (runtime tests).
-    ``compilation_cache``: a directory or "off" for every actor; None: the driver's default."""
+    ``compilation_cache``: a directory or "off" for every actor; None: the driver's default.
+    ``transport``: "object-store" (numpy through Ray) or "collective" (the actors form one JAX
+    group, coordinated from this process; KV moves over gloo / NCCL: ``jaxserve.cluster.collective``)."""
     opts = list(options) if isinstance(options, Sequence) else [options] * len(configs)
     fakes = list(fake) if fake is not None else [None] * len(configs)
     if len(opts) != len(configs) or len(fakes) != len(configs):
         raise ValueError(f"{len(opts)} ActorOptions and {len(fakes)} fakes for {len(configs)} instances")
+    if transport not in ("object-store", "collective"):
+        raise ValueError(f"transport must be 'object-store' or 'collective', got {transport!r}")
+    service = None
+    if transport == "collective":
+        from jaxserve.cluster.collective import CoordinatorService
+        service = CoordinatorService(len(configs), host=ray.util.get_node_ip_address())
     # CPU actors size their KV pools as if all of them shared one host (true for a local Ray;
     # on several nodes it leaves memory unused rather than overcommitting one)
     actors = [start_instance(model, c, name, dtype=dtype, options=o, fake=f, host_share=len(configs),
-                             compilation_cache=compilation_cache)
-              for (name, c), o, f in zip(configs, opts, fakes, strict=True)]
+                             compilation_cache=compilation_cache, process_id=i,
+                             group=None if service is None else service.spec)
+              for i, ((name, c), o, f) in enumerate(zip(configs, opts, fakes, strict=True))]
     proxies = connect(actors, timeout_s=timeout_s, start_timeout_s=start_timeout_s, own_actors=True)
-    return Router(proxies, poll_s=poll_s)
+    if service is None:
+        return Router(proxies, poll_s=poll_s)
+    by_name = {p.info.name: p for p in proxies}
+    for i, p in enumerate(proxies):
+        p.process_id, p.peers = i, by_name
+    router = Router(proxies, poll_s=poll_s, after_warmup=lambda: warm_pairs(proxies, timeout_s))
+    router.keep_alive = service  # the group's coordinator lives as long as the router
+    return router
+
+
+def warm_pairs(proxies: Sequence[RayInstance], timeout_s: float) -> None:
+    """Warm every (prefill, decode) pair's collective hand-off, both ends at once, one pair at a time:
+    compiles each bucket's transfer and import, and connects the pair (see jaxserve.cluster.collective)."""
+    live = [p for p in proxies if p.error is None]
+    for src in (p for p in live if p.info.role == "prefill"):
+        shapes = ray.get(src.actor.transfer_shapes.remote(), timeout=timeout_s)
+        for dst in (p for p in live if p.info.role == "decode"):
+            refs = [src.actor.warm_transfer.remote("send", dst.process_id),
+                    dst.actor.warm_transfer.remote("recv", src.process_id, src.info.block_size, shapes)]
+            try:
+                ray.get(refs, timeout=timeout_s)
+            except (RayError, GetTimeoutError) as e:
+                raise ClusterError(f"warming the hand-off {src.info.name} -> {dst.info.name} failed: {_why(e)}") from e
 
 
 def connect(actors: Sequence[Any], *, timeout_s: float = 300.0, start_timeout_s: float = 600.0,

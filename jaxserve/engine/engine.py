@@ -149,6 +149,14 @@ class LLMEngine:
         _warm_baseline = program_count()
         return total
 
+    def warm_more(self, fn: Any) -> Any:
+        """Run ``fn`` as part of warm-up (a cross-process hand-off, warmed once both ends are warm):
+        what it compiles is not counted as compiled after warm-up."""
+        global _warm_baseline
+        out = fn()
+        _warm_baseline = program_count()
+        return out
+
     @property
     def compilations_since_warmup(self) -> int:
         """Programs built in this process since the last warm-up in it ended (instances share a process):
@@ -182,6 +190,7 @@ class LLMEngine:
             return False
         if self.ready.pop(request_id, None) is not None:
             self.blocks.free(request_id)
+            self._forget_export(request_id)
         else:
             self.scheduler.abort(request_id)
         seq.request.finish_reason = seq.request.finish_reason or reason
@@ -205,21 +214,32 @@ class LLMEngine:
     def export_kv(self, request_id: str) -> tuple[Any, int]:
         """Prefill role: (transport handle, tokens) of a held request's KV; the blocks stay held."""
         seq = self.ready[request_id]
-        return self.transport.export_kv(self.executor, self.blocks.table(request_id), seq.num_computed), \
-            seq.num_computed
+        return self.transport.export_kv(self.executor, self.blocks.table(request_id), seq.num_computed,
+                                        request_id=request_id), seq.num_computed
 
     def release(self, request_id: str) -> None:
         """Prefill role: the KV has been copied out; free the blocks and forget the request."""
         self.ready.pop(request_id)
         self.seqs.pop(request_id)
         self.blocks.free(request_id)
+        self._forget_export(request_id)
+
+    def _forget_export(self, request_id: str) -> None:
+        forget = getattr(self.transport, "forget", None)  # transports that hold exports until release
+        if forget is not None:
+            forget(request_id)
+
+    def fetch_kv(self, handle: Any) -> Any:
+        """Decode role, on a transfer thread: bring a remote handle's KV here (touches no pages)."""
+        return self.transport.fetch(handle)
 
     def can_admit(self, request: Request) -> bool:
         return self.scheduler.can_admit(request.num_tokens - 1)
 
-    def import_kv(self, request: Request, handle: Any, source: str = "") -> int | None:
+    def import_kv(self, request: Request, handle: Any, source: str = "", began: float | None = None) -> int | None:
         """Decode role: take in a prefilled request and write its KV (stamped transfer began / ended,
-        decode queued); returns the bytes written, or None if there is no room now."""
+        decode queued; ``began``: when a fetch of the KV began, if one ran first); returns the bytes
+        written, or None if there is no room now."""
         rid = request.request_id
         if rid in self.seqs:
             raise ValueError(f"duplicate request id {rid!r}")
@@ -229,7 +249,7 @@ class LLMEngine:
         table = self.scheduler.admit_prefilled(seq, request.num_tokens - 1)
         self.seqs[rid] = seq
         where = f"{source}->{self.name}"
-        request.stamp(Event.TRANSFER_BEGAN, instance=where)
+        request.stamp(Event.TRANSFER_BEGAN, began, instance=where)
         try:
             nbytes = self.transport.import_kv(self.executor, list(table), handle)
         except BaseException:

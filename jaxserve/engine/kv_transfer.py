@@ -16,7 +16,10 @@ Every transport speaks this pair; each executor is touched only by its own insta
   Different block sizes are re-paged through the host.
 * ``HostTransport``: the handle is a ``KVPayload`` of numpy arrays (what crosses processes).
 * ``jaxserve.cluster.actors.ObjectStoreTransport``: a ``KVPayload`` in Ray's object store.
-* Any ``import_kv`` accepts a ``KVPayload``; JAX collectives across processes are the next transport.
+* ``jaxserve.cluster.collective.CollectiveTransport``: across processes over JAX collectives (gloo on
+  CPU, NCCL on GPUs); its handle is a descriptor the destination fetches on a transfer thread.
+* Any ``import_kv`` accepts a ``KVPayload``. ``request_id`` names the export (a transport that holds
+  exports until the request is released keys them by it).
 
 ``warmup(src, dst)`` compiles a pair's import programs for every block bucket.
 """
@@ -39,7 +42,7 @@ LayerBlocks = list[tuple[Any, Any]]  # per layer (k, v) [n, bs, H, Dh]
 
 
 class KVTransport(Protocol):
-    def export_kv(self, src: Any, block_ids: Sequence[int], num_tokens: int) -> Any: ...
+    def export_kv(self, src: Any, block_ids: Sequence[int], num_tokens: int, request_id: str = "") -> Any: ...
     def import_kv(self, dst: Any, block_ids: Sequence[int], handle: Any) -> int: ...
     def warmup(self, src: Any, dst: Any) -> None: ...
 
@@ -125,7 +128,7 @@ def import_host(dst: Any, block_ids: Sequence[int], payload: KVPayload) -> int:
 class HostTransport:
     """The KV as numpy arrays (what a process boundary carries)."""
 
-    def export_kv(self, src: Any, block_ids: Sequence[int], num_tokens: int) -> KVPayload:
+    def export_kv(self, src: Any, block_ids: Sequence[int], num_tokens: int, request_id: str = "") -> KVPayload:
         n = blocks_needed(num_tokens, src.block_size)
         blocks = src.gather_blocks(_pad(block_ids[:n], _bucket(max(1, n))))
         return KVPayload(num_tokens, src.block_size, [(np.asarray(k)[:n], np.asarray(v)[:n]) for k, v in blocks])
@@ -144,7 +147,7 @@ class LocalTransport:
     def __init__(self, one_pass: bool | None = None) -> None:
         self.one_pass = one_pass
 
-    def export_kv(self, src: Any, block_ids: Sequence[int], num_tokens: int) -> DeviceKV:
+    def export_kv(self, src: Any, block_ids: Sequence[int], num_tokens: int, request_id: str = "") -> DeviceKV:
         n = blocks_needed(num_tokens, src.block_size)
         if len(block_ids) < n:
             raise ValueError(f"{num_tokens} tokens need {n} source blocks, got {len(block_ids)}")
@@ -172,13 +175,18 @@ class LocalTransport:
         real: null blocks onto the null block, or zero blocks in the one-pass loop)."""
         limit = max_tokens if max_tokens is not None else src.num_blocks * src.block_size
         for b in block_buckets(src, min(limit, src.num_blocks * src.block_size)):
-            h = self.export_kv(src, [NULL_BLOCK] * b, b * src.block_size)
-            h = dataclasses.replace(h, num_tokens=0, num_blocks=0)
-            if h.block_size == dst.block_size and self.one_pass is not False and one_pass_ok(h, dst):
-                one_pass_import(h, dst, [])
-            elif h.block_size == dst.block_size:
-                dst.scatter_blocks([NULL_BLOCK] * b, h.layers)
-        jax.block_until_ready(dst.kv)
+            warm_import(self, dst, self.export_kv(src, [NULL_BLOCK] * b, b * src.block_size))
+
+
+def warm_import(transport: LocalTransport, dst: Any, handle: DeviceKV) -> None:
+    """Compile ``dst``'s import of an export shaped like ``handle`` (copies nothing real: the null
+    block onto itself, or zero blocks in the one-pass loop)."""
+    h = dataclasses.replace(handle, num_tokens=0, num_blocks=0)
+    if h.block_size == dst.block_size and transport.one_pass is not False and one_pass_ok(h, dst):
+        one_pass_import(h, dst, [])
+    elif h.block_size == dst.block_size:
+        dst.scatter_blocks([NULL_BLOCK] * h.layers[0][0].shape[0], h.layers)
+    jax.block_until_ready(dst.kv)
 
 
 # ---- one-pass import on CPU meshes (shared host memory) --------------------------------------

@@ -1,6 +1,8 @@
 """An instance that runs on its own: one engine core, one thread, commands in, message batches out.
 
     add / abort / import_kv / release (any thread) --command queue--> the instance's thread:
+        (a handle marked ``remote`` is first fetched on the instance's transfer thread, beside
+         stepping; then its import is queued like any command)
         loop: apply the commands that came in; step the core if it has work; export the KV of
               newly prefilled requests (prefill role); publish a Batch; sleep only when idle
     outputs() (the router's thread) <--Batch(messages, stats)-- published batches; ``wake`` set
@@ -20,9 +22,10 @@ import atexit
 import logging
 import queue
 import threading
+import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from jaxserve.request import FinishReason, Request
@@ -66,6 +69,8 @@ class LocalInstance:
         self._stats = core.stats()
         self._tracked: dict[str, tuple[Request, int, int]] = {}  # id -> (request, events sent, tokens sent)
         self._exported: set[str] = set()
+        self._fetching: dict[str, bool] = {}  # request id -> aborted meanwhile (loop thread only)
+        self._fetcher: ThreadPoolExecutor | None = None
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -115,6 +120,8 @@ class LocalInstance:
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(self.call_timeout_s if timeout_s is None else timeout_s)
         self._thread = None
+        if self._fetcher is not None:
+            self._fetcher.shutdown(wait=False, cancel_futures=True)
         _running.discard(self)
 
     def _send(self, cmd: tuple[Any, ...]) -> None:
@@ -164,12 +171,18 @@ class LocalInstance:
 
     def _apply(self, cmd: tuple[Any, ...]) -> None:
         kind = cmd[0]
-        if kind == "add":
+        if kind == "import" and getattr(cmd[2], "remote", False):
+            self._start_fetch(cmd[1], cmd[2], cmd[3])
+        elif kind == "fetch":
+            self._fetched(*cmd[1:])
+        elif kind == "add":
             req: Request = cmd[1]
             sent = len(req.events), len(req.output_token_ids)
             self.core.add_request(req)
             self._tracked[req.request_id] = (req, *sent)
         elif kind == "abort":
+            if cmd[1] in self._fetching:
+                self._fetching[cmd[1]] = True
             self._forget(cmd[1], cmd[2])
         elif kind == "release":
             self._exported.discard(cmd[1])
@@ -185,9 +198,34 @@ class LocalInstance:
             except Exception as e:
                 fut.set_exception(e)
 
-    def _import(self, request: Request, handle: Any, source: str) -> None:
+    def _start_fetch(self, request: Request, handle: Any, source: str) -> None:
+        """Fetch a remote handle's KV on the transfer thread (one at a time, in the order sent)."""
+        if self._fetcher is None:
+            self._fetcher = ThreadPoolExecutor(1, thread_name_prefix=f"jaxserve-fetch-{self.info.name}")
+        self._fetching[request.request_id] = False
+        began = time.perf_counter()
+
+        def fetch() -> None:
+            try:
+                self._send(("fetch", request, self.core.fetch_kv(handle), source, began, None))
+            except Exception as e:
+                self._send(("fetch", request, None, source, began, e))
+
+        self._fetcher.submit(fetch)
+
+    def _fetched(self, request: Request, local: Any, source: str, began: float, error: Exception | None) -> None:
+        if self._fetching.pop(request.request_id, False):
+            return  # aborted while its KV was on the way: nothing was allocated
+        if error is not None:
+            raise error  # -> Failed for this request (see _drain)
+        self._import(request, local, source, began)
+
+    def _import(self, request: Request, handle: Any, source: str, began: float | None = None) -> None:
         sent = len(request.events), len(request.output_token_ids)
-        nbytes = self.core.import_kv(request, handle, source)
+        if began is None:
+            nbytes = self.core.import_kv(request, handle, source)
+        else:
+            nbytes = self.core.import_kv(request, handle, source, began=began)
         if nbytes is not None:
             self._tracked[request.request_id] = (request, *sent)
         self._emit(Imported(request.request_id, nbytes))

@@ -28,7 +28,7 @@ import logging
 import random
 import threading
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -83,7 +83,8 @@ class _Transit:
 
 
 class Router:
-    def __init__(self, instances: Sequence[Instance], *, poll_s: float = 0.02) -> None:
+    def __init__(self, instances: Sequence[Instance], *, poll_s: float = 0.02,
+                 after_warmup: Callable[[], None] | None = None) -> None:
         slots = [Slot(i, _empty_stats(i)) for i in instances]
         self.prefills = [s for s in slots if s.inst.info.role == "prefill"]
         self.decodes = [s for s in slots if s.inst.info.role == "decode"]
@@ -99,6 +100,8 @@ class Router:
         self.vocab_size, self.eos_token_id = first.vocab_size, first.eos_token_id
         self.max_model_len = min(s.inst.info.max_model_len for s in slots)
         self.poll_s = poll_s
+        self.after_warmup = after_warmup  # e.g. warming hand-offs that need both ends warm
+        self.keep_alive: Any = None  # what must live as long as the router (a collective group's coordinator)
         self.requests: dict[str, Request] = {}  # the records, owned here
         self.where: dict[str, Slot] = {}  # request id -> the slot holding it (the source mid-transfer)
         self.transit: dict[str, _Transit] = {}
@@ -348,7 +351,10 @@ class Router:
         instance reports its warm-up on its own process's stderr (``jaxserve.warmup_progress``)."""
         live = self.live()
         with ThreadPoolExecutor(max(1, len(live)), thread_name_prefix="jaxserve-warmup") as pool:
-            return sum(pool.map(lambda s: s.inst.warmup(progress), live))
+            shapes = sum(pool.map(lambda s: s.inst.warmup(progress), live))
+        if self.after_warmup is not None:
+            self.after_warmup()
+        return shapes
 
     @property
     def compilations_since_warmup(self) -> int:
@@ -364,6 +370,9 @@ class Router:
                 s.inst.shutdown()
             except Exception:  # already gone
                 log.debug("shutdown of %s failed", s.name, exc_info=True)
+        if hasattr(self.keep_alive, "shutdown"):
+            self.keep_alive.shutdown()
+            self.keep_alive = None
 
     def __enter__(self) -> Router:
         return self

@@ -1,0 +1,212 @@
+"""KV hand-off between Ray actors over JAX collectives (one jax.distributed group; gloo on CPU).
+
+One local Ray (2 CPUs). Each deployment's actors join one group coordinated from the driver (this
+pytest process); every hand-off is a jitted ppermute between the prefill and decode processes.
+Two deployments:
+* prefill tp1 + prefill tp2 + decode tp1: greedy tokens equal HF's through each prefill actor (tp1 ->
+  tp1, tp2 -> tp1, 2 prefill + 1 decode); aborts at every stage leave 0 blocks; 0 compiles after
+  warm-up; then the decode side waits in a transfer whose source is killed: only that request ends,
+  with an error, within 5 s, and the other prefill actor keeps serving exactly.
+* prefill tp1 + decode tp2 + decode tp1: tokens equal HF's (tp1 -> tp2, tp1 -> tp1); then the prefill
+  side waits in a transfer whose destination is killed: only that request ends, with an error, within
+  5 s, the prefill actor frees its blocks and serves on through the surviving decode actor.
+"Mid-transfer" is made certain by holding back one end's half of a hand-off (the proxy's call to the
+other end is dropped), so the surviving end is inside the collective when its peer dies.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+
+import numpy as np
+import pytest
+import ray
+from transformers import OPTForCausalLM
+
+from jaxserve.cluster.actors import ActorOptions
+from jaxserve.cluster.ray_instance import launch_router
+from jaxserve.config import EngineConfig
+from jaxserve.engine.frontend import run_requests
+from jaxserve.request import Event, FinishReason, Request, SamplingParams
+from jaxserve.runtime.router import Router, Slot
+from tests.model_fixtures import hf_greedy, make_hf_opt
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d, _ = make_hf_opt(tmp_path_factory.mktemp("coll-model"), "pre_ln")
+    hf = OPTForCausalLM.from_pretrained(d).eval()
+    rng = np.random.default_rng(7)
+    prompts = [[2, *rng.integers(3, hf.config.vocab_size, n - 1).tolist()] for n in (5, 17, 40, 130)]
+    refs = [hf_greedy(hf, p, 10) for p in prompts]
+    return d, prompts, refs
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, logging_level="warning")
+    yield
+    if started:
+        ray.shutdown()
+
+
+def _launch(model_dir, layout: list[tuple[str, int]]) -> Router:
+    """``layout``: (role, tp) per instance; a collective group over all of them, warmed up."""
+    names, seen, configs = [], {}, []
+    for role, tp in layout:
+        names.append(f"{role}-{seen.get(role, 0)}")
+        seen[role] = seen.get(role, 0) + 1
+        configs.append(EngineConfig(mode=role, tp=tp, max_num_seqs=8, max_model_len=256))
+    eng = launch_router(model_dir, list(zip(names, configs, strict=True)), options=ActorOptions(num_cpus=0.25),
+                        timeout_s=60, transport="collective")
+    eng.warmup()
+    return eng
+
+
+def _fresh(prompts, tag: str = "") -> list[Request]:
+    return [Request(f"r{tag}{i}", p, SamplingParams(max_tokens=10)) for i, p in enumerate(prompts)]
+
+
+def _drained(eng: Router) -> dict:
+    for _ in range(200):
+        held = eng.held_blocks()
+        if not any(held.values()):
+            break
+        time.sleep(0.05)
+    return held
+
+
+def _run_until(eng: Router, done, limit_s: float = 60.0) -> None:
+    t0 = time.monotonic()
+    while not done():
+        assert time.monotonic() - t0 < limit_s, "condition not reached"
+        eng.step()
+
+
+def _only(eng: Router, slot: Slot) -> None:
+    """Send the next requests to this prefill slot: the others look busy until their next batch."""
+    for s in eng.prefills:
+        if s is not slot:
+            s.stats = dataclasses.replace(s.stats, queued_tokens=10**9)
+
+
+def _prefilled_by(reqs) -> set[str]:
+    return {e.instance for r in reqs for e in r.events if e.kind == Event.PREFILL_BEGAN}
+
+
+def _abort_at_every_stage(eng: Router, prompt: list[int]) -> None:
+    for stage in ("queued", "held", "transit", "decoding"):
+        r = Request(f"a-{stage}", prompt, SamplingParams(max_tokens=200, ignore_eos=True))
+        eng.add_request(r)
+        cond = {"queued": lambda: True,
+                "held": lambda r=r: bool(r.event_times(Event.PREFILL_ENDED)),
+                "transit": lambda r=r: r.request_id in eng.transit,
+                "decoding": lambda r=r: len(r.output_token_ids) >= 2}[stage]
+        _run_until(eng, lambda c=cond, r=r: c() or r.finish_reason is not None)
+        eng.abort_request(r.request_id)
+        assert r.finish_reason == FinishReason.ABORT
+
+
+def _one_sided(eng: Router, keep: str) -> None:
+    """Hold back one end of the next hand-offs: ``keep`` "import" drops the source's send_kv call,
+    "send" drops the destination's import call (the kept end then waits inside the collective)."""
+    for s in eng.decodes:
+        proxy = s.inst
+        if keep == "import":
+            proxy.peers = {n: _NoSend(p) for n, p in proxy.peers.items()}
+        else:
+            proxy.actor = _NoImport(proxy.actor)
+
+
+class _NoSend:
+    def __init__(self, proxy) -> None:
+        self.proxy = proxy
+        self.actor = type("A", (), {"send_kv": type("M", (), {"remote": staticmethod(lambda *a: None)})})()
+
+    def _sent(self, *a) -> None:
+        pass
+
+
+class _NoImport:
+    def __init__(self, actor) -> None:
+        self._actor = actor
+        self.import_kv = type("M", (), {"remote": staticmethod(lambda *a: ray.put(None))})()
+
+    def __getattr__(self, name):
+        return getattr(self._actor, name)
+
+
+def _errors_within(eng: Router, rid: str, limit_s: float) -> float:
+    t0 = time.monotonic()
+    while rid not in eng.failures:
+        assert time.monotonic() - t0 < limit_s, f"{rid} not failed within {limit_s} s"
+        eng.step()
+    return time.monotonic() - t0
+
+
+def test_two_prefill_actors_tp2_and_tp1_into_tp1(cluster, model):
+    model_dir, prompts, refs = model
+    with _launch(model_dir, [("prefill", 1), ("prefill", 2), ("decode", 1)]) as eng:
+        p0, p1 = eng.prefills
+        for src in (p0, p1):  # tp1 -> tp1, then tp2 -> tp1
+            _only(eng, src)
+            reqs = _fresh(prompts, src.name)
+            assert [t.token_ids for t in run_requests(eng, reqs)] == refs
+            assert _prefilled_by(reqs) == {src.name}
+            assert all(Event.TRANSFER_ENDED in [e.kind for e in r.events] for r in reqs)
+        _abort_at_every_stage(eng, prompts[3])
+        assert _drained(eng) == {"prefill-0": 0, "prefill-1": 0, "decode-0": 0}
+        assert eng.compilations_since_warmup == 0
+        # the decode actor waits in a transfer from prefill-0; prefill-0 dies
+        _one_sided(eng, keep="import")
+        _only(eng, p0)
+        victim = Request("victim", prompts[2], SamplingParams(max_tokens=10))
+        eng.add_request(victim)
+        _run_until(eng, lambda: victim.request_id in eng.transit)
+        time.sleep(0.5)  # the decode actor's fetch is now inside the collective
+        ray.kill(p0.inst.actor, no_restart=True)
+        assert _errors_within(eng, victim.request_id, 5.0) < 5.0
+        assert victim.finish_reason == FinishReason.ERROR
+        for s in eng.decodes:  # proxies back to normal; the survivors serve exactly
+            s.inst.peers = {n: getattr(p, "proxy", p) for n, p in s.inst.peers.items()}
+        reqs = _fresh(prompts, "after")
+        assert [t.token_ids for t in run_requests(eng, reqs)] == refs
+        assert _prefilled_by(reqs) == {"prefill-1"}
+        assert _drained(eng) == {"prefill-1": 0, "decode-0": 0}
+
+
+def test_tp1_into_tp2_and_a_decode_actor_dying_mid_transfer(cluster, model):
+    model_dir, prompts, refs = model
+    with _launch(model_dir, [("prefill", 1), ("decode", 2), ("decode", 1)]) as eng:
+        d0, d1 = eng.decodes
+        reqs = _fresh(prompts)
+        assert [t.token_ids for t in run_requests(eng, reqs)] == refs
+        decoded_on = {e.instance for r in reqs for e in r.events if e.kind == Event.DECODE_BEGAN}
+        assert decoded_on <= {"decode-0", "decode-1"} and decoded_on
+        assert eng.compilations_since_warmup == 0
+        # the prefill actor waits in a transfer to decode-0; decode-0 dies
+        real = d0.inst.actor
+        d0.inst.actor = _NoImport(real)
+        info = d1.inst.info
+        d1.inst.info = dataclasses.replace(info, max_num_seqs=0)  # the pull picks decode-0
+        victim = Request("victim", prompts[2], SamplingParams(max_tokens=10))
+        eng.add_request(victim)
+        _run_until(eng, lambda: victim.request_id in eng.transit)
+        assert eng.transit[victim.request_id].dst is d0
+        time.sleep(0.5)  # the prefill actor's send is now inside the collective
+        ray.kill(real, no_restart=True)
+        assert _errors_within(eng, victim.request_id, 5.0) < 5.0
+        assert victim.finish_reason == FinishReason.ERROR
+        # the prefill actor's send thread is free again: new requests go through decode-1, exactly
+        d1.inst.info = info
+        reqs = _fresh(prompts, "after")
+        assert [t.token_ids for t in run_requests(eng, reqs)] == refs
+        assert {e.instance for r in reqs for e in r.events if e.kind == Event.DECODE_BEGAN} == {"decode-1"}
+        assert _drained(eng) == {"prefill-0": 0, "decode-1": 0}
