@@ -162,8 +162,8 @@ class InstanceActor:
         self.instance.release(request_id)
 
     # ---- the collective transport (jaxserve.cluster.collective) -------------------------------------
-    def send_kv(self, request_id: str, key: str, dst_process: int, shape: tuple[int, ...], dtype: str) -> None:
-        """Queue the source side of a transfer on the transfer thread; returns at once."""
+    def send_kv(self, handle: Any, dst_process: int) -> None:
+        """Queue the source side of a collective hand-off on the transfer thread; returns at once."""
         if self._sender is None:
             from concurrent.futures import ThreadPoolExecutor
             self._sender = ThreadPoolExecutor(1, thread_name_prefix="jaxserve-send")
@@ -171,14 +171,14 @@ class InstanceActor:
 
         def send() -> None:
             try:
-                if not transport.send(request_id, key, dst_process, shape, dtype):
-                    log.info("%s: %s was released before its transfer", self.instance.info.name, request_id)
+                if not transport.send(handle, dst_process):
+                    log.info("%s: %s was released before its transfer", self.instance.info.name, handle.request_id)
             except Exception as e:  # the peer died mid-transfer: it fails that request on its side
-                log.warning("%s: sending %s failed: %s", self.instance.info.name, request_id, e)
+                log.warning("%s: sending %s failed: %s", self.instance.info.name, handle.request_id, e)
 
         self._sender.submit(send)
 
-    def transfer_shapes(self) -> list[tuple[tuple[int, ...], str]]:
+    def transfer_shapes(self) -> Any:
         core = self.instance.core
         return self.instance._call(lambda: core.transport.transfer_shapes(core.executor, core.max_model_len))
 

@@ -4,9 +4,9 @@
              driver, with recoverable tasks: any instance process may die without taking the group
              down; measured: a dead task 0 that hosted the service aborted every other process)
     each instance actor, before JAX starts:  join_group(spec, process_id)
-    prefill actor's loop:  export_kv -> CollectiveKV (a descriptor; the blocks are gathered and stacked
-             into one [1, L, 2, bucket, bs, H, Dh] array on the process's first device, held until
-             the request is released or aborted)
+    prefill actor's loop:  export_kv -> CollectiveKV (a descriptor; the blocks are gathered, per layer
+             k and v [1, bucket, bs, H, Dh] on the process's first device, held until the request
+             is released or aborted)
     router -> decode proxy.import_kv(handle): the source actor is told send(request, key, dst) and the
              decode actor fetch(handle); each runs it on its own transfer thread, beside stepping:
                  one jitted ppermute over a 2-device mesh (source device, destination device),
@@ -94,8 +94,8 @@ class CollectiveKV:
     src_process: int
     num_tokens: int
     block_size: int
-    num_blocks: int
-    shape: tuple[int, ...]  # [L, 2, bucket, bs, H, Dh]
+    pieces: tuple[tuple[int, int], ...]  # block ranges sent one exchange each (pow2_pieces)
+    shape: tuple[int, ...]  # (2L arrays, bs, H, Dh): per layer k then v, each [blocks, bs, H, Dh]
     dtype: str
     remote = True  # an instance fetches it on its transfer thread before importing
 
@@ -118,32 +118,66 @@ def _exchange_fn(src_dev: Any, dst_dev: Any) -> Any:
     return mesh, jax.jit(move)
 
 
-def exchange(src: int, dst: int, kv: Any, ok: bool) -> tuple[Any, bool]:
-    """One side of a transfer from process ``src`` to ``dst``: ``kv`` is this side's [1, ...] shard
-    on its first device (the KV on the source, any buffer of that shape on the destination). Returns
-    the destination's shard and the source's flag (meaningful on the destination)."""
+def exchange(src: int, dst: int, kv: list[Any], ok: bool) -> tuple[list[Any], bool]:
+    """One side of a transfer from process ``src`` to ``dst``: ``kv`` is this side's list of [1, ...]
+    shards on its first device (the KV on the source, buffers of those shapes on the destination).
+    Returns the destination's shards and the source's flag (meaningful on the destination)."""
     import jax
     import numpy as np
     from jax.sharding import NamedSharding, PartitionSpec
 
     mesh, fn = _exchange_fn(first_device(src), first_device(dst))
     sharding = NamedSharding(mesh, PartitionSpec("x"))
-    dev = kv.devices().pop()
+    dev = first_device(src if src == jax.process_index() else dst)
     flag = jax.device_put(np.full((1,), int(ok), np.int32), dev)
-    glob = [jax.make_array_from_single_device_arrays((2, *a.shape[1:]), sharding, [a]) for a in (kv, flag)]
-    out_kv, out_ok = fn(*glob)
-    local_kv, local_ok = out_kv.addressable_shards[0].data, out_ok.addressable_shards[0].data
-    return jax.block_until_ready(local_kv), bool(np.asarray(local_ok)[0])
+    glob = [jax.make_array_from_single_device_arrays((2, *a.shape[1:]), sharding, [a]) for a in (*kv, flag)]
+    out_kv, out_ok = fn(glob[:-1], glob[-1])
+    local = [a.addressable_shards[0].data for a in out_kv]
+    return jax.block_until_ready(local), bool(np.asarray(out_ok.addressable_shards[0].data)[0])
 
 
 @functools.cache
-def _jitted() -> tuple[Any, Any]:
+def _reshapers() -> tuple[Any, Any]:
     import jax
-    import jax.numpy as jnp
 
-    stack = jax.jit(lambda layers: jnp.stack([jnp.stack([k, v]) for k, v in layers])[None])
-    unstack = jax.jit(lambda x: [(x[0, i, 0], x[0, i, 1]) for i in range(x.shape[1])])
-    return stack, unstack
+    return jax.jit(lambda xs: [x[None] for x in xs]), jax.jit(lambda xs: [x[0] for x in xs])
+
+
+def with_lead_axis(arrays: Sequence[Any], dev: Any, add: bool, rows: tuple[int, int] | None = None) -> list[Any]:
+    """[n, ...] arrays (rows ``rows`` of them) -> [1, k, ...] on ``dev`` (``add``), or [1, k, ...] ->
+    [k, ...]. On CPU through numpy views of the buffers (no copy of a single-device array);
+    elsewhere a slice and one jitted reshape on the device."""
+    import jax
+    import numpy as np
+
+    s, e = rows if rows is not None else (None, None)
+    if dev.platform == "cpu":
+        views = [np.asarray(a)[None, s:e] if add else np.asarray(a)[0] for a in arrays]
+        return jax.device_put(views, [dev] * len(views), may_alias=True)
+    expand, squeeze = _reshapers()
+    if add:
+        return expand(jax.device_put([a[s:e] for a in arrays], dev))
+    return squeeze(jax.device_put(list(arrays), dev))
+
+
+def pow2_pieces(n: int) -> list[tuple[int, int]]:
+    """Block ranges of powers of two covering ``n`` blocks, largest first (10 -> [0, 8), [8, 10)):
+    only the real blocks cross, in shapes that warm-up compiled (one per block bucket)."""
+    out, start = [], 0
+    for bit in reversed(range(max(1, n).bit_length())):
+        if n & (1 << bit):
+            out.append((start, start + (1 << bit)))
+            start += 1 << bit
+    return out
+
+
+@dataclasses.dataclass
+class FetchedKV:
+    """A ``CollectiveKV`` after the fetch: its pieces as ``DeviceKV``s on this process's first device."""
+
+    num_tokens: int
+    block_size: int
+    pieces: list[tuple[int, int, Any]]  # (first block, end block, DeviceKV)
 
 
 class CollectiveTransport:
@@ -155,93 +189,112 @@ class CollectiveTransport:
         self.process_id = process_id
         self.local = LocalTransport()
         self._lock = threading.Lock()
-        self._held: dict[str, tuple[str, Any]] = {}  # request id -> (key, stacked KV)
+        self._held: dict[str, tuple[str, list[Any]]] = {}  # request id -> (key, per piece: 2L shards)
         self._seq = itertools.count()
-        self._buffers: dict[tuple[tuple[int, ...], str], Any] = {}  # receive-side input shards
+        self._buffers: dict[tuple[int, tuple[int, ...], str], Any] = {}  # receive-side input shards
 
     # ---- source side ---------------------------------------------------------------------------
     def export_kv(self, src: Any, block_ids: Sequence[int], num_tokens: int, request_id: str = "") -> CollectiveKV:
         import jax
 
         kv = self.local.export_kv(src, block_ids, num_tokens)
-        stacked = _jitted()[0](jax.device_put(kv.layers, first_device(self.process_id)))
+        arrays = [a for pair in kv.layers for a in pair]
+        dev = first_device(self.process_id)
+        pieces = pow2_pieces(kv.num_blocks)
+        flat = [with_lead_axis(arrays, dev, add=True, rows=r) for r in pieces]
+        jax.block_until_ready(flat)
         key = f"{self.process_id}:{next(self._seq)}"
         with self._lock:
-            self._held[request_id] = (key, stacked)
-        return CollectiveKV(request_id, key, self.process_id, kv.num_tokens, kv.block_size, kv.num_blocks,
-                            tuple(stacked.shape[1:]), str(stacked.dtype))
+            self._held[request_id] = (key, flat)
+        return CollectiveKV(request_id, key, self.process_id, kv.num_tokens, kv.block_size, tuple(pieces),
+                            (len(arrays), *arrays[0].shape[1:]), str(arrays[0].dtype))
 
     def forget(self, request_id: str) -> None:
         """The request was released or aborted here: drop its export."""
         with self._lock:
             self._held.pop(request_id, None)
 
-    def send(self, request_id: str, key: str, dst_process: int, shape: Sequence[int], dtype: str) -> bool:
+    def send(self, handle: CollectiveKV, dst_process: int) -> bool:
         """Run the source side of a transfer; the destination learns whether the KV was still held
         (a released or aborted export sends zeros and a false flag, so the other end never hangs)."""
         with self._lock:
-            held = self._held.get(request_id)
-        ok = held is not None and held[0] == key
-        kv = held[1] if ok else self._buffer(shape, dtype)
-        exchange(self.process_id, dst_process, kv, ok)
+            held = self._held.get(handle.request_id)
+        ok = held is not None and held[0] == handle.key
+        for i, (a, b) in enumerate(handle.pieces):
+            exchange(self.process_id, dst_process, held[1][i] if ok else self._buffer(b - a, handle), ok)
         return ok
 
     # ---- destination side ----------------------------------------------------------------------
-    def _buffer(self, shape: Sequence[int], dtype: str) -> Any:
+    def _buffer(self, blocks: int, handle: CollectiveKV) -> Any:
         import jax
         import jax.numpy as jnp
 
-        k = (tuple(shape), dtype)
-        if k not in self._buffers:
-            self._buffers[k] = jax.device_put(jnp.zeros((1, *shape), dtype), first_device(self.process_id))
+        k = (blocks, handle.shape, handle.dtype)
+        if k not in self._buffers:  # 2L receive-side shards, reused (never donated, never written)
+            one = jnp.zeros((1, blocks, *handle.shape[1:]), handle.dtype)
+            self._buffers[k] = [jax.device_put(one, first_device(self.process_id))] * handle.shape[0]
         return self._buffers[k]
 
-    def fetch(self, handle: CollectiveKV) -> Any:
-        """Run the destination side: the KV as a ``DeviceKV`` on this process's first device."""
+    def fetch(self, handle: CollectiveKV) -> FetchedKV:
+        """Run the destination side: the KV's pieces as ``DeviceKV``s on this process's first device."""
         from jaxserve.engine.kv_transfer import DeviceKV
 
-        out, ok = exchange(handle.src_process, self.process_id, self._buffer(handle.shape, handle.dtype), True)
-        if not ok:
-            raise RuntimeError(f"process {handle.src_process} no longer holds the KV of {handle.request_id!r}")
-        return DeviceKV(handle.num_tokens, handle.block_size, handle.num_blocks, _jitted()[1](out))
+        dev, pieces = first_device(self.process_id), []
+        for a, b in handle.pieces:
+            out, ok = exchange(handle.src_process, self.process_id, self._buffer(b - a, handle), True)
+            if not ok:
+                raise RuntimeError(f"process {handle.src_process} no longer holds the KV of {handle.request_id!r}")
+            flat = with_lead_axis(out, dev, add=False)
+            tokens = max(0, min(handle.num_tokens, b * handle.block_size) - a * handle.block_size)
+            pieces.append((a, b, DeviceKV(tokens, handle.block_size, b - a, list(zip(flat[::2], flat[1::2], strict=True)))))
+        return FetchedKV(handle.num_tokens, handle.block_size, pieces)
 
     def import_kv(self, dst: Any, block_ids: Sequence[int], handle: Any) -> int:
+        from jaxserve.engine.kv_transfer import KVPayload, import_host
+
         if isinstance(handle, CollectiveKV):
             handle = self.fetch(handle)  # callers that did not fetch on a transfer thread
-        return self.local.import_kv(dst, block_ids, handle)
+        if not isinstance(handle, FetchedKV):
+            return self.local.import_kv(dst, block_ids, handle)
+        if handle.block_size == dst.block_size:
+            return sum(self.local.import_kv(dst, block_ids[a:b], kv) for a, b, kv in handle.pieces)
+        # other block sizes: re-paged through the host as one payload
+        import numpy as np
+        layers = [tuple(np.concatenate([np.asarray(kv.layers[i][j])[: b - a] for a, b, kv in handle.pieces])
+                        for j in range(2)) for i in range(len(handle.pieces[0][2].layers))]
+        return import_host(dst, block_ids, KVPayload(handle.num_tokens, handle.block_size, layers))
 
     # ---- warm-up (driven pair by pair by the driver, both ends at once) ------------------------
-    def transfer_shapes(self, src: Any, max_tokens: int) -> list[tuple[tuple[int, ...], str]]:
-        """The shapes this source's exports can take, one per block bucket."""
+    def _warm_handle(self, src: Any, b: int) -> CollectiveKV:
         from jaxserve.engine.block_manager import NULL_BLOCK
+
+        return self.export_kv(src, [NULL_BLOCK] * b, b * src.block_size, request_id="warmup")
+
+    def transfer_shapes(self, src: Any, max_tokens: int) -> tuple[list[int], tuple[int, ...], str]:
+        """(block buckets, per-array shape, dtype) of this source's exports: what a peer warms."""
         from jaxserve.engine.kv_transfer import block_buckets
 
-        out = []
-        for b in block_buckets(src, min(max_tokens, src.num_blocks * src.block_size)):
-            h = self.export_kv(src, [NULL_BLOCK] * b, b * src.block_size, request_id="warmup")
-            out.append((h.shape, h.dtype))
+        buckets = list(block_buckets(src, min(max_tokens, src.num_blocks * src.block_size)))
+        h = self._warm_handle(src, 1)
         self.forget("warmup")
-        return out
+        return buckets, h.shape, h.dtype
 
     def warm_send(self, src: Any, dst_process: int, max_tokens: int) -> int:
-        from jaxserve.engine.block_manager import NULL_BLOCK
-        from jaxserve.engine.kv_transfer import block_buckets
-
-        buckets = block_buckets(src, min(max_tokens, src.num_blocks * src.block_size))
+        buckets, _, _ = self.transfer_shapes(src, max_tokens)
         for b in buckets:
-            h = self.export_kv(src, [NULL_BLOCK] * b, b * src.block_size, request_id="warmup")
-            self.send("warmup", h.key, dst_process, h.shape, h.dtype)
+            self.send(self._warm_handle(src, b), dst_process)
         self.forget("warmup")
         return len(buckets)
 
-    def warm_recv(self, dst: Any, src_process: int, src_block_size: int,
-                  shapes: Sequence[tuple[tuple[int, ...], str]]) -> int:
+    def warm_recv(self, dst: Any, src_process: int, src_block_size: int, shapes: Any) -> int:
         from jaxserve.engine.kv_transfer import warm_import
 
-        for shape, dtype in shapes:
-            h = CollectiveKV("warmup", "", src_process, 0, src_block_size, 0, tuple(shape), dtype)
-            warm_import(self.local, dst, self.fetch(h))
-        return len(shapes)
+        buckets, shape, dtype = shapes
+        for b in buckets:
+            h = CollectiveKV("warmup", "", src_process, b * src_block_size, src_block_size, ((0, b),),
+                             tuple(shape), dtype)
+            warm_import(self.local, dst, self.fetch(h).pieces[0][2])
+        return len(buckets)
 
     def warmup(self, src: Any, dst: Any) -> None:
         """In-process peers do not exist for this transport: pairs warm up through warm_send / warm_recv."""

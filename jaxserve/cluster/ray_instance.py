@@ -87,8 +87,7 @@ class RayInstance:
     def import_kv(self, request: Request, handle: Any, source: str) -> None:
         if getattr(handle, "remote", False):  # a collective hand-off: the source sends, this actor fetches
             src = self.peers[source]
-            src._sent(src.actor.send_kv.remote(handle.request_id, handle.key, self.process_id, handle.shape,
-                                               handle.dtype), None, "send")
+            src._sent(src.actor.send_kv.remote(handle, self.process_id), None, "send")
         # an ObjectRef handle goes at top level: Ray fetches the KV to the actor's node first
         self._sent(self.actor.import_kv.remote(request, handle, source), request.request_id, "import")
 
