@@ -32,6 +32,7 @@ class FakeCore:
     capacity: int = 1024  # "blocks" of 16 tokens
     max_model_len: int = 1000
     fail_at_step: int | None = None
+    node_id: str | None = None  # where it "runs" (the router prefers decode instances on a source's node)
 
     def __post_init__(self) -> None:
         self.waiting: list[Request] = []
@@ -43,7 +44,7 @@ class FakeCore:
     # ---- the EngineCore surface ----------------------------------------------------------------
     def info(self) -> InstanceInfo:
         return InstanceInfo(self.name, self.mode, 1000, 2, self.max_model_len, 16, self.capacity,
-                            self.max_running, model="fake", pid=os.getpid())
+                            self.max_running, model="fake", node_id=self.node_id, pid=os.getpid())
 
     def stats(self) -> InstanceStats:
         held = sum(_blocks(r) for r in [*self.running.values(), *self.ready.values()])

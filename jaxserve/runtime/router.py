@@ -9,8 +9,9 @@
                Imported -> the request now lives on the decode instance, the source releases its
                blocks (or, refused: back to the head of the queue);  Failed -> the request ends
                with ERROR;  a dead instance -> every request it held ends with ERROR
-        pull:  each prefilled request, oldest first per prefill instance, goes to the live decode
-               instance with the most free blocks that has room: dst.import_kv(request, handle)
+        pull:  each prefilled request, oldest first per prefill instance, goes to a live decode
+               instance with room: one on the source's node if any, then the one with the most free
+               blocks: dst.import_kv(request, handle)
         -> the StepOutputs folded
     abort_request(id): ends the record now; the holder (and the target of an import in flight)
                        is told to free its blocks
@@ -311,7 +312,9 @@ class Router:
                          < d.inst.info.max_num_seqs]
                 if not cands:
                     break
-                d = max(cands, key=lambda s: s.stats.free_blocks)
+                # the source's node first (KV stays on the intra-node link), then the most free blocks
+                node = p.inst.info.node_id
+                d = max(cands, key=lambda s: (node is not None and s.inst.info.node_id == node, s.stats.free_blocks))
                 need = blocks_needed(self.requests[rid].num_tokens, d.inst.info.block_size)
                 if d.stats.free_blocks < need:
                     break  # keep FCFS order on this prefill instance; its memory is the queue buffer

@@ -55,6 +55,18 @@ def test_colocated_replicas_share_the_requests():
         assert {r.events[1].instance for r in reqs} == {"colocated-0", "colocated-1"}
 
 
+def test_pull_prefers_a_decode_instance_on_the_sources_node():
+    """Two nodes, a prefill and a decode instance on each: KV stays on its node even when the other
+    node's decode instance has more free blocks (a low node-affinity plan's intra-node hand-off)."""
+    cores = [FakeCore("prefill-a", "prefill", node_id="a"), FakeCore("prefill-b", "prefill", node_id="b"),
+             FakeCore("decode-a", "decode", node_id="a", capacity=256), FakeCore("decode-b", "decode", node_id="b")]
+    with _router(*cores) as router:
+        reqs = [Request(f"n{i}", [2] * (3 + i), SamplingParams(max_tokens=4)) for i in range(12)]
+        assert [t.token_ids for t in run_requests(router, reqs)] == [[100, 101, 102, 103]] * 12
+        hops = {e.instance for r in reqs for e in r.events if e.kind == Event.TRANSFER_BEGAN}
+        assert hops == {"prefill-a->decode-a", "prefill-b->decode-b"}
+
+
 def test_pull_waits_for_room_and_keeps_fcfs():
     """A decode instance with room for 2: the rest wait on the prefill side, in order, and all finish."""
     with _router(FakeCore("prefill-0", "prefill"), FakeCore("decode-0", "decode", max_running=2)) as router:
