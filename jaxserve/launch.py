@@ -62,6 +62,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--served-model-name", default=None, help="model id in the API (default: folder name)")
     p.add_argument("--ray", action="store_true", help="run each instance as a Ray actor on a local Ray")
     p.add_argument("--ray-address", default=None, help="connect to an existing Ray cluster (implies --ray)")
+    p.add_argument("--kv-transport", default="object-store", choices=["object-store", "collective"],
+                   help="how KV moves between Ray actors: object-store (numpy through Ray's object store; "
+                        "the faster one on a single CPU host, where it is shared memory) or collective "
+                        "(the actors form one JAX group; a jitted ppermute over NCCL on GPUs, gloo on CPU; "
+                        "needs --ray)")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling every shape up front")
     p.add_argument("--compilation-cache", default=None, metavar="DIR|off",
                    help="where compiled programs are kept between starts, so a second start compiles "
@@ -70,6 +75,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish on SIGINT/SIGTERM")
     args = p.parse_args(argv)
+    if args.kv_transport != "object-store" and not (args.ray or args.ray_address):
+        p.error(f"--kv-transport {args.kv_transport} moves KV between Ray actors: add --ray or --ray-address "
+                "(in one process KV moves with jax.device_put)")
     if not 0 < args.port < 65536:
         p.error(f"--port must be in 1..65535, got {args.port}")
     if args.max_queue <= 0:
@@ -146,7 +154,8 @@ def _build_ray(args: argparse.Namespace, deployment: DeploymentConfig, model: st
     configs = [i.engine_config(mode_for_colocated, **kw) for i in ordered for _ in range(i.replicas)]
     try:
         engine = launch_router(model, list(zip(instance_names(roles), configs, strict=True)), dtype=dtype,
-                               options=placement.options, compilation_cache=args.compilation_cache)
+                               options=placement.options, compilation_cache=args.compilation_cache,
+                               transport=args.kv_transport)
     except BaseException:
         release(placement)
         raise

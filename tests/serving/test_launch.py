@@ -125,8 +125,9 @@ def _greedy_texts(url: str, prompts: list[list[int]], max_tokens: list[int]) -> 
 
 @pytest.mark.timeout(600)
 def test_ray_launcher_from_a_plan_serves_the_local_tokens(server, workload, tiny, tmp_path):
-    """--ray with a planner-style plan JSON: one prefill + one decode actor in placement groups by plan node;
-    the greedy texts equal the local launcher's and the HF reference; SIGINT stops it and Ray cleanly."""
+    """--ray with a planner-style plan JSON: one prefill + one decode actor in placement groups by plan node,
+    KV over JAX collectives (--kv-transport collective: the actors form one group); the greedy texts equal
+    the local launcher's and the HF reference; SIGINT stops it and Ray cleanly."""
     url_local, _ = server
     prompts, max_tokens, refs = workload
     tok = tiny[4]
@@ -139,7 +140,7 @@ def test_ray_launcher_from_a_plan_serves_the_local_tokens(server, workload, tiny
     port = _free_port()
     proc, log = _start(["--model", str(tiny[0]), "--port", str(port), "--max-model-len", "256", "--max-num-seqs",
                         "8", "--served-model-name", "tiny-opt", "--no-warmup", "--ray", "--plan",
-                        str(tmp_path / "plan.json")], tmp_path)
+                        str(tmp_path / "plan.json"), "--kv-transport", "collective"], tmp_path)
     try:
         ray_texts = _greedy_texts(f"http://127.0.0.1:{port}/v1", ps, ms)
     finally:
@@ -149,3 +150,10 @@ def test_ray_launcher_from_a_plan_serves_the_local_tokens(server, workload, tiny
     assert "2 Ray actors in 1 placement group(s) (plan nodes [0])" in text, text
     assert ray_texts == [tok.decode(refs[i]) for i in pick]
     assert ray_texts == _greedy_texts(url_local, ps, ms)
+
+
+def test_collective_transport_without_ray_is_a_cli_error():
+    r = subprocess.run([sys.executable, "-m", "jaxserve.launch", "--kv-transport", "collective"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--kv-transport collective" in r.stderr and "--ray" in r.stderr, r.stderr
+    assert "Traceback" not in r.stderr
