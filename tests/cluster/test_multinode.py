@@ -1,0 +1,90 @@
+"""A two-node Ray cluster on this machine (``ray.cluster_utils.Cluster``, all on 127.0.0.1): a plan's
+nodes become placement groups, KV moves over JAX collectives, outputs equal HF.
+
+The plan is DistServe's low node-affinity shape at pp=1: two (prefill, decode) replica pairs, each
+pair on one plan node. From each actor's Ray node id: a pair shares a node, the pairs do not; every
+hand-off stays on its node (the router prefers the source's node). Actors on the node the driver is
+not on get their clock offset estimated for real (round trips), and every request's events stay in
+order on the driver's clock.
+
+Not covered here: an instance whose pipeline stages sit on different nodes. An instance is one
+process (its stages on that process's devices), so a replica whose stages span plan nodes is placed
+on its first stage's node (``jaxserve.cluster.placement``).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import ray
+from transformers import OPTForCausalLM
+
+from jaxserve.cluster.placement import place, release
+from jaxserve.cluster.ray_instance import launch_router
+from jaxserve.config import DeploymentConfig, InstanceSpec
+from jaxserve.engine.build import instance_names
+from jaxserve.engine.frontend import run_requests
+from jaxserve.request import Event, Request, SamplingParams
+from tests.model_fixtures import hf_greedy, make_hf_opt
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    from ray.cluster_utils import Cluster
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # everything on 127.0.0.1
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={
+        "num_cpus": 2, "resources": {"node_a": 1}, "object_store_memory": 128 * 2**20, "include_dashboard": False})
+    cluster.add_node(num_cpus=2, resources={"node_b": 1}, object_store_memory=128 * 2**20)
+    ray.init(address=cluster.address, logging_level="warning")
+    yield cluster
+    ray.shutdown()
+    cluster.shutdown()
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory):
+    d, _ = make_hf_opt(tmp_path_factory.mktemp("mn-model"), "pre_ln")
+    hf = OPTForCausalLM.from_pretrained(d).eval()
+    rng = np.random.default_rng(13)
+    prompts = [[2, *rng.integers(3, hf.config.vocab_size, n - 1).tolist()] for n in (4, 19, 33, 64, 90, 130)]
+    refs = [hf_greedy(hf, p, 8) for p in prompts]
+    return d, prompts, refs
+
+
+def test_pairs_per_node_collective_kv_equal_hf(two_nodes, model):
+    model_dir, prompts, refs = model
+    assert len({n["NodeID"] for n in ray.nodes() if n["Alive"]}) == 2
+    plan = DeploymentConfig((InstanceSpec("prefill", replicas=2, nodes=((0,), (1,))),
+                             InstanceSpec("decode", replicas=2, nodes=((0,), (1,)))))
+    placement = place(plan)  # one STRICT_PACK group per plan node: 2 CPUs each, so one per Ray node
+    roles = ["prefill", "prefill", "decode", "decode"]
+    configs = [s.engine_config(max_num_seqs=8, max_model_len=256) for s in plan.instances for _ in range(2)]
+    try:
+        with launch_router(model_dir, list(zip(instance_names(roles), configs, strict=True)),
+                           options=placement.options, timeout_s=60, transport="collective") as eng:
+            node = {s.name: s.inst.info.node_id for s in eng.slots}
+            assert node["prefill-0"] == node["decode-0"] != node["prefill-1"] == node["decode-1"]
+            here = ray.get_runtime_context().get_node_id()
+            for s in eng.slots:  # the other node's actors: offsets measured by round trips (one clock here)
+                if node[s.name] == here:
+                    assert s.inst.clock_offset == 0.0 and s.inst.clock_error == 0.0
+                else:
+                    assert 0 < s.inst.clock_error < 0.05 and abs(s.inst.clock_offset) < 0.05
+            eng.warmup()
+            reqs = [Request(f"m{i}", p, SamplingParams(max_tokens=8)) for i, p in enumerate(prompts)]
+            assert [t.token_ids for t in run_requests(eng, reqs)] == refs
+            hops = {e.instance for r in reqs for e in r.events if e.kind == Event.TRANSFER_BEGAN}
+            assert hops == {"prefill-0->decode-0", "prefill-1->decode-1"}
+            for r in reqs:
+                assert [e.time for e in r.events] == sorted(e.time for e in r.events)
+            assert eng.compilations_since_warmup == 0
+    finally:
+        release(placement)
