@@ -2,7 +2,8 @@
 
     stage programs (engine/stage.py): embed, k-layer group (packed prefill | decode | prompt chunk), row select,
     head; samplers; KV hand-off gather / scatter; at tp=1, tp=2 (Pallas kernels under shard_map) and for pp
-    stages (a first stage's and a last stage's layer slice)
+    stages (a first stage's and a last stage's layer slice); the cross-process hand-off's transfer program
+    (a ppermute over a 2-device mesh: NCCL on GPUs) and its reshapes
       --jax.export(platforms=["cuda"])--> StableHLO for CUDA: decode and packed prefill hold a Triton call
 
 Lowering is not compiling: Triton's compile to PTX and the speed need a GPU (scripts/gpu_check.py, issue 14).
@@ -105,3 +106,21 @@ def test_pipeline_stages_lower_for_cuda():
 
         text = lower_for_cuda(run, p, h, inp.positions, kv, inp.meta, inp.logits_index)
         assert TRITON in text
+
+
+def test_cross_process_transfer_lowers_for_cuda():
+    """The collective transport's exchange (jaxserve.cluster.collective): per layer k and v, plus the flag,
+    one collective-permute each from the source device to the destination device."""
+    from jax.sharding import NamedSharding, PartitionSpec
+
+    from jaxserve.cluster.collective import _exchange_fn, _reshapers
+
+    mesh, fn = _exchange_fn(*jax.devices()[:2])
+    sharding = NamedSharding(mesh, PartitionSpec("x"))
+    piece = jax.ShapeDtypeStruct((2, 4, BS, 4, 16), jnp.bfloat16, sharding=sharding)
+    flag = jax.ShapeDtypeStruct((2,), jnp.int32, sharding=sharding)
+    text = lower_for_cuda(fn, [piece] * 4, flag, devices=2)
+    assert text.count("collective_permute") == 5, text.count("collective_permute")
+    expand, squeeze = _reshapers()
+    lower_for_cuda(expand, [jnp.zeros((4, BS, 4, 16))] * 4)
+    lower_for_cuda(squeeze, [jnp.zeros((1, 4, BS, 4, 16))] * 4)
