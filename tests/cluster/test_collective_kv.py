@@ -102,16 +102,23 @@ def _prefilled_by(reqs) -> set[str]:
 
 
 def _abort_at_every_stage(eng: Router, prompt: list[int]) -> None:
+    """Abort while queued, while prefilled and held (pulls held back), just after the pull sent it to
+    the decode actor (in transit), and while decoding; every abort ends the request as ABORT."""
     for stage in ("queued", "held", "transit", "decoding"):
         r = Request(f"a-{stage}", prompt, SamplingParams(max_tokens=200, ignore_eos=True))
+        real_pull = eng.pull
+        if stage in ("held", "transit"):
+            eng.pull = lambda: 0  # fold batches, hand nothing off yet
         eng.add_request(r)
-        cond = {"queued": lambda: True,
-                "held": lambda r=r: bool(r.event_times(Event.PREFILL_ENDED)),
-                "transit": lambda r=r: r.request_id in eng.transit,
-                "decoding": lambda r=r: len(r.output_token_ids) >= 2}[stage]
-        _run_until(eng, lambda c=cond, r=r: c() or r.finish_reason is not None)
+        if stage != "queued":
+            _run_until(eng, lambda r=r: bool(r.event_times(Event.PREFILL_ENDED)))
+        eng.pull = real_pull
+        if stage == "transit":
+            assert eng.pull() == 1 and r.request_id in eng.transit
+        elif stage == "decoding":
+            _run_until(eng, lambda r=r: len(r.output_token_ids) >= 2)
         eng.abort_request(r.request_id)
-        assert r.finish_reason == FinishReason.ABORT
+        assert r.finish_reason == FinishReason.ABORT, (stage, r.finish_reason)
 
 
 def _one_sided(eng: Router, keep: str) -> None:
