@@ -25,6 +25,7 @@ import signal
 import sys
 import threading
 import time
+from pathlib import Path
 from typing import Any
 
 from jaxserve.compile_cache import enable_compilation_cache, setting
@@ -49,7 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "colocated = one prefill-first instance; chunked = one chunked-prefill instance")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on /v1 routes")
+    p.add_argument("--api-key", default=None,
+                   help="require 'Authorization: Bearer KEY' on /v1 routes (visible in `ps`: prefer "
+                        "$JAXSERVE_API_KEY or --api-key-file)")
+    p.add_argument("--api-key-file", default=None, metavar="PATH",
+                   help="read the API key from this file (its first line)")
     p.add_argument("--max-queue", type=int, default=256, help="requests in flight before new ones get 503")
     p.add_argument("--kv-cache-gb", type=float, default=None,
                    help="KV cache per instance in GiB (default: on CPU half the host memory left after the "
@@ -78,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.kv_transport != "object-store" and not (args.ray or args.ray_address):
         p.error(f"--kv-transport {args.kv_transport} moves KV between Ray actors: add --ray or --ray-address "
                 "(in one process KV moves with jax.device_put)")
+    try:
+        args.api_key = resolve_api_key(args.api_key, args.api_key_file, os.environ)
+    except ValueError as e:
+        p.error(str(e))
     if not 0 < args.port < 65536:
         p.error(f"--port must be in 1..65535, got {args.port}")
     if args.max_queue <= 0:
@@ -129,6 +138,26 @@ def build(args: argparse.Namespace, deployment: DeploymentConfig) -> tuple[Any, 
         return engine, tok, lm.cfg, name, placement
     engine = build_engine(lm.cfg, lm.params, deployment, mode_for_colocated=colocated_mode, **kw)
     return engine, tok, lm.cfg, name, None
+
+
+def resolve_api_key(flag: str | None, path: str | None, environ: Any) -> str | None:
+    """The API key from --api-key, else --api-key-file (first line), else $JAXSERVE_API_KEY; None: no key.
+    Raises ValueError naming the problem (both flags, an unreadable or empty file)."""
+    if flag is not None and path is not None:
+        raise ValueError("give --api-key or --api-key-file, not both")
+    if path is not None:
+        try:
+            lines = Path(path).read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--api-key-file {path}: cannot read it ({type(e).__name__}: {e})") from None
+        if not lines or not lines[0].strip():
+            raise ValueError(f"--api-key-file {path}: the file is empty")
+        return lines[0].strip()
+    if flag is not None:
+        if not flag.strip():
+            raise ValueError("--api-key must not be empty")
+        return flag
+    return environ.get("JAXSERVE_API_KEY") or None
 
 
 def _build_ray(args: argparse.Namespace, deployment: DeploymentConfig, model: str, dtype: str,

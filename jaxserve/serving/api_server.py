@@ -176,7 +176,9 @@ async def auth_middleware(http: web.Request, handler: Callable[..., Any]) -> web
     if key and http.path.startswith("/v1"):
         got = http.headers.get("Authorization", "")
         scheme, _, token = got.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        # header bytes that are not UTF-8 arrive as surrogate escapes: compare bytes, never raise
+        token_bytes = token.strip().encode("utf-8", "surrogateescape")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token_bytes, key.encode()):
             raise ApiError(401, "invalid or missing API key (send Authorization: Bearer <key>)",
                            code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
     return await handler(http)

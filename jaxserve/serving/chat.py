@@ -12,7 +12,7 @@ The template, one line per message, then the cue for the reply:
     ...
     Assistant:
 
-Roles are ``system``, ``user`` and ``assistant``; ``content`` is a string or a list of
+Roles are ``system`` (or ``developer``, OpenAI's newer name for it), ``user`` and ``assistant``; ``content`` is a string or a list of
 ``{"type": "text", "text": ...}`` parts (joined with no separator). The model continues
 after ``Assistant:``; nothing stops it at the next turn unless the client passes
 ``stop: ["\\nUser:"]`` (``CHAT_TURN_STOP``). Invalid messages raise ``ChatError``, whose
@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-ROLE_PREFIX = {"system": "System", "user": "User", "assistant": "Assistant"}
+ROLE_PREFIX = {"system": "System", "developer": "System", "user": "User", "assistant": "Assistant"}
 REPLY_CUE = "Assistant:"
 CHAT_TURN_STOP = "\nUser:"  # what a client may pass as a stop string to end the reply at the next turn
 MAX_MESSAGES = 4096

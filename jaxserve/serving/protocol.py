@@ -192,11 +192,11 @@ def parse_prompt(body: dict[str, Any], st: ServedModel) -> tuple[list[int], str 
 
 
 def parse_sampling(body: dict[str, Any], st: ServedModel, num_prompt: int, max_tokens_keys: tuple[str, ...],
-                   default_max_tokens: int | None) -> SamplingParams:
+                   default_max_tokens: int | None, prompt_field: str = "prompt") -> SamplingParams:
     room = st.max_model_len - num_prompt
     if room < 1:
-        raise bad("prompt", f"has {num_prompt} tokens; this model's context is {st.max_model_len} tokens, so a "
-                  f"prompt may have at most {st.max_model_len - 1}", code="context_length_exceeded")
+        raise bad(prompt_field, f"has {num_prompt} tokens; this model's context is {st.max_model_len} tokens, so "
+                  f"a prompt may have at most {st.max_model_len - 1}", code="context_length_exceeded")
     max_tokens = None
     for key in max_tokens_keys:
         max_tokens = get_int(body, key, None, lo=1)
@@ -259,7 +259,7 @@ def parse_job(body: dict[str, Any], st: ServedModel, *, chat: bool, arrival: flo
         except ChatError as e:
             raise ApiError(400, str(e), param=e.param) from e
         ids = encode_text(text, st, "messages")
-        sampling = parse_sampling(body, st, len(ids), ("max_completion_tokens", "max_tokens"), None)
+        sampling = parse_sampling(body, st, len(ids), ("max_completion_tokens", "max_tokens"), None, "messages")
     else:
         ids, text = parse_prompt(body, st)
         sampling = parse_sampling(body, st, len(ids), ("max_tokens",), DEFAULT_MAX_TOKENS)

@@ -173,6 +173,8 @@ def test_render_chat_template_and_errors():
             {"role": "assistant", "content": [{"type": "text", "text": "Hel"}, {"type": "text", "text": "lo"}]},
             {"role": "user", "content": "Bye"}]
     assert render_chat(msgs) == "System: Be brief.\nUser: Hi\nAssistant: Hello\nUser: Bye\nAssistant:"
+    # "developer" is OpenAI's current name for the system role
+    assert render_chat([{"role": "developer", "content": "Be brief."}, *msgs[1:]]) == render_chat(msgs)
     for bad, param in [([], "messages"), ("hi", "messages"), ([{"role": "bot", "content": "x"}], "messages[0].role"),
                        ([{"role": "user"}], "messages[0].content"), ([{"role": "user", "content": 5}], "messages[0].content"),
                        ([{"role": "user", "content": [{"type": "image_url"}]}], "messages[0].content[0]"),
@@ -263,6 +265,8 @@ def test_context_length_and_max_tokens_cap():
         assert "32" in r["error"]["message"]
         st, r = await post(client, "/v1/completions", {"prompt": "x" * 40})
         assert st == 400 and r["error"]["code"] == "context_length_exceeded"
+        st, r = await post(client, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * 40}]})
+        assert st == 400 and r["error"]["code"] == "context_length_exceeded" and r["error"]["param"] == "messages"
         st, r = await post(client, "/v1/completions", {"prompt": [2] * 29, "max_tokens": 10**30})
         assert st == 200 and r["usage"]["completion_tokens"] == 3 and r["choices"][0]["finish_reason"] == "length"
 
@@ -552,3 +556,24 @@ def test_engine_with_no_live_instance_is_503_unavailable():
         assert m[("jaxserve:request_rejected_total", (("model_name", MODEL), ("reason", "unavailable")))] == 1
 
     serve(fn, engine=Dead())
+
+
+def test_non_ascii_authorization_bytes_are_401_not_500():
+    """Latin-1 / invalid UTF-8 bytes in the Authorization header (sent raw): 401 like any wrong key."""
+    body = json.dumps({"prompt": "a", "max_tokens": 1}).encode()
+
+    async def fn(client, eng, orch):
+        out = []
+        for auth in (b"Bearer \xe9t\xe9", b"Bearer \xff\xfe\x80", b"\xe9 s3cret"):
+            reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)
+            writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\nAuthorization: %s\r\nConnection: close\r\n\r\n%s"
+                         % (len(body), auth, body))
+            await writer.drain()
+            out.append(await asyncio.wait_for(reader.read(), 10))
+            writer.close()
+        return out
+
+    for answer in serve(fn, api_key="s3cret"):
+        assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
+        assert b'"invalid_api_key"' in answer

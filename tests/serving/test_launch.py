@@ -157,3 +157,22 @@ def test_collective_transport_without_ray_is_a_cli_error():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--kv-transport collective" in r.stderr and "--ray" in r.stderr, r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_api_key_from_flag_file_or_environment(tmp_path):
+    from jaxserve.launch import resolve_api_key
+
+    key_file = tmp_path / "key"
+    key_file.write_text("s3cret\n")
+    assert resolve_api_key(None, str(key_file), {"JAXSERVE_API_KEY": "env"}) == "s3cret"
+    assert resolve_api_key("flag", None, {"JAXSERVE_API_KEY": "env"}) == "flag"
+    assert resolve_api_key(None, None, {"JAXSERVE_API_KEY": "env"}) == "env"
+    assert resolve_api_key(None, None, {}) is None
+    (tmp_path / "empty").write_text("")
+    for flag, path, why in (("a", str(key_file), "not both"), (None, str(tmp_path / "empty"), "empty"),
+                            (None, str(tmp_path / "missing"), "cannot read"), ("  ", None, "empty")):
+        with pytest.raises(ValueError, match=why):
+            resolve_api_key(flag, path, {})
+    r = subprocess.run([sys.executable, "-m", "jaxserve.launch", "--api-key-file", str(tmp_path / "missing")],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "--api-key-file" in r.stderr and "Traceback" not in r.stderr, r.stderr
