@@ -4,9 +4,9 @@
              driver, with recoverable tasks: any instance process may die without taking the group
              down; measured: a dead task 0 that hosted the service aborted every other process)
     each instance actor, before JAX starts:  join_group(spec, process_id)
-    prefill actor's loop:  export_kv -> CollectiveKV (a descriptor; the blocks are gathered, per layer
-             k and v [1, bucket, bs, H, Dh] on the process's first device, held until the request
-             is released or aborted)
+    prefill actor's loop:  export_kv -> CollectiveKV (a descriptor; the blocks are gathered in
+             power-of-two pieces, per piece and layer k and v [1, piece, bs, H, Dh] on the process's
+             first device, held until the request is released or aborted)
     router -> decode proxy.import_kv(handle): the source actor is told send(request, key, dst) and the
              decode actor fetch(handle); each runs it on its own transfer thread, beside stepping:
                  one jitted ppermute over a 2-device mesh (source device, destination device),
@@ -78,11 +78,12 @@ def join_group(spec: GroupSpec, process_id: int) -> None:
     if os.environ.get("JAX_PLATFORMS", "cpu") == "cpu":
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.config.update("jax_enable_recoverability", True)
-    host = spec.address.rsplit(":", 1)[0]
-    # task 0 would start a second service: it binds an unused port; every task talks to the driver's
+    # task 0 would start a second service: it binds an unused loopback port (on its own host); every
+    # task talks to the driver's
+    bind = f"127.0.0.1:{_free_port('127.0.0.1')}" if process_id == 0 else None
     jax.distributed.initialize(spec.address, num_processes=spec.num_processes, process_id=process_id,
-                               coordinator_bind_address=f"{host}:{_free_port(host)}",
-                               heartbeat_timeout_seconds=spec.heartbeat_s, shutdown_timeout_seconds=5)
+                               coordinator_bind_address=bind, heartbeat_timeout_seconds=spec.heartbeat_s,
+                               shutdown_timeout_seconds=5)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,21 +144,17 @@ def _reshapers() -> tuple[Any, Any]:
     return jax.jit(lambda xs: [x[None] for x in xs]), jax.jit(lambda xs: [x[0] for x in xs])
 
 
-def with_lead_axis(arrays: Sequence[Any], dev: Any, add: bool, rows: tuple[int, int] | None = None) -> list[Any]:
-    """[n, ...] arrays (rows ``rows`` of them) -> [1, k, ...] on ``dev`` (``add``), or [1, k, ...] ->
-    [k, ...]. On CPU through numpy views of the buffers (no copy of a single-device array);
-    elsewhere a slice and one jitted reshape on the device."""
+def with_lead_axis(arrays: Sequence[Any], dev: Any, add: bool) -> list[Any]:
+    """[k, ...] arrays -> [1, k, ...] on ``dev`` (``add``), or [1, k, ...] -> [k, ...]. On CPU through
+    numpy views of the buffers (no copy of a single-device array); elsewhere one jitted reshape."""
     import jax
     import numpy as np
 
-    s, e = rows if rows is not None else (None, None)
     if dev.platform == "cpu":
-        views = [np.asarray(a)[None, s:e] if add else np.asarray(a)[0] for a in arrays]
+        views = [np.asarray(a)[None] if add else np.asarray(a)[0] for a in arrays]
         return jax.device_put(views, [dev] * len(views), may_alias=True)
     expand, squeeze = _reshapers()
-    if add:
-        return expand(jax.device_put([a[s:e] for a in arrays], dev))
-    return squeeze(jax.device_put(list(arrays), dev))
+    return (expand if add else squeeze)(jax.device_put(list(arrays), dev))
 
 
 def pow2_pieces(n: int) -> list[tuple[int, int]]:
@@ -197,17 +194,23 @@ class CollectiveTransport:
     def export_kv(self, src: Any, block_ids: Sequence[int], num_tokens: int, request_id: str = "") -> CollectiveKV:
         import jax
 
-        kv = self.local.export_kv(src, block_ids, num_tokens)
-        arrays = [a for pair in kv.layers for a in pair]
+        from jaxserve.engine.block_manager import blocks_needed
+
+        n = blocks_needed(num_tokens, src.block_size)
+        if n == 0 or len(block_ids) < n:
+            raise ValueError(f"{num_tokens} tokens need {n} source blocks, got {len(block_ids)}")
         dev = first_device(self.process_id)
-        pieces = pow2_pieces(kv.num_blocks)
-        flat = [with_lead_axis(arrays, dev, add=True, rows=r) for r in pieces]
+        pieces = pow2_pieces(n)
+        flat = []
+        for a, b in pieces:  # each piece a power of two: the gather's warmed bucket sizes, no slicing
+            flat.append(with_lead_axis([x for pair in src.gather_blocks(block_ids[a:b]) for x in pair], dev, add=True))
         jax.block_until_ready(flat)
         key = f"{self.process_id}:{next(self._seq)}"
         with self._lock:
             self._held[request_id] = (key, flat)
-        return CollectiveKV(request_id, key, self.process_id, kv.num_tokens, kv.block_size, tuple(pieces),
-                            (len(arrays), *arrays[0].shape[1:]), str(arrays[0].dtype))
+        one = flat[0][0]
+        return CollectiveKV(request_id, key, self.process_id, num_tokens, src.block_size, tuple(pieces),
+                            (len(flat[0]), *one.shape[2:]), str(one.dtype))
 
     def forget(self, request_id: str) -> None:
         """The request was released or aborted here: drop its export."""
@@ -228,10 +231,12 @@ class CollectiveTransport:
     def _buffer(self, blocks: int, handle: CollectiveKV) -> Any:
         import jax
         import jax.numpy as jnp
+        import numpy as np
 
         k = (blocks, handle.shape, handle.dtype)
-        if k not in self._buffers:  # 2L receive-side shards, reused (never donated, never written)
-            one = jnp.zeros((1, blocks, *handle.shape[1:]), handle.dtype)
+        if k not in self._buffers:  # 2L shards of zeros, reused (never donated, never written); from
+            # numpy, so that a source sending a false flag compiles nothing after warm-up
+            one = np.zeros((1, blocks, *handle.shape[1:]), jnp.dtype(handle.dtype))
             self._buffers[k] = [jax.device_put(one, first_device(self.process_id))] * handle.shape[0]
         return self._buffers[k]
 
@@ -239,14 +244,15 @@ class CollectiveTransport:
         """Run the destination side: the KV's pieces as ``DeviceKV``s on this process's first device."""
         from jaxserve.engine.kv_transfer import DeviceKV
 
-        dev, pieces = first_device(self.process_id), []
-        for a, b in handle.pieces:
+        dev, pieces, held = first_device(self.process_id), [], True
+        for a, b in handle.pieces:  # every piece, even after a false flag: the source sends them all
             out, ok = exchange(handle.src_process, self.process_id, self._buffer(b - a, handle), True)
-            if not ok:
-                raise RuntimeError(f"process {handle.src_process} no longer holds the KV of {handle.request_id!r}")
+            held = held and ok
             flat = with_lead_axis(out, dev, add=False)
             tokens = max(0, min(handle.num_tokens, b * handle.block_size) - a * handle.block_size)
             pieces.append((a, b, DeviceKV(tokens, handle.block_size, b - a, list(zip(flat[::2], flat[1::2], strict=True)))))
+        if not held:
+            raise RuntimeError(f"process {handle.src_process} no longer holds the KV of {handle.request_id!r}")
         return FetchedKV(handle.num_tokens, handle.block_size, pieces)
 
     def import_kv(self, dst: Any, block_ids: Sequence[int], handle: Any) -> int:

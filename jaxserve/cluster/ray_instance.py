@@ -67,7 +67,6 @@ class RayInstance:
         self._stop = threading.Event()
         self._wake: threading.Event | None = None
         self._thread: threading.Thread | None = None
-        self.error: str | None = None
         self.process_id: int | None = None  # in a collective group
         self.peers: dict[str, RayInstance] = {}  # name -> proxy (a collective hand-off calls its source)
 
@@ -203,25 +202,31 @@ def launch_router(model: str | None, configs: Sequence[tuple[str, EngineConfig]]
         service = CoordinatorService(len(configs), host=ray.util.get_node_ip_address())
     # CPU actors size their KV pools as if all of them shared one host (true for a local Ray;
     # on several nodes it leaves memory unused rather than overcommitting one)
-    actors = [start_instance(model, c, name, dtype=dtype, options=o, fake=f, host_share=len(configs),
-                             compilation_cache=compilation_cache, process_id=i,
-                             group=None if service is None else service.spec)
-              for i, ((name, c), o, f) in enumerate(zip(configs, opts, fakes, strict=True))]
-    proxies = connect(actors, timeout_s=timeout_s, start_timeout_s=start_timeout_s, own_actors=True)
-    if service is None:
-        return Router(proxies, poll_s=poll_s)
-    by_name = {p.info.name: p for p in proxies}
-    for i, p in enumerate(proxies):
-        p.process_id, p.peers = i, by_name
-    router = Router(proxies, poll_s=poll_s, after_warmup=lambda: warm_pairs(proxies, timeout_s))
-    router.keep_alive = service  # the group's coordinator lives as long as the router
-    return router
+    try:
+        actors = [start_instance(model, c, name, dtype=dtype, options=o, fake=f, host_share=len(configs),
+                                 compilation_cache=compilation_cache, process_id=i,
+                                 group=None if service is None else service.spec)
+                  for i, ((name, c), o, f) in enumerate(zip(configs, opts, fakes, strict=True))]
+        proxies = connect(actors, timeout_s=timeout_s, start_timeout_s=start_timeout_s, own_actors=True)
+        if service is None:
+            return Router(proxies, poll_s=poll_s)
+        by_name = {p.info.name: p for p in proxies}
+        for i, p in enumerate(proxies):
+            p.process_id, p.peers = i, by_name
+        router = Router(proxies, poll_s=poll_s)
+        router.after_warmup = lambda: warm_pairs([s.inst for s in router.live()], timeout_s)
+        router.keep_alive = service  # the group's coordinator lives as long as the router
+        return router
+    except BaseException:
+        if service is not None:
+            service.shutdown()
+        raise
 
 
 def warm_pairs(proxies: Sequence[RayInstance], timeout_s: float) -> None:
     """Warm every (prefill, decode) pair's collective hand-off, both ends at once, one pair at a time:
     compiles each bucket's transfer and import, and connects the pair (see jaxserve.cluster.collective)."""
-    live = [p for p in proxies if p.error is None]
+    live = list(proxies)
     for src in (p for p in live if p.info.role == "prefill"):
         shapes = ray.get(src.actor.transfer_shapes.remote(), timeout=timeout_s)
         for dst in (p for p in live if p.info.role == "decode"):

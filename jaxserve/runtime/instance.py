@@ -203,9 +203,9 @@ class LocalInstance:
         if self._fetcher is None:
             self._fetcher = ThreadPoolExecutor(1, thread_name_prefix=f"jaxserve-fetch-{self.info.name}")
         self._fetching[request.request_id] = False
-        began = time.perf_counter()
 
         def fetch() -> None:
+            began = time.perf_counter()  # when this fetch starts (earlier ones may have queued it)
             try:
                 self._send(("fetch", request, self.core.fetch_kv(handle), source, began, None))
             except Exception as e:

@@ -258,10 +258,14 @@ class Router:
         return t is not None and t.dst is slot
 
     def _drop_transit(self, rid: str) -> None:
-        """A hand-off that will not land: the source frees the KV it holds for it."""
+        """A hand-off that will not land: the source frees the KV it holds for it, and the destination
+        drops what it may already have fetched or imported (a no-op if nothing arrived)."""
         t = self.transit.pop(rid, None)
-        if t is not None and t.src.alive:
-            t.src.inst.abort(rid, FinishReason.ERROR)
+        if t is None:
+            return
+        for end in (t.src, t.dst):
+            if end.alive:
+                end.inst.abort(rid, FinishReason.ERROR)
 
     def _fail_request(self, rid: str, why: str) -> None:
         self.where.pop(rid, None)
@@ -312,12 +316,14 @@ class Router:
                          < d.inst.info.max_num_seqs]
                 if not cands:
                     break
+                n = self.requests[rid].num_tokens
+                fits = [d for d in cands if d.stats.free_blocks >= blocks_needed(n, d.inst.info.block_size)]
+                if not fits:
+                    break  # keep FCFS order on this prefill instance; its memory is the queue buffer
                 # the source's node first (KV stays on the intra-node link), then the most free blocks
                 node = p.inst.info.node_id
-                d = max(cands, key=lambda s: (node is not None and s.inst.info.node_id == node, s.stats.free_blocks))
-                need = blocks_needed(self.requests[rid].num_tokens, d.inst.info.block_size)
-                if d.stats.free_blocks < need:
-                    break  # keep FCFS order on this prefill instance; its memory is the queue buffer
+                d = max(fits, key=lambda s: (node is not None and s.inst.info.node_id == node, s.stats.free_blocks))
+                need = blocks_needed(n, d.inst.info.block_size)
                 p.ready.pop(0)
                 self.transit[rid] = _Transit(p, d, handle)
                 d.inst.import_kv(copy_request(self.requests[rid]), handle, p.name)

@@ -150,6 +150,36 @@ class _NoImport:
         return getattr(self._actor, name)
 
 
+def _send_after_release(eng: Router, src: Slot, prompt: list[int]) -> None:
+    """The source lets go of an export (aborted) before its send runs: it still runs every piece of
+    the exchange, with a false flag, and the destination takes them all before it fails the fetch, so
+    the two ends stay in step. ``prompt`` must span several pieces (130 tokens: 8 + 1 blocks)."""
+    held: list = []
+
+    class Capture:
+        def __init__(self, proxy) -> None:
+            self.proxy = proxy
+            self.actor = type("A", (), {"send_kv": type("M", (), {"remote": staticmethod(
+                lambda *a: held.append((proxy.actor, a)))})})()
+
+        def _sent(self, *a) -> None:
+            pass
+
+    for s in eng.decodes:
+        s.inst.peers = {n: Capture(p) for n, p in s.inst.peers.items()}
+    _only(eng, src)
+    r = Request("late-send", prompt, SamplingParams(max_tokens=5))
+    eng.add_request(r)
+    _run_until(eng, lambda: r.request_id in eng.transit)
+    assert len(held) == 1 and len(held[0][1][0].pieces) >= 2
+    eng.abort_request(r.request_id)
+    time.sleep(0.5)  # the source's loop applies the abort: the export is forgotten
+    for s in eng.decodes:
+        s.inst.peers = {n: p.proxy for n, p in s.inst.peers.items()}
+    actor, args = held[0]
+    actor.send_kv.remote(*args)
+
+
 def _errors_within(eng: Router, rid: str, limit_s: float) -> float:
     t0 = time.monotonic()
     while rid not in eng.failures:
@@ -169,6 +199,9 @@ def test_two_prefill_actors_tp2_and_tp1_into_tp1(cluster, model):
             assert _prefilled_by(reqs) == {src.name}
             assert all(Event.TRANSFER_ENDED in [e.kind for e in r.events] for r in reqs)
         _abort_at_every_stage(eng, prompts[3])
+        _send_after_release(eng, p0, prompts[3])
+        _only(eng, p0)  # the same pair again: its two ends are in step
+        assert [t.token_ids for t in run_requests(eng, _fresh(prompts, "in-step"))] == refs
         assert _drained(eng) == {"prefill-0": 0, "prefill-1": 0, "decode-0": 0}
         assert eng.compilations_since_warmup == 0
         # the decode actor waits in a transfer from prefill-0; prefill-0 dies
