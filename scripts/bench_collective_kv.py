@@ -2,11 +2,12 @@
 Ray's object store, between the same two processes; then the stage breakdown of a disaggregated run
 whose instances are Ray actors in one collective group.
 
-    python scripts/bench_collective_kv.py            # 160 / 512 / 2048 tokens, 5 repetitions (~3 min)
+    python scripts/bench_collective_kv.py            # 160 / 512 / 2048 tokens, 7 repetitions (~2 min)
     python scripts/bench_collective_kv.py --quick    # 160 / 512 tokens, 2 repetitions
 
 Part 1 is jaxserve.profiling.collective_bench (its docstring says what is timed). GB/s counts the
-request's real KV (tokens x 393,216 bytes); medians over repetitions. Part 2 serves the built-in demo
+request's real KV (tokens x 393,216 bytes); times are medians over repetitions, ratios medians of
+per-repetition ratios. Part 2 serves the built-in demo
 model with one prefill and one decode actor (transport "collective") and prints the five stages from
 each request's lifecycle events. Local Ray on 127.0.0.1. Prints markdown (docs/performance.md,
 "KV across processes (issue 14)").
@@ -34,16 +35,21 @@ def log(msg: str) -> None:
 
 
 def bandwidth_table(res: dict) -> str:
-    rows = ["| tokens | MB | collective hand-off | plain collective copy | object store | hand-off / copy (GB/s ratio) "
-            "| hand-off vs object store | max abs error |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| tokens | MB | collective hand-off (export + exchange + import) | plain collective copy | object store "
+            "| hand-off / copy (GB/s ratio) | hand-off vs object store | max abs error |",
+            "|---|---|---|---|---|---|---|---|"]
     for n, r in res.items():
         mb = n * BYTES_PER_TOKEN / 1e6
         med = {k: statistics.median(v) for k, v in r.items() if k != "error"}
-        gbs = {k: n * BYTES_PER_TOKEN / t / 1e9 for k, t in med.items()}
-        cell = {k: f"{1e3 * med[k]:.1f} ms ({gbs[k]:.2f} GB/s)" for k in med}
-        rows.append(f"| {n} | {mb:.0f} | {cell['collective']} | {cell['plain']} | {cell['object store']} "
-                    f"| {gbs['collective'] / gbs['plain']:.2f} | {med['object store'] / med['collective']:.2f}x faster "
-                    f"| {r['error'][0]:.0e} |")
+        gbs = {k: n * BYTES_PER_TOKEN / med[k] / 1e9 for k in ("collective", "plain", "object store")}
+        # ratios: medians of per-repetition ratios (the paths alternate, so load hits each pair alike)
+        vs_copy = statistics.median(p / c for p, c in zip(r["plain"], r["collective"], strict=True))
+        vs_store = statistics.median(o / c for o, c in zip(r["object store"], r["collective"], strict=True))
+        parts = " + ".join(f"{1e3 * med[k]:.0f}" for k in ("export", "exchange", "import"))
+        rows.append(f"| {n} | {mb:.0f} | {1e3 * med['collective']:.1f} ms ({gbs['collective']:.2f} GB/s; {parts}) "
+                    f"| {1e3 * med['plain']:.1f} ms ({gbs['plain']:.2f} GB/s) "
+                    f"| {1e3 * med['object store']:.1f} ms ({gbs['object store']:.2f} GB/s) "
+                    f"| {vs_copy:.2f} | {vs_store:.2f}x as fast | {r['error'][0]:.0e} |")
     return "\n".join(rows)
 
 
@@ -74,7 +80,7 @@ def disagg_breakdown(n: int) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="160 and 512 tokens, 2 repetitions")
-    ap.add_argument("--reps", type=int, default=5, help="timed repetitions per size (default 5)")
+    ap.add_argument("--reps", type=int, default=7, help="timed repetitions per size (default 7)")
     ap.add_argument("--requests", type=int, default=24, help="requests in the disaggregated run (default 24)")
     args = ap.parse_args()
     sizes, reps = ([160, 512], 2) if args.quick else ([160, 512, 2048], args.reps)

@@ -72,13 +72,16 @@ class HandoffBench:
         self.coll.send(h, dst)
         return time.perf_counter() - t0
 
-    def fetch_import(self, h: Any) -> float:
+    def fetch_import(self, h: Any) -> tuple[float, float]:
+        """(fetch s, import s): the exchange (waiting for the source included), then the page writes."""
         import jax
 
         t0 = time.perf_counter()
-        self.coll.import_kv(self.ex, self._ids(h.num_tokens), self.coll.fetch(h))
+        fetched = self.coll.fetch(h)
+        t1 = time.perf_counter()
+        self.coll.import_kv(self.ex, self._ids(h.num_tokens), fetched)
         jax.block_until_ready(self.ex.kv)
-        return time.perf_counter() - t0
+        return t1 - t0, time.perf_counter() - t1
 
     # ---- a plain collective copy of the same bytes ---------------------------------------------
     def plain(self, n: int, src: int, dst: int) -> float:
@@ -139,17 +142,19 @@ def run(sizes: list[int], reps: int, log: Any = print) -> dict[int, dict[str, li
     try:
         ray.get(src.fill.remote(max(sizes)), timeout=300)
         for n in sizes:
-            res: dict[str, list[float]] = {"collective": [], "plain": [], "object store": []}
+            res: dict[str, list[float]] = {k: [] for k in ("collective", "plain", "object store", "export",
+                                                            "exchange", "import")}
             for rep in range(reps + 1):  # the first round compiles: not counted
                 h, t_exp = ray.get(src.export.remote(n), timeout=300)
-                _, t_imp = ray.get([src.send.remote(h, 1), dst.fetch_import.remote(h)], timeout=300)
+                _, (t_xch, t_imp) = ray.get([src.send.remote(h, 1), dst.fetch_import.remote(h)], timeout=300)
                 _, t_plain = ray.get([src.plain.remote(n, 0, 1), dst.plain.remote(n, 0, 1)], timeout=300)
                 refs, t_sexp = ray.get(src.export_store.remote(n), timeout=300)
                 t_simp = ray.get(dst.import_store.remote(refs, n), timeout=300)
                 if rep:
-                    res["collective"].append(t_exp + t_imp)
-                    res["plain"].append(t_plain)
-                    res["object store"].append(t_sexp + t_simp)
+                    for k, v in (("collective", t_exp + t_xch + t_imp), ("plain", t_plain),
+                                 ("object store", t_sexp + t_simp), ("export", t_exp), ("exchange", t_xch),
+                                 ("import", t_imp)):
+                        res[k].append(v)
             res["error"] = [ray.get(dst.check.remote(n), timeout=300)]
             log(f"{n} tokens: " + ", ".join(f"{k} {1e3 * min(v):.1f} ms" for k, v in res.items() if k != "error"))
             out[n] = res
