@@ -13,7 +13,6 @@ One local Ray (2 CPUs). Each test starts its own small deployment of tiny-model 
 from __future__ import annotations
 
 import dataclasses
-import os
 import time
 
 import numpy as np
@@ -45,17 +44,6 @@ def model(tmp_path_factory):
     prompts = [[2, *rng.integers(3, hf.config.vocab_size, n - 1).tolist()] for n in (9, 33, 70, 120)]
     refs = [hf_greedy(hf, p, 12) for p in prompts]
     return d, prompts, refs
-
-
-@pytest.fixture(scope="module")
-def cluster():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20, logging_level="warning")
-    yield
-    if started:
-        ray.shutdown()
 
 
 def _launch(model_dir, roles: list[str]) -> Router:

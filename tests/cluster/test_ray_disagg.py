@@ -41,18 +41,6 @@ def model_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, object_store_memory=256 * 2**20,
-                 logging_level="warning")
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def actors(cluster, model_dir):
     """Two prefill/decode pairs, started at once so their model loads overlap the HF reference run; half
     a CPU each so all four fit on the 2-CPU cluster. The second pair is the failure test's to kill."""
