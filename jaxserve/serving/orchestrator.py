@@ -64,7 +64,8 @@ class Orchestrator:
         self._admitting = False
 
     def stop(self, timeout: float = 30.0) -> None:
-        """Stop the engine thread; requests still in flight end with finish_reason ``abort``."""
+        """Stop the engine thread; requests still in flight end with ``ABORT`` (the server answers them
+        503 ``server_shutdown``: ``jaxserve.serving.streaming``)."""
         self._stopping.set()
         self._wake.set()
         if self._thread is not None:

@@ -9,7 +9,9 @@
     each request's end --> ServerMetrics (TTFT, TPOT, e2e, tokens, finish reasons)
     each request that ran to its end (stop / length) --> WorkloadWindow (the last 10 minutes)
 
-An engine failure after the first token ends a stream with an error chunk and ``[DONE]``; no
+A request the server cuts at shutdown gets 503 ``server_shutdown`` (streams: that error chunk and
+``[DONE]``, never a chunk with an invented finish reason). An engine failure after the first token
+ends a stream with an error chunk and ``[DONE]``; no
 traceback ever reaches a client.
 """
 
@@ -37,6 +39,12 @@ log = logging.getLogger(__name__)
 CLIENT_POLL_S = 0.25  # how often a request waiting for its first token checks that its client is still there
 SSE_DONE = b"data: [DONE]\n\n"
 ENGINE_ERROR = "the engine failed while running this request"
+
+
+def shutdown_error() -> ApiError:
+    """A request the server ended by shutting down (503, retryable)."""
+    return ApiError(503, "the server shut down before this request finished; retry it", code="server_shutdown",
+                    headers={"Retry-After": "1"})
 
 
 # ---- response objects ------------------------------------------------------------------------
@@ -152,6 +160,7 @@ class _Answer:
         self.ids: list[int] = []
         self.first_token: float | None = None
         self.reason: str = "abort"  # unless the stream reaches its end
+        self.cut = False  # ended by the server (shutdown), not by the request: an error, not a success
         self.resp: web.StreamResponse | None = None
 
     async def run(self, d: Delta) -> web.StreamResponse:
@@ -194,6 +203,9 @@ class _Answer:
             if d.finish_reason == FinishReason.ERROR:
                 self.reason = "error"
                 return d
+            if d.finish_reason == FinishReason.ABORT:  # only the orchestrator's stop ends a live stream so
+                self.reason, self.cut = "abort", True
+                return d
             if self.resp is not None:
                 await self.resp.write(sse(chunk(self.job, d, first)))
             first = False
@@ -212,9 +224,13 @@ class _Answer:
         if resp is None:
             if self.reason == "error":
                 raise ApiError(500, ENGINE_ERROR, code="engine_error")
+            if self.cut:
+                raise shutdown_error()
             return web.json_response(completion(job, "".join(self.text), self.ids, last.finish_reason))
         if self.reason == "error":
             await resp.write(sse(ApiError(500, ENGINE_ERROR, code="engine_error").body()))
+        elif self.cut:  # an error event, then [DONE]: never a chunk with a finish reason OpenAI lacks
+            await resp.write(sse(shutdown_error().body()))
         elif job.include_usage:
             await resp.write(sse(usage_chunk(job, len(self.ids))))
         await resp.write(SSE_DONE)

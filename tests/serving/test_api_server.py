@@ -577,3 +577,23 @@ def test_non_ascii_authorization_bytes_are_401_not_500():
     for answer in serve(fn, api_key="s3cret"):
         assert answer.startswith(b"HTTP/1.1 401"), answer[:200]
         assert b'"invalid_api_key"' in answer
+
+
+def test_requests_cut_at_shutdown_end_as_a_503_error_not_a_success():
+    """The orchestrator stops while a stream and a plain request run: the stream ends with a
+    server_shutdown error chunk and [DONE] (no chunk with finish_reason "abort"); the plain one gets 503."""
+    async def fn(client, eng, orch):
+        body = {"prompt": "ab", "max_tokens": 500, "ignore_eos": True}
+        resp = await client.post("/v1/completions", json={**body, "stream": True})
+        first = await read_sse(resp, limit=2)
+        plain = asyncio.ensure_future(client.post("/v1/completions", json=body))
+        await asyncio.sleep(0.2)
+        await asyncio.get_running_loop().run_in_executor(None, orch.stop)
+        rest = await read_sse(resp)
+        p = await plain
+        return first + rest, p.status, await p.json(), p.headers.get("Retry-After")
+
+    events, status, plain, retry = serve(fn, engine=CountingEngine(step_sleep=0.02))
+    assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "server_shutdown", events[-3:]
+    assert all(c["choices"][0]["finish_reason"] is None for c in events[:-2]), events[-4:]
+    assert status == 503 and plain["error"]["code"] == "server_shutdown" and retry == "1"
