@@ -78,8 +78,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "nothing; off: compile at every start (unset: $JAXSERVE_COMPILATION_CACHE, else "
                         "$JAXSERVE_CACHE/xla, i.e. ~/.cache/jaxserve/xla)")
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
-                   help="seconds to let in-flight requests finish on SIGINT/SIGTERM")
+                   help="seconds to let in-flight requests finish on SIGINT/SIGTERM; the process exits "
+                        "within about this + 1 s, slow clients included")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0,
+                   help="seconds an idle keep-alive connection stays open (default 5)")
     args = p.parse_args(argv)
+    _check_args(p, args)
+    return args
+
+
+def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Values argparse cannot check: a one-line CLI error naming the flag (exit 2)."""
     if args.kv_transport != "object-store" and not (args.ray or args.ray_address):
         p.error(f"--kv-transport {args.kv_transport} moves KV between Ray actors: add --ray or --ray-address "
                 "(in one process KV moves with jax.device_put)")
@@ -87,13 +96,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.api_key = resolve_api_key(args.api_key, args.api_key_file, os.environ)
     except ValueError as e:
         p.error(str(e))
+    for flag in ("shutdown_timeout", "keep_alive_timeout"):
+        if not getattr(args, flag) >= 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0 seconds, got {getattr(args, flag)}")
     if not 0 < args.port < 65536:
         p.error(f"--port must be in 1..65535, got {args.port}")
     if args.max_queue <= 0:
         p.error(f"--max-queue must be positive, got {args.max_queue}")
     if args.kv_cache_gb is not None and args.kv_cache_gb <= 0:
         p.error(f"--kv-cache-gb must be positive, got {args.kv_cache_gb}")
-    return args
 
 
 def deployment_from_args(args: argparse.Namespace) -> DeploymentConfig:
@@ -205,7 +216,10 @@ async def serve(args: argparse.Namespace, engine: Any, tokenizer: Any, cfg: Any,
     ready = {"ok": False}
     app = create_app(orch, tokenizer, model_name=name, max_model_len=engine.max_model_len,
                      vocab_size=cfg.vocab_size, api_key=args.api_key, is_ready=lambda: ready["ok"])
-    runner = web.AppRunner(app, handle_signals=False)
+    # after the in-flight phase of a shutdown (--shutdown-timeout) every request has been answered or
+    # cut; handlers still running then (a client trickling its body) get 1 s, not aiohttp's 60
+    runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0,
+                           keepalive_timeout=args.keep_alive_timeout)
     await runner.setup()
     site = web.TCPSite(runner, args.host, args.port)
     await site.start()
@@ -240,13 +254,19 @@ async def serve(args: argparse.Namespace, engine: Any, tokenizer: Any, cfg: Any,
     ready["ok"] = True
     print(f"jaxserve: ready on http://{args.host}:{args.port}/v1 (model {name!r})", flush=True)
     await stop.wait()
-    print("jaxserve: shutting down: no new requests; finishing the ones in flight", flush=True)
     ready["ok"] = False
+    await _shut_down(args, orch, runner, engine, placement)
+
+
+async def _shut_down(args: argparse.Namespace, orch: Any, runner: Any, engine: Any, placement: Any) -> None:
+    """No new requests; in-flight ones get --shutdown-timeout, the rest are cut (503); then the HTTP
+    side (1 s for handlers still running), the engine, the Ray placement."""
+    print("jaxserve: shutting down: no new requests; finishing the ones in flight", flush=True)
     orch.stop_admitting()
     deadline = time.monotonic() + args.shutdown_timeout
     while orch.num_in_flight and time.monotonic() < deadline:
         await asyncio.sleep(0.05)
-    await loop.run_in_executor(None, orch.stop)
+    await asyncio.get_running_loop().run_in_executor(None, orch.stop)
     await runner.cleanup()
     engine.shutdown()
     if placement is not None:

@@ -213,7 +213,7 @@ class Router:
                 refused = refused or m.nbytes is None
                 self._landed(slot, m)
             elif isinstance(m, Failed):
-                if self.where.get(m.request_id) is slot or self._transit_to(slot, m.request_id):
+                if self.where.get(m.request_id) is slot or getattr(self.transit.get(m.request_id), "dst", None) is slot:
                     self._drop_transit(m.request_id)
                     self._fail_request(m.request_id, m.why)
         if batch.stats is not None:  # a decode instance that refused waits for its next batch
@@ -252,10 +252,6 @@ class Router:
         self.transfer_bytes += m.nbytes
         if t.src.alive:
             t.src.inst.release(rid)
-
-    def _transit_to(self, slot: Slot, rid: str) -> bool:
-        t = self.transit.get(rid)
-        return t is not None and t.dst is slot
 
     def _drop_transit(self, rid: str) -> None:
         """A hand-off that will not land: the source frees the KV it holds for it, and the destination

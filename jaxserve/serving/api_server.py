@@ -12,7 +12,8 @@
 Errors are OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``: 400
 invalid field (``param`` names it), prompt too long (code ``context_length_exceeded``),
 malformed JSON or a non-object body; 401 bad or missing bearer token (``/v1/*`` only);
-404 unknown model or route; 413 body over ``max_body_bytes``; 503 not ready, shutting
+404 unknown model or route; 413 body over ``max_body_bytes``; 415 a body that is not declared
+``application/json`` (what keeps a web page from posting without a CORS preflight); 503 not ready, shutting
 down or admission queue full (with ``Retry-After``); 500 engine failure. No traceback
 ever reaches a client. Request fields and the choices made about them: ``jaxserve.serving.protocol``;
 streaming, aborts and what is recorded at a request's end: ``jaxserve.serving.streaming``.
@@ -69,6 +70,12 @@ async def read_json(http: web.Request, st: ServerState) -> dict[str, Any]:
     except web.HTTPRequestEntityTooLarge as e:
         raise ApiError(413, f"request body is larger than the limit of {st.max_body_bytes} bytes",
                        code="request_too_large") from e
+    if http.content_type != "application/json":  # aiohttp: the mimetype, without parameters
+        # a browser page may send text/plain or a form to a local server without a CORS preflight:
+        # requiring JSON makes any cross-origin POST need one (and --allowed-origins decides)
+        got = http.headers.get("Content-Type")
+        raise ApiError(415, f"Content-Type must be application/json, got {show(got) if got else 'none'}",
+                       code="unsupported_media_type")
     if not raw.strip():
         raise ApiError(400, "request body is empty; expected a JSON object", code="invalid_json")
     try:

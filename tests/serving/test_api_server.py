@@ -597,3 +597,27 @@ def test_requests_cut_at_shutdown_end_as_a_503_error_not_a_success():
     assert events[-1] == "[DONE]" and events[-2]["error"]["code"] == "server_shutdown", events[-3:]
     assert all(c["choices"][0]["finish_reason"] is None for c in events[:-2]), events[-4:]
     assert status == 503 and plain["error"]["code"] == "server_shutdown" and retry == "1"
+
+
+def test_json_routes_need_a_json_content_type():
+    """What a web page can send without a CORS preflight (text/plain, a form, no type) gets 415."""
+    body = json.dumps({"prompt": "ab", "max_tokens": 2}).encode()
+
+    async def fn(client, eng, orch):
+        out = []
+        for ctype in ("text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x"):
+            resp = await client.post("/v1/completions", data=body, headers={"Content-Type": ctype})
+            out.append((ctype, resp.status, (await resp.json())["error"]["code"]))
+        reader, writer = await asyncio.open_connection("127.0.0.1", client.server.port)  # no Content-Type at all
+        writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: %d\r\n"
+                     b"Connection: close\r\n\r\n%s" % (len(body), body))
+        await writer.drain()
+        raw = await asyncio.wait_for(reader.read(), 10)
+        writer.close()
+        resp = await client.post("/v1/completions", data=body, headers={"Content-Type": "application/json; charset=utf-8"})
+        return out, raw, resp.status
+
+    out, raw, ok = serve(fn)
+    assert all(status == 415 and code == "unsupported_media_type" for _, status, code in out), out
+    assert raw.startswith(b"HTTP/1.1 415") and b"unsupported_media_type" in raw, raw[:200]
+    assert ok == 200

@@ -165,7 +165,7 @@ def check_answer(status: int, headers: dict[str, str], payload: object, route: s
     """A 4xx in OpenAI's error shape, or a well-formed 200 completion; nothing else."""
     assert status < 500, (status, payload)
     if status != 200:
-        assert status in (400, 404, 413), (status, payload)
+        assert status in (400, 404, 413, 415), (status, payload)
         assert isinstance(payload, dict) and set(payload) == {"error"}, payload
         err = payload["error"]
         assert set(err) == {"message", "type", "param", "code"}, err

@@ -176,3 +176,30 @@ def test_api_key_from_flag_file_or_environment(tmp_path):
     r = subprocess.run([sys.executable, "-m", "jaxserve.launch", "--api-key-file", str(tmp_path / "missing")],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "--api-key-file" in r.stderr and "Traceback" not in r.stderr, r.stderr
+
+
+@pytest.mark.timeout(300)
+def test_sigterm_with_a_slow_body_client_exits_within_the_shutdown_timeout(tiny, tmp_path):
+    """A client that sent headers and trickles its body must not hold the exit (aiohttp waited 60 s)."""
+    port = _free_port()
+    proc, log = _start(["--model", str(tiny[0]), "--port", str(port), "--max-model-len", "64",
+                        "--max-num-seqs", "2", "--no-warmup", "--shutdown-timeout", "1"], tmp_path)
+    slow = socket.create_connection(("127.0.0.1", port))
+    try:
+        slow.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 1000\r\n\r\n{")
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            rc = proc.wait(30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            log.close()
+        took = time.monotonic() - t0
+    finally:
+        slow.close()
+    text = (tmp_path / "server.log").read_text()
+    assert rc == 0 and "jaxserve: stopped" in text and "Traceback" not in text, text
+    assert took < 1 + 2, took  # --shutdown-timeout + 2 s
