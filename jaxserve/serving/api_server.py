@@ -1,8 +1,10 @@
 """The OpenAI-compatible HTTP server (aiohttp) in front of the orchestrator: routes, auth, errors.
 
     POST /v1/completions | /v1/chat/completions  (JSON body, <= client_max_size bytes)
-      --auth (Bearer, when --api-key is set) --read_json--> dict
-      --protocol.parse_job (validate, 400 naming the field; tokenize)--> Job (arrival = server arrival)
+      --auth (Bearer, when --api-key is set) --read_body (size, content type)--> bytes
+      --admission (requests being parsed count against --max-queue)--> a worker thread:
+        decode_json + protocol.parse_job (validate, 400 naming the field; tokenize)--> Job (arrival =
+        server arrival); the event loop stays free meanwhile
       --streaming.run_job--> Orchestrator.generate --Delta stream--> completion object or SSE stream;
         the request's end --> ServerMetrics and WorkloadWindow
     GET /v1/models, /v1/models/{id}, /health (200 once is_ready(), else 503), /metrics (Prometheus)
@@ -28,6 +30,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from aiohttp import web
@@ -57,6 +60,9 @@ class ServerState:
     metrics: ServerMetrics
     max_body_bytes: int
     workload: WorkloadWindow = dataclasses.field(default_factory=WorkloadWindow)
+    parser: ThreadPoolExecutor = dataclasses.field(  # JSON + tokenization, one request at a time
+        default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="jaxserve-parse"))
+    parsing: int = 0  # requests read and not yet parsed (the event loop's count)
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
 
@@ -64,7 +70,8 @@ STATE = web.AppKey("jaxserve_state", ServerState)
 
 
 # ---- handlers ---------------------------------------------------------------------------------
-async def read_json(http: web.Request, st: ServerState) -> dict[str, Any]:
+async def read_body(http: web.Request, st: ServerState) -> bytes:
+    """The request body, checked for size and content type (on the event loop: cheap)."""
     try:
         raw = await http.read()
     except web.HTTPRequestEntityTooLarge as e:
@@ -76,6 +83,11 @@ async def read_json(http: web.Request, st: ServerState) -> dict[str, Any]:
         got = http.headers.get("Content-Type")
         raise ApiError(415, f"Content-Type must be application/json, got {show(got) if got else 'none'}",
                        code="unsupported_media_type")
+    return raw
+
+
+def decode_json(raw: bytes) -> dict[str, Any]:
+    """The body as a JSON object (a worker thread: a 1 MB body is milliseconds of parsing)."""
     if not raw.strip():
         raise ApiError(400, "request body is empty; expected a JSON object", code="invalid_json")
     try:
@@ -102,11 +114,25 @@ async def _generate(http: web.Request, chat: bool) -> web.StreamResponse:
         raise ApiError(503, "the server is starting or shutting down; retry shortly", code="not_ready",
                        headers={"Retry-After": "1"})
     try:
-        job = parse_job(await read_json(http, st), st, chat=chat, arrival=arrival)
+        raw = await read_body(http, st)
     except ApiError:
         st.metrics.observe_rejected("invalid")
         raise
-    return await run_job(http, job, st.orchestrator, st.metrics, st.workload)
+    orch = st.orchestrator
+    if st.parsing + orch.num_in_flight >= orch.max_queue:  # requests still being parsed count too
+        st.metrics.observe_rejected("queue_full")
+        raise ApiError(503, f"server busy: {st.parsing} requests being parsed and {orch.num_in_flight} in flight "
+                       f"(limit {orch.max_queue})", code="queue_full", headers={"Retry-After": "1"})
+    st.parsing += 1
+    try:  # JSON and tokenization off the event loop: a long prompt never stalls other streams
+        job = await asyncio.get_running_loop().run_in_executor(
+            st.parser, lambda: parse_job(decode_json(raw), st, chat=chat, arrival=arrival))
+    except ApiError:
+        st.metrics.observe_rejected("invalid")
+        raise
+    finally:
+        st.parsing -= 1
+    return await run_job(http, job, orch, st.metrics, st.workload)
 
 
 async def completions(http: web.Request) -> web.StreamResponse:

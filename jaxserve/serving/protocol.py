@@ -44,6 +44,10 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "functions": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},)}
 
 
+# no token of a byte-level BPE vocabulary (OPT, GPT-2, Llama) is longer than this many bytes
+MAX_BYTES_PER_TOKEN = 128
+
+
 class ServedModel(Protocol):
     """What validation needs to know about the model being served."""
 
@@ -163,12 +167,18 @@ def check_unsupported(body: dict[str, Any]) -> None:
 
 
 def encode_text(text: str, st: ServedModel, param: str) -> list[int]:
+    """Token ids of a prompt; a text too long to fit the context in any tokenization is refused
+    before the tokenizer runs (``MAX_BYTES_PER_TOKEN``)."""
     if st.tokenizer is None:
         raise bad(param, "this model has no tokenizer; send the prompt as a list of token ids")
     try:
-        text.encode("utf-8")
+        n = len(text.encode("utf-8"))
     except UnicodeEncodeError as e:  # a lone surrogate (JSON "\ud800"): the tokenizer would raise TypeError
         raise bad(param, f"is not valid Unicode: lone surrogate {text[e.start]!r} at character {e.start}") from e
+    limit = st.max_model_len * MAX_BYTES_PER_TOKEN
+    if n > limit:
+        raise bad(param, f"has {n} bytes; this model's context is {st.max_model_len} tokens, which no text over "
+                  f"{limit} bytes fits", code="context_length_exceeded")
     return list(st.tokenizer.encode(text))
 
 
