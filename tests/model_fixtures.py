@@ -71,3 +71,15 @@ def hf_greedy(model: OPTForCausalLM, prompt: list[int], max_new_tokens: int) -> 
     ref = out[0, len(prompt):].tolist()
     eos = model.config.eos_token_id
     return ref[: ref.index(eos) + 1] if eos in ref else ref
+
+
+def greedy_case(out_dir: Path, seed: int, lengths: list[int], max_new_tokens: int
+                ) -> tuple[Path, list[list[int]], list[list[int]]]:
+    """A tiny pre-LN HF folder, random prompts of ``lengths`` (BOS first) and HF's greedy output for each."""
+    import numpy as np
+
+    d, _ = make_hf_opt(out_dir, "pre_ln")
+    hf = OPTForCausalLM.from_pretrained(d).eval()
+    rng = np.random.default_rng(seed)
+    prompts = [[2, *rng.integers(3, hf.config.vocab_size, n - 1).tolist()] for n in lengths]
+    return d, prompts, [hf_greedy(hf, p, max_new_tokens) for p in prompts]

@@ -19,10 +19,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import numpy as np
 import pytest
 import ray
-from transformers import OPTForCausalLM
 
 from jaxserve.cluster.actors import ActorOptions
 from jaxserve.cluster.ray_instance import launch_router
@@ -30,19 +28,15 @@ from jaxserve.config import EngineConfig
 from jaxserve.engine.frontend import run_requests
 from jaxserve.request import Event, FinishReason, Request, SamplingParams
 from jaxserve.runtime.router import Router, Slot
-from tests.model_fixtures import hf_greedy, make_hf_opt
+from tests.cluster.helpers import drained
+from tests.model_fixtures import greedy_case
 
 pytestmark = pytest.mark.timeout(600)
 
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    d, _ = make_hf_opt(tmp_path_factory.mktemp("coll-model"), "pre_ln")
-    hf = OPTForCausalLM.from_pretrained(d).eval()
-    rng = np.random.default_rng(7)
-    prompts = [[2, *rng.integers(3, hf.config.vocab_size, n - 1).tolist()] for n in (5, 17, 40, 130)]
-    refs = [hf_greedy(hf, p, 10) for p in prompts]
-    return d, prompts, refs
+    return greedy_case(tmp_path_factory.mktemp("coll-model"), 7, [5, 17, 40, 130], 10)
 
 
 def _launch(model_dir, layout: list[tuple[str, int]]) -> Router:
@@ -60,15 +54,6 @@ def _launch(model_dir, layout: list[tuple[str, int]]) -> Router:
 
 def _fresh(prompts, tag: str = "") -> list[Request]:
     return [Request(f"r{tag}{i}", p, SamplingParams(max_tokens=10)) for i, p in enumerate(prompts)]
-
-
-def _drained(eng: Router) -> dict:
-    for _ in range(200):
-        held = eng.held_blocks()
-        if not any(held.values()):
-            break
-        time.sleep(0.05)
-    return held
 
 
 def _run_until(eng: Router, done, limit_s: float = 60.0) -> None:
@@ -190,7 +175,7 @@ def test_two_prefill_actors_tp2_and_tp1_into_tp1(cluster, model):
         _send_after_release(eng, p0, prompts[3])
         _only(eng, p0)  # the same pair again: its two ends are in step
         assert [t.token_ids for t in run_requests(eng, _fresh(prompts, "in-step"))] == refs
-        assert _drained(eng) == {"prefill-0": 0, "prefill-1": 0, "decode-0": 0}
+        assert drained(eng) == {"prefill-0": 0, "prefill-1": 0, "decode-0": 0}
         assert eng.compilations_since_warmup == 0
         # the decode actor waits in a transfer from prefill-0; prefill-0 dies
         _one_sided(eng, keep="import")
@@ -207,7 +192,7 @@ def test_two_prefill_actors_tp2_and_tp1_into_tp1(cluster, model):
         reqs = _fresh(prompts, "after")
         assert [t.token_ids for t in run_requests(eng, reqs)] == refs
         assert _prefilled_by(reqs) == {"prefill-1"}
-        assert _drained(eng) == {"prefill-1": 0, "decode-0": 0}
+        assert drained(eng) == {"prefill-1": 0, "decode-0": 0}
 
 
 def test_tp1_into_tp2_and_a_decode_actor_dying_mid_transfer(cluster, model):
@@ -237,4 +222,4 @@ def test_tp1_into_tp2_and_a_decode_actor_dying_mid_transfer(cluster, model):
         reqs = _fresh(prompts, "after")
         assert [t.token_ids for t in run_requests(eng, reqs)] == refs
         assert {e.instance for r in reqs for e in r.events if e.kind == Event.DECODE_BEGAN} == {"decode-1"}
-        assert _drained(eng) == {"prefill-0": 0, "decode-1": 0}
+        assert drained(eng) == {"prefill-0": 0, "decode-1": 0}

@@ -15,10 +15,8 @@ from __future__ import annotations
 import dataclasses
 import time
 
-import numpy as np
 import pytest
 import ray
-from transformers import OPTForCausalLM
 
 from jaxserve.cluster.actors import ActorOptions
 from jaxserve.cluster.ray_instance import launch_router
@@ -27,7 +25,8 @@ from jaxserve.engine.frontend import run_requests
 from jaxserve.request import Event, FinishReason, Request, SamplingParams
 from jaxserve.runtime.api import NO_TOKEN
 from jaxserve.runtime.router import Router
-from tests.model_fixtures import hf_greedy, make_hf_opt
+from tests.cluster.helpers import drained
+from tests.model_fixtures import greedy_case
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -38,12 +37,7 @@ def _cfg(role: str) -> EngineConfig:
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    d, _ = make_hf_opt(tmp_path_factory.mktemp("fault-model"), "pre_ln")
-    hf = OPTForCausalLM.from_pretrained(d).eval()
-    rng = np.random.default_rng(5)
-    prompts = [[2, *rng.integers(3, hf.config.vocab_size, n - 1).tolist()] for n in (9, 33, 70, 120)]
-    refs = [hf_greedy(hf, p, 12) for p in prompts]
-    return d, prompts, refs
+    return greedy_case(tmp_path_factory.mktemp("fault-model"), 5, [9, 33, 70, 120], 12)
 
 
 def _launch(model_dir, roles: list[str]) -> Router:
@@ -77,15 +71,6 @@ def _errors_within(eng: Router, ids: set[str], limit_s: float) -> dict:
         assert time.monotonic() - t0 < limit_s, f"not failed within {limit_s} s: {ids - set(errors)}"
         errors.update({o.request_id: o for o in eng.step() if o.finish_reason == FinishReason.ERROR})
     return errors
-
-
-def _drained(eng: Router) -> dict:
-    for _ in range(200):
-        held = eng.held_blocks()
-        if not any(held.values()):
-            break
-        time.sleep(0.05)
-    return held
 
 
 def test_killing_a_decode_actor(cluster, model):
@@ -122,7 +107,7 @@ def test_killing_a_decode_actor(cluster, model):
             eng.abort_request(r.request_id)
         assert not eng.has_unfinished()
         # the prefill actor freed the KV it held for the dead one; nothing leaks on the survivor
-        assert _drained(eng) == {"prefill-0": 0, survivor.name: 0}
+        assert drained(eng) == {"prefill-0": 0, survivor.name: 0}
 
 
 def test_killing_a_prefill_actor(cluster, model):
@@ -153,7 +138,7 @@ def test_killing_a_prefill_actor(cluster, model):
         assert len(decoding.output_token_ids) == 400 if decoding.finish_reason else len(decoding.output_token_ids) > 2
         assert Event.ABORTED not in [e.kind for e in decoding.events]
         eng.abort_request(decoding.request_id)
-        assert _drained(eng) == {"prefill-1": 0, "decode-0": 0}
+        assert drained(eng) == {"prefill-1": 0, "decode-0": 0}
 
 
 def test_prefill_actor_dying_with_its_kv_in_the_object_store(cluster, model):
@@ -178,6 +163,6 @@ def test_prefill_actor_dying_with_its_kv_in_the_object_store(cluster, model):
             assert req.request_id in eng.failures
         else:
             assert req.output_token_ids == refs[2]
-        assert _drained(eng) == {"prefill-1": 0, "decode-0": 0}
+        assert drained(eng) == {"prefill-1": 0, "decode-0": 0}
         fresh = [Request(f"new{i}", p_, SamplingParams(max_tokens=12)) for i, p_ in enumerate(prompts)]
         assert [t.token_ids for t in run_requests(eng, fresh)] == refs

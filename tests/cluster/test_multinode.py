@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import os
 
-import numpy as np
 import pytest
 import ray
-from transformers import OPTForCausalLM
 
 from jaxserve.cluster.placement import place, release
 from jaxserve.cluster.ray_instance import launch_router
@@ -27,7 +25,7 @@ from jaxserve.config import DeploymentConfig, InstanceSpec
 from jaxserve.engine.build import instance_names
 from jaxserve.engine.frontend import run_requests
 from jaxserve.request import Event, Request, SamplingParams
-from tests.model_fixtures import hf_greedy, make_hf_opt
+from tests.model_fixtures import greedy_case
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -51,12 +49,7 @@ def two_nodes():
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    d, _ = make_hf_opt(tmp_path_factory.mktemp("mn-model"), "pre_ln")
-    hf = OPTForCausalLM.from_pretrained(d).eval()
-    rng = np.random.default_rng(13)
-    prompts = [[2, *rng.integers(3, hf.config.vocab_size, n - 1).tolist()] for n in (4, 19, 33, 64, 90, 130)]
-    refs = [hf_greedy(hf, p, 8) for p in prompts]
-    return d, prompts, refs
+    return greedy_case(tmp_path_factory.mktemp("mn-model"), 13, [4, 19, 33, 64, 90, 130], 8)
 
 
 def test_pairs_per_node_collective_kv_equal_hf(two_nodes, model):

@@ -38,10 +38,10 @@ def _start(args, tmp_path):
     raise AssertionError("launcher did not get ready in 240 s:\n" + (tmp_path / "server.log").read_text())
 
 
-def _stop(proc, log):
-    proc.send_signal(signal.SIGINT)
+def _stop(proc, log, sig=signal.SIGINT, wait_s=60):
+    proc.send_signal(sig)
     try:
-        rc = proc.wait(60)
+        rc = proc.wait(wait_s)
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -190,13 +190,7 @@ def test_sigterm_with_a_slow_body_client_exits_within_the_shutdown_timeout(tiny,
                      b"Content-Length: 1000\r\n\r\n{")
         time.sleep(0.5)
         t0 = time.monotonic()
-        proc.send_signal(signal.SIGTERM)
-        try:
-            rc = proc.wait(30)
-        finally:
-            if proc.poll() is None:
-                proc.kill()
-            log.close()
+        rc = _stop(proc, log, signal.SIGTERM, wait_s=30)
         took = time.monotonic() - t0
     finally:
         slow.close()
