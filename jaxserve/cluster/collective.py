@@ -29,14 +29,11 @@ from __future__ import annotations
 import dataclasses
 import functools
 import itertools
-import logging
 import os
 import socket
 import threading
 from collections.abc import Sequence
 from typing import Any
-
-log = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -129,8 +126,7 @@ def exchange(src: int, dst: int, kv: list[Any], ok: bool) -> tuple[list[Any], bo
 
     mesh, fn = _exchange_fn(first_device(src), first_device(dst))
     sharding = NamedSharding(mesh, PartitionSpec("x"))
-    dev = first_device(src if src == jax.process_index() else dst)
-    flag = jax.device_put(np.full((1,), int(ok), np.int32), dev)
+    flag = jax.device_put(np.full((1,), int(ok), np.int32), first_device(jax.process_index()))
     glob = [jax.make_array_from_single_device_arrays((2, *a.shape[1:]), sharding, [a]) for a in (*kv, flag)]
     out_kv, out_ok = fn(glob[:-1], glob[-1])
     local = [a.addressable_shards[0].data for a in out_kv]
@@ -271,24 +267,20 @@ class CollectiveTransport:
         return import_host(dst, block_ids, KVPayload(handle.num_tokens, handle.block_size, layers))
 
     # ---- warm-up (driven pair by pair by the driver, both ends at once) ------------------------
-    def _warm_handle(self, src: Any, b: int) -> CollectiveKV:
-        from jaxserve.engine.block_manager import NULL_BLOCK
-
-        return self.export_kv(src, [NULL_BLOCK] * b, b * src.block_size, request_id="warmup")
-
     def transfer_shapes(self, src: Any, max_tokens: int) -> tuple[list[int], tuple[int, ...], str]:
         """(block buckets, per-array shape, dtype) of this source's exports: what a peer warms."""
         from jaxserve.engine.kv_transfer import block_buckets
 
         buckets = list(block_buckets(src, min(max_tokens, src.num_blocks * src.block_size)))
-        h = self._warm_handle(src, 1)
-        self.forget("warmup")
-        return buckets, h.shape, h.dtype
+        pages = src.kv[0][0]  # [blocks, bs, H, Dh], heads whole (a global array)
+        return buckets, (2 * len(src.kv), *pages.shape[1:]), str(pages.dtype)
 
     def warm_send(self, src: Any, dst_process: int, max_tokens: int) -> int:
+        from jaxserve.engine.block_manager import NULL_BLOCK
+
         buckets, _, _ = self.transfer_shapes(src, max_tokens)
         for b in buckets:
-            self.send(self._warm_handle(src, b), dst_process)
+            self.send(self.export_kv(src, [NULL_BLOCK] * b, b * src.block_size, request_id="warmup"), dst_process)
         self.forget("warmup")
         return len(buckets)
 

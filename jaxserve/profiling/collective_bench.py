@@ -3,9 +3,10 @@ bytes and against Ray's object store, between the same two processes.
 
     driver: CoordinatorService(2) -> two HandoffBench actors (one CPU device each) join the group
     per request size and repetition, in turn (so load from elsewhere hits all three alike):
-      collective:   src.export(n)  [gather + stack: CollectiveTransport.export_kv]
-                    then at once src.send(key) / dst.fetch_import(handle)  [ppermute + unstack + scatter]
-      plain copy:   at once src.copy_send(n) / dst.copy_recv(n): exchange() of an array already in place
+      collective:   src.export(n)  [gather per power-of-two piece: CollectiveTransport.export_kv]
+                    then at once src.send(handle) / dst.fetch_import(handle)  [a ppermute per piece,
+                    then the import into the pages; fetch and import timed apart]
+      plain copy:   at once src.plain(n) / dst.plain(n): exchange() of 2L arrays already in place
       object store: src.export_store(n)  [gather to numpy + ray.put], dst.import_store(ref)
                     [ray.get + numpy -> device + scatter]
     each side times its own part (no Ray call overhead); a path's time is the sum of its parts
@@ -60,11 +61,9 @@ class HandoffBench:
 
     # ---- the collective path -------------------------------------------------------------------
     def export(self, n: int) -> tuple[Any, float]:
-        import jax
 
         t0 = time.perf_counter()
-        h = self.coll.export_kv(self.ex, self._ids(n), n, request_id="bench")
-        jax.block_until_ready(self.coll._held["bench"][1])
+        h = self.coll.export_kv(self.ex, self._ids(n), n, request_id="bench")  # waits for its gathers
         return h, time.perf_counter() - t0
 
     def send(self, h: Any, dst: int) -> float:

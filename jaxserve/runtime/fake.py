@@ -91,13 +91,13 @@ class FakeCore:
     def release(self, request_id: str) -> None:
         self.ready.pop(request_id)
 
-    def import_kv(self, request: Request, handle: Any, source: str = "") -> int | None:
+    def import_kv(self, request: Request, handle: Any, source: str = "", began: float | None = None) -> int | None:
         if handle[1] != request.request_id:
             raise ValueError(f"KV of {handle[1]!r} offered for {request.request_id!r}")
         if len(self.running) >= self.max_running:
             return None
         where = f"{source}->{self.name}"
-        request.stamp(Event.TRANSFER_BEGAN, instance=where)
+        request.stamp(Event.TRANSFER_BEGAN, began, instance=where)
         request.stamp(Event.TRANSFER_ENDED, instance=where)
         request.stamp(Event.DECODE_QUEUED, instance=self.name)
         self.running[request.request_id] = request

@@ -222,10 +222,7 @@ class LocalInstance:
 
     def _import(self, request: Request, handle: Any, source: str, began: float | None = None) -> None:
         sent = len(request.events), len(request.output_token_ids)
-        if began is None:
-            nbytes = self.core.import_kv(request, handle, source)
-        else:
-            nbytes = self.core.import_kv(request, handle, source, began=began)
+        nbytes = self.core.import_kv(request, handle, source, began=began)
         if nbytes is not None:
             self._tracked[request.request_id] = (request, *sent)
         self._emit(Imported(request.request_id, nbytes))

@@ -84,8 +84,7 @@ class _Transit:
 
 
 class Router:
-    def __init__(self, instances: Sequence[Instance], *, poll_s: float = 0.02,
-                 after_warmup: Callable[[], None] | None = None) -> None:
+    def __init__(self, instances: Sequence[Instance], *, poll_s: float = 0.02) -> None:
         slots = [Slot(i, _empty_stats(i)) for i in instances]
         self.prefills = [s for s in slots if s.inst.info.role == "prefill"]
         self.decodes = [s for s in slots if s.inst.info.role == "decode"]
@@ -101,7 +100,7 @@ class Router:
         self.vocab_size, self.eos_token_id = first.vocab_size, first.eos_token_id
         self.max_model_len = min(s.inst.info.max_model_len for s in slots)
         self.poll_s = poll_s
-        self.after_warmup = after_warmup  # e.g. warming hand-offs that need both ends warm
+        self.after_warmup: Callable[[], None] | None = None  # e.g. warming hand-offs that need both ends warm
         self.keep_alive: Any = None  # what must live as long as the router (a collective group's coordinator)
         self.requests: dict[str, Request] = {}  # the records, owned here
         self.where: dict[str, Slot] = {}  # request id -> the slot holding it (the source mid-transfer)

@@ -79,7 +79,7 @@ async def read_body(http: web.Request, st: ServerState) -> bytes:
                        code="request_too_large") from e
     if http.content_type != "application/json":  # aiohttp: the mimetype, without parameters
         # a browser page may send text/plain or a form to a local server without a CORS preflight:
-        # requiring JSON makes any cross-origin POST need one (and --allowed-origins decides)
+        # requiring JSON makes any cross-origin POST need one (and the server answers no preflight)
         got = http.headers.get("Content-Type")
         raise ApiError(415, f"Content-Type must be application/json, got {show(got) if got else 'none'}",
                        code="unsupported_media_type")

@@ -94,27 +94,34 @@ def _abort_at_every_stage(eng: Router, prompt: list[int]) -> None:
         assert r.finish_reason == FinishReason.ABORT, (stage, r.finish_reason)
 
 
-def _one_sided(eng: Router, keep: str) -> None:
-    """Hold back one end of the next hand-offs: ``keep`` "import" drops the source's send_kv call,
-    "send" drops the destination's import call (the kept end then waits inside the collective)."""
+def _hold_sends(eng: Router) -> list:
+    """Hold back the source's half of the next hand-offs: the decode proxies' send_kv calls to their
+    sources are recorded (actor, args), not sent, so the decode actor waits inside the collective.
+    ``_restore_sends`` undoes it; a recorded call can be sent later."""
+    held: list = []
+
+    class Held:
+        def __init__(self, proxy) -> None:
+            self.proxy = proxy
+            self.actor = type("A", (), {"send_kv": type("M", (), {"remote": staticmethod(
+                lambda *a: held.append((proxy.actor, a)))})})()
+
+        def _sent(self, *a) -> None:
+            pass
+
     for s in eng.decodes:
-        proxy = s.inst
-        if keep == "import":
-            proxy.peers = {n: _NoSend(p) for n, p in proxy.peers.items()}
-        else:
-            proxy.actor = _NoImport(proxy.actor)
+        s.inst.peers = {n: Held(p) for n, p in s.inst.peers.items()}
+    return held
 
 
-class _NoSend:
-    def __init__(self, proxy) -> None:
-        self.proxy = proxy
-        self.actor = type("A", (), {"send_kv": type("M", (), {"remote": staticmethod(lambda *a: None)})})()
-
-    def _sent(self, *a) -> None:
-        pass
+def _restore_sends(eng: Router) -> None:
+    for s in eng.decodes:
+        s.inst.peers = {n: p.proxy for n, p in s.inst.peers.items()}
 
 
 class _NoImport:
+    """An actor handle whose import_kv calls are dropped: the source then waits inside the collective."""
+
     def __init__(self, actor) -> None:
         self._actor = actor
         self.import_kv = type("M", (), {"remote": staticmethod(lambda *a: ray.put(None))})()
@@ -127,19 +134,7 @@ def _send_after_release(eng: Router, src: Slot, prompt: list[int]) -> None:
     """The source lets go of an export (aborted) before its send runs: it still runs every piece of
     the exchange, with a false flag, and the destination takes them all before it fails the fetch, so
     the two ends stay in step. ``prompt`` must span several pieces (130 tokens: 8 + 1 blocks)."""
-    held: list = []
-
-    class Capture:
-        def __init__(self, proxy) -> None:
-            self.proxy = proxy
-            self.actor = type("A", (), {"send_kv": type("M", (), {"remote": staticmethod(
-                lambda *a: held.append((proxy.actor, a)))})})()
-
-        def _sent(self, *a) -> None:
-            pass
-
-    for s in eng.decodes:
-        s.inst.peers = {n: Capture(p) for n, p in s.inst.peers.items()}
+    held = _hold_sends(eng)
     _only(eng, src)
     r = Request("late-send", prompt, SamplingParams(max_tokens=5))
     eng.add_request(r)
@@ -147,8 +142,7 @@ def _send_after_release(eng: Router, src: Slot, prompt: list[int]) -> None:
     assert len(held) == 1 and len(held[0][1][0].pieces) >= 2
     eng.abort_request(r.request_id)
     time.sleep(0.5)  # the source's loop applies the abort: the export is forgotten
-    for s in eng.decodes:
-        s.inst.peers = {n: p.proxy for n, p in s.inst.peers.items()}
+    _restore_sends(eng)
     actor, args = held[0]
     actor.send_kv.remote(*args)
 
@@ -178,7 +172,7 @@ def test_two_prefill_actors_tp2_and_tp1_into_tp1(cluster, model):
         assert drained(eng) == {"prefill-0": 0, "prefill-1": 0, "decode-0": 0}
         assert eng.compilations_since_warmup == 0
         # the decode actor waits in a transfer from prefill-0; prefill-0 dies
-        _one_sided(eng, keep="import")
+        _hold_sends(eng)
         _only(eng, p0)
         victim = Request("victim", prompts[2], SamplingParams(max_tokens=10))
         eng.add_request(victim)
@@ -187,8 +181,7 @@ def test_two_prefill_actors_tp2_and_tp1_into_tp1(cluster, model):
         ray.kill(p0.inst.actor, no_restart=True)
         assert _errors_within(eng, victim.request_id, 5.0) < 5.0
         assert victim.finish_reason == FinishReason.ERROR
-        for s in eng.decodes:  # proxies back to normal; the survivors serve exactly
-            s.inst.peers = {n: getattr(p, "proxy", p) for n, p in s.inst.peers.items()}
+        _restore_sends(eng)  # proxies back to normal; the survivors serve exactly
         reqs = _fresh(prompts, "after")
         assert [t.token_ids for t in run_requests(eng, reqs)] == refs
         assert _prefilled_by(reqs) == {"prefill-1"}
