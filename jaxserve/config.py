@@ -256,9 +256,10 @@ class InstanceSpec:
                 raise ConfigError(f"instance {self.role}: {f} must be a positive integer, got {v!r}")
         if self.nodes is not None:
             if len(self.nodes) != self.replicas or any(
-                    not r or any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in r) for r in self.nodes):
+                    len(r) != self.pp or any(not isinstance(n, int) or isinstance(n, bool) or n < 0 for n in r)
+                    for r in self.nodes):
                 raise ConfigError(f"instance {self.role}: nodes must list, per replica ({self.replicas}), "
-                                  f"non-negative node indexes of its stages; got {self.nodes!r}")
+                                  f"the non-negative node index of each of its {self.pp} stage(s); got {self.nodes!r}")
         if self.devices is not None and len(self.devices) != self.tp * self.pp * self.replicas:
             raise ConfigError(f"instance {self.role}: {len(self.devices)} device ids given, tp*pp*replicas = "
                               f"{self.tp * self.pp * self.replicas}")

@@ -53,13 +53,24 @@ class ObjectStoreTransport:
     def export_kv(self, src: Any, block_ids: Sequence[int], num_tokens: int, request_id: str = "") -> Any:
         import ray
 
+        if hasattr(src, "export_staged"):  # a pipeline spanning processes: a part per segment, on its node
+            return src.export_staged(block_ids, num_tokens)
         return ray.put(self.host.export_kv(src, block_ids, num_tokens))
 
     def import_kv(self, dst: Any, block_ids: Sequence[int], handle: Any) -> int:
         import ray
 
+        from jaxserve.cluster.stages import StagedKV, layers_of
+
         if isinstance(handle, ray.ObjectRef):
             handle = ray.get(handle, timeout=self.get_timeout_s)
+        if isinstance(handle, StagedKV):
+            if hasattr(dst, "import_staged"):
+                return dst.import_staged(block_ids, handle)
+            from jaxserve.engine.kv_transfer import KVPayload
+            payloads = ray.get([p[2] for p in handle.parts], timeout=self.get_timeout_s)
+            layers = layers_of(handle.parts, payloads, range(dst.cfg.num_hidden_layers))
+            handle = KVPayload(handle.num_tokens, handle.block_size, layers)
         return self.host.import_kv(dst, block_ids, handle)
 
     def warmup(self, src: Any, dst: Any) -> None:
@@ -83,7 +94,8 @@ def pin_threads() -> set[int] | None:
 
 
 def _engine_core(model: str | None, config: EngineConfig, name: str, dtype: str,
-                 compilation_cache: str | None, host_share: int = 1, process_id: int | None = None) -> Any:
+                 compilation_cache: str | None, host_share: int = 1, process_id: int | None = None,
+                 segments: Sequence[Any] = ()) -> Any:
     import jax
 
     from jaxserve.compile_cache import enable_compilation_cache
@@ -94,22 +106,29 @@ def _engine_core(model: str | None, config: EngineConfig, name: str, dtype: str,
     # before anything compiles; a directory, "off", or None (this process's default); logs where
     enable_compilation_cache(compilation_cache)
 
-    n = config.tp * config.pp
+    here = segments[0].stages.start if segments else config.pp  # this process's stages: 0 .. here-1
+    n = config.tp * here
     devices = jax.local_devices()  # (in a collective group jax.devices() lists every process's)
     if len(devices) < n:
-        raise ConfigError(f"{name}: tp={config.tp} x pp={config.pp} needs {n} devices, the actor sees "
+        raise ConfigError(f"{name}: tp={config.tp} x {here} stage(s) needs {n} devices, the actor sees "
                           f"{len(devices)} (XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r})")
     loaded = load_model(model, dtype)
     memory = measure_memory(devices[:n])
     if memory is not None and all(d.platform == "cpu" for d in devices[:n]):
         memory = memory.share(host_share)  # the other actors on this host draw on the same memory
-    if process_id is None:
+    if process_id is None or segments:  # (a spanning pipeline's KV moves per segment: ObjectStoreTransport)
         transport: Any = ObjectStoreTransport()
     else:
         from jaxserve.cluster.collective import CollectiveTransport
         transport = CollectiveTransport(process_id)
+    executor = None
+    if segments:
+        from jaxserve.cluster.stages import SpanningExecutor
+        from jaxserve.engine.pipeline import PipelineExecutor
+        executor = SpanningExecutor(PipelineExecutor(loaded.cfg, loaded.params, devices[:n], config.tp, config.pp,
+                                                     config.attention, stages=range(here)), segments)
     return LLMEngine(loaded.cfg, loaded.params, config, devices=devices[:n], name=name,
-                     transport=transport, memory=memory)
+                     transport=transport, memory=memory, executor=executor)
 
 
 class InstanceActor:
@@ -117,7 +136,8 @@ class InstanceActor:
 
     def __init__(self, model: str | None, config: EngineConfig, name: str, dtype: str = "float32",
                  fake: dict[str, Any] | None = None, compilation_cache: str | None = None,
-                 host_share: int = 1, group: Any = None, process_id: int | None = None) -> None:
+                 host_share: int = 1, group: Any = None, process_id: int | None = None,
+                 segments: Sequence[Any] = ()) -> None:
         from jaxserve.logs import show_logs
         from jaxserve.runtime.instance import LocalInstance
 
@@ -131,7 +151,7 @@ class InstanceActor:
                 from jaxserve.cluster.collective import join_group
                 join_group(group, process_id)
             core = _engine_core(model, config, name, dtype, compilation_cache, host_share,
-                                None if group is None else process_id)
+                                None if group is None else process_id, segments)
         self._ready = threading.Event()
         self._sender: Any = None
         self.instance = LocalInstance(core)
@@ -225,8 +245,9 @@ class ActorOptions:
     platform: str | None = "cpu"  # JAX_PLATFORMS in the actor; None: let JAX choose (GPUs)
     env_vars: tuple[tuple[str, str], ...] = ()
 
-    def ray_options(self, config: EngineConfig) -> dict[str, Any]:
-        flags = f"--xla_force_host_platform_device_count={config.tp * config.pp}"
+    def ray_options(self, config: EngineConfig, stages: int | None = None) -> dict[str, Any]:
+        """Ray's options for an actor holding ``stages`` (default: all) of ``config``'s pipeline."""
+        flags = f"--xla_force_host_platform_device_count={config.tp * (config.pp if stages is None else stages)}"
         if self.xla_threads == 1:
             flags += " --xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1"
         env = {"XLA_FLAGS": flags}
@@ -254,14 +275,16 @@ _REMOTE_CLASS: Any = None
 def start_instance(model: str | os.PathLike[str] | None, config: EngineConfig, name: str, *,
                    dtype: str = "float32", options: ActorOptions | None = None,
                    fake: dict[str, Any] | None = None, compilation_cache: str | None = None,
-                   host_share: int = 1, group: Any = None, process_id: int | None = None) -> Any:
+                   host_share: int = 1, group: Any = None, process_id: int | None = None,
+                   segments: Sequence[Any] = ()) -> Any:
     """Create an ``InstanceActor`` (asynchronously: its first call waits for the model to load).
     ``fake``: a ``FakeCore``'s settings instead of a model (runtime tests). ``compilation_cache``: a
     directory or "off"; None: the driver's default (``jaxserve.compile_cache.resolve_cache_dir``),
     resolved here so that the actor uses the same directory. ``host_share``: how many instances may
     share this actor's host memory (a CPU actor's KV pool takes from 1/host_share). ``group`` (a
     ``jaxserve.cluster.collective.GroupSpec``) and ``process_id``: the actor joins that collective
-    group and moves KV over it."""
+    group and moves KV over it. ``segments``: the further segments of a pipeline spanning processes
+    (``jaxserve.cluster.stages.Segment``, started already); this actor holds the stages before them."""
     import ray
 
     from jaxserve.compile_cache import resolve_cache_dir, setting
@@ -273,5 +296,30 @@ def start_instance(model: str | os.PathLike[str] | None, config: EngineConfig, n
     options = options or ActorOptions()
     model_spec = None if model is None else str(model)
     cache = setting(resolve_cache_dir(compilation_cache))
-    return _REMOTE_CLASS.options(**options.ray_options(config)).remote(model_spec, config, name, dtype, fake, cache,
-                                                                       host_share, group, process_id)
+    return _REMOTE_CLASS.options(**options.ray_options(config, _stages_here(config, segments))).remote(
+        model_spec, config, name, dtype, fake, cache, host_share, group, process_id, list(segments))
+
+
+def _stages_here(config: EngineConfig, segments: Sequence[Any]) -> int:
+    return segments[0].stages.start if segments else config.pp
+
+
+_STAGE_CLASS: Any = None
+
+
+def start_stage(model: str | os.PathLike[str] | None, config: EngineConfig, stages: range, *, group: Any,
+                process_id: int, prev_process: int, next_process: int, dtype: str = "float32",
+                options: ActorOptions | None = None, compilation_cache: str | None = None) -> Any:
+    """Create a ``jaxserve.cluster.stages.StageActor`` holding ``stages`` of a pipeline instance."""
+    import ray
+
+    from jaxserve.cluster.stages import StageActor
+    from jaxserve.compile_cache import resolve_cache_dir, setting
+
+    global _STAGE_CLASS
+    if _STAGE_CLASS is None:
+        _STAGE_CLASS = ray.remote(StageActor)
+    options = options or ActorOptions()
+    return _STAGE_CLASS.options(**options.ray_options(config, len(stages))).remote(
+        None if model is None else str(model), config, stages, group, process_id, prev_process, next_process,
+        dtype, setting(resolve_cache_dir(compilation_cache)))

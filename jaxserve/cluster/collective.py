@@ -133,6 +133,31 @@ def exchange(src: int, dst: int, kv: list[Any], ok: bool) -> tuple[list[Any], bo
     return jax.block_until_ready(local), bool(np.asarray(out_ok.addressable_shards[0].data)[0])
 
 
+def send_array(dst: int, a: Any) -> None:
+    """Send one array (an activation, logits) from this process to process ``dst``, which runs
+    ``recv_array`` with its shape and dtype at the same point."""
+    import jax
+
+    me = jax.process_index()
+    exchange(me, dst, with_lead_axis([a], first_device(me), add=True), True)
+
+
+_recv_buffers: dict[tuple[tuple[int, ...], str], Any] = {}
+
+
+def recv_array(src: int, shape: tuple[int, ...], dtype: Any) -> Any:
+    """The array process ``src`` sends with ``send_array``, on this process's first device."""
+    import jax
+    import numpy as np
+
+    me = jax.process_index()
+    key = (tuple(shape), str(np.dtype(dtype)))
+    if key not in _recv_buffers:  # the receive side's input: zeros, reused, never written
+        _recv_buffers[key] = jax.device_put(np.zeros((1, *shape), dtype), first_device(me))
+    out, _ = exchange(src, me, [_recv_buffers[key]], True)
+    return with_lead_axis(out, first_device(me), add=False)[0]
+
+
 @functools.cache
 def _reshapers() -> tuple[Any, Any]:
     import jax

@@ -24,7 +24,7 @@ import ray
 from ray.exceptions import GetTimeoutError, RayError, RayTaskError
 
 from jaxserve.cluster.actors import ActorOptions, start_instance
-from jaxserve.config import EngineConfig
+from jaxserve.config import ConfigError, EngineConfig
 from jaxserve.request import FinishReason, Request
 from jaxserve.runtime.api import Batch, Failed, InstanceInfo, InstanceStats
 from jaxserve.runtime.router import ClusterError, Router
@@ -69,6 +69,7 @@ class RayInstance:
         self._thread: threading.Thread | None = None
         self.process_id: int | None = None  # in a collective group
         self.peers: dict[str, RayInstance] = {}  # name -> proxy (a collective hand-off calls its source)
+        self.segments: list[Any] = []  # further segments of a pipeline spanning processes (jaxserve.cluster.stages)
 
     # ---- commands (the router's thread) --------------------------------------------------------
     def start(self, wake: threading.Event | None = None) -> None:
@@ -183,44 +184,100 @@ def launch_router(model: str | None, configs: Sequence[tuple[str, EngineConfig]]
                   options: ActorOptions | Sequence[ActorOptions] | None = None, timeout_s: float = 300.0,
                   start_timeout_s: float = 600.0, fake: Sequence[dict[str, Any]] | None = None,
                   poll_s: float = 0.02, compilation_cache: str | None = None,
-                  transport: str = "object-store") -> Router:
+                  transport: str = "object-store",
+                  stages: Sequence[Sequence[tuple[range, ActorOptions]]] | None = None) -> Router:
     """One actor per ``(name, EngineConfig)`` (``options``: one for all, or one each), every model
     loaded, clock offsets estimated; a ``Router`` over them (its ``shutdown`` kills the actors).
     ``fake``: one ``FakeCore`` settings dict per instance instead of a model (runtime tests).
     ``compilation_cache``: a directory or "off" for every actor; None: the driver's default.
     ``transport``: "object-store" (numpy through Ray) or "collective" (the actors form one JAX
-    group, coordinated from this process; KV moves over gloo / NCCL: ``jaxserve.cluster.collective``)."""
+    group, coordinated from this process; KV moves over gloo / NCCL: ``jaxserve.cluster.collective``).
+    ``stages``: per instance, the further segments of a pipeline spanning processes (stages, options;
+    ``jaxserve.cluster.placement.Placement.stages``): a stage actor each, in the same JAX group as
+    every actor (activations over gloo / NCCL: ``jaxserve.cluster.stages``)."""
     opts = list(options) if isinstance(options, Sequence) else [options] * len(configs)
     fakes = list(fake) if fake is not None else [None] * len(configs)
-    if len(opts) != len(configs) or len(fakes) != len(configs):
-        raise ValueError(f"{len(opts)} ActorOptions and {len(fakes)} fakes for {len(configs)} instances")
+    segs = [list(s) for s in stages] if stages is not None else [[] for _ in configs]
+    if len(opts) != len(configs) or len(fakes) != len(configs) or len(segs) != len(configs):
+        raise ValueError(f"{len(opts)} ActorOptions, {len(fakes)} fakes and {len(segs)} stage lists for "
+                         f"{len(configs)} instances")
     if transport not in ("object-store", "collective"):
         raise ValueError(f"transport must be 'object-store' or 'collective', got {transport!r}")
-    service = None
-    if transport == "collective":
+    spanning = sum(len(s) for s in segs)
+    if spanning and transport == "collective":
+        raise ConfigError("a pipeline whose stages span processes moves its KV per stage through the object "
+                          "store: use the object-store KV transport with it")
+    keep = _Resources()
+    if transport == "collective" or spanning:
         from jaxserve.cluster.collective import CoordinatorService
-        service = CoordinatorService(len(configs), host=ray.util.get_node_ip_address())
+        keep.service = CoordinatorService(len(configs) + spanning, host=ray.util.get_node_ip_address())
+    group = None if keep.service is None else keep.service.spec
     # CPU actors size their KV pools as if all of them shared one host (true for a local Ray;
     # on several nodes it leaves memory unused rather than overcommitting one)
     try:
+        chains = _start_stages(model, configs, segs, group, dtype, compilation_cache, keep)
         actors = [start_instance(model, c, name, dtype=dtype, options=o, fake=f, host_share=len(configs),
-                                 compilation_cache=compilation_cache, process_id=i,
-                                 group=None if service is None else service.spec)
-                  for i, ((name, c), o, f) in enumerate(zip(configs, opts, fakes, strict=True))]
+                                 compilation_cache=compilation_cache, process_id=i, group=group, segments=chain)
+                  for i, ((name, c), o, f, chain) in enumerate(zip(configs, opts, fakes, chains, strict=True))]
         proxies = connect(actors, timeout_s=timeout_s, start_timeout_s=start_timeout_s, own_actors=True)
-        if service is None:
-            return Router(proxies, poll_s=poll_s)
+        for p, chain in zip(proxies, chains, strict=True):
+            p.segments = chain
+        if transport != "collective":
+            router = Router(proxies, poll_s=poll_s)
+            router.keep_alive = keep
+            return router
         by_name = {p.info.name: p for p in proxies}
         for i, p in enumerate(proxies):
             p.process_id, p.peers = i, by_name
         router = Router(proxies, poll_s=poll_s)
         router.after_warmup = lambda: warm_pairs([s.inst for s in router.live()], timeout_s)
-        router.keep_alive = service  # the group's coordinator lives as long as the router
+        router.keep_alive = keep  # the group's coordinator (and stage actors) live as long as the router
         return router
     except BaseException:
-        if service is not None:
-            service.shutdown()
+        keep.shutdown()
         raise
+
+
+class _Resources:
+    """What lives as long as a router of actors: the collective group's coordinator, the stage actors."""
+
+    def __init__(self) -> None:
+        self.service: Any = None
+        self.stage_actors: list[Any] = []
+
+    def shutdown(self) -> None:
+        for a in self.stage_actors:
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # already gone
+                pass
+        self.stage_actors = []
+        if self.service is not None:
+            self.service.shutdown()
+            self.service = None
+
+
+def _start_stages(model: str | None, configs: Sequence[tuple[str, EngineConfig]],
+                  segs: Sequence[Sequence[tuple[range, ActorOptions]]], group: Any, dtype: str,
+                  compilation_cache: str | None, keep: _Resources) -> list[list[Any]]:
+    """A stage actor per further segment (process ids after the instances'); per instance its chain."""
+    from jaxserve.cluster.actors import start_stage
+    from jaxserve.cluster.stages import Segment
+
+    chains: list[list[Any]] = []
+    pid = len(configs)
+    for leader, ((_, config), mine) in enumerate(zip(configs, segs, strict=True)):
+        ids = [leader, *range(pid, pid + len(mine))]
+        chain = []
+        for k, (stages, opts) in enumerate(mine):
+            actor = start_stage(model, config, stages, group=group, process_id=ids[k + 1], prev_process=ids[k],
+                                next_process=ids[k + 2] if k + 2 < len(ids) else leader, dtype=dtype,
+                                options=opts, compilation_cache=compilation_cache)
+            keep.stage_actors.append(actor)
+            chain.append(Segment(actor, stages, ids[k + 1]))
+        chains.append(chain)
+        pid += len(mine)
+    return chains
 
 
 def warm_pairs(proxies: Sequence[RayInstance], timeout_s: float) -> None:

@@ -67,10 +67,13 @@ class LLMEngine:
 
     def __init__(self, cfg: ModelConfig, params: Any, config: EngineConfig | None = None, *,
                  devices: Seq[jax.Device] | None = None, name: str = "engine-0",
-                 transport: KVTransport | None = None, memory: MemoryInfo | None = None) -> None:
+                 transport: KVTransport | None = None, memory: MemoryInfo | None = None,
+                 executor: Any = None) -> None:
         config = config or EngineConfig()
         self.cfg, self.config, self.name = cfg, config, name
         n_dev = config.tp * config.pp
+        if executor is not None:  # built by the caller (a pipeline spanning processes: jaxserve.cluster.stages)
+            devices, n_dev = executor.devices, len(executor.devices)
         devices = list(devices) if devices is not None else jax.devices()[:n_dev]
         if len(devices) != n_dev:
             raise ConfigError(f"{name}: tp={config.tp} x pp={config.pp} needs {n_dev} devices, got {len(devices)}")
@@ -80,7 +83,7 @@ class LLMEngine:
         self.kv_plan = plan_kv(cfg, config, self.max_model_len, kv_bytes_per_block(cfg, config.block_size),
                                memory if memory is not None else measure_memory(devices))
         log.info("%s: %s", name, self.kv_plan.describe())
-        self.executor = make_executor(cfg, params, devices, config.tp, config.pp, config.attention)
+        self.executor = executor or make_executor(cfg, params, devices, config.tp, config.pp, config.attention)
         self.executor.init_kv(self.kv_plan.num_blocks, config.block_size)
         self.blocks = BlockManager(self.kv_plan.num_blocks, config.block_size)
         self.policy = POLICY_FOR_MODE[config.mode]
@@ -147,7 +150,12 @@ class LLMEngine:
         self.num_warmup_shapes = total
         self._warm = True
         _warm_baseline = program_count()
+        self._mark_remote_warm()
         return total
+
+    def _mark_remote_warm(self) -> None:
+        if hasattr(self.executor, "mark_warm"):  # stages in other processes count from here too
+            self.executor.mark_warm()
 
     def warm_more(self, fn: Any) -> Any:
         """Run ``fn`` as part of warm-up (a cross-process hand-off, warmed once both ends are warm):
@@ -155,6 +163,7 @@ class LLMEngine:
         global _warm_baseline
         out = fn()
         _warm_baseline = program_count()
+        self._mark_remote_warm()
         return out
 
     @property
@@ -163,7 +172,8 @@ class LLMEngine:
         compiled, or loaded from the persistent compilation cache (a shape warm-up missed, either way)."""
         if not self._warm or _warm_baseline is None:
             raise RuntimeError("warmup() has not run")
-        return program_count() - _warm_baseline
+        remote = self.executor.remote_compilations() if hasattr(self.executor, "remote_compilations") else 0
+        return program_count() - _warm_baseline + remote
 
     def check_request(self, request: Request) -> None:
         """Raise ValueError (naming the problem) if this request can never run on this engine."""

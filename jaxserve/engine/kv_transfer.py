@@ -83,6 +83,14 @@ def _bucket(n: int) -> int:
     return pow2_buckets(1, n)[-1]
 
 
+def padded_ids(block_ids: Sequence[int], num_tokens: int, block_size: int) -> list[int]:
+    """The blocks holding ``num_tokens``, padded with the null block to a bucket (a warmed gather shape)."""
+    n = blocks_needed(num_tokens, block_size)
+    if len(block_ids) < n:
+        raise ValueError(f"{num_tokens} tokens need {n} source blocks, got {len(block_ids)}")
+    return _pad(block_ids[:n], _bucket(max(1, n)))
+
+
 def block_buckets(executor: Any, max_tokens: int) -> tuple[int, ...]:
     """The hand-off block buckets an executor's requests can need."""
     return pow2_buckets(1, blocks_needed(max_tokens, executor.block_size))
@@ -130,7 +138,7 @@ class HostTransport:
 
     def export_kv(self, src: Any, block_ids: Sequence[int], num_tokens: int, request_id: str = "") -> KVPayload:
         n = blocks_needed(num_tokens, src.block_size)
-        blocks = src.gather_blocks(_pad(block_ids[:n], _bucket(max(1, n))))
+        blocks = src.gather_blocks(padded_ids(block_ids, num_tokens, src.block_size))
         return KVPayload(num_tokens, src.block_size, [(np.asarray(k)[:n], np.asarray(v)[:n]) for k, v in blocks])
 
     def import_kv(self, dst: Any, block_ids: Sequence[int], handle: KVPayload) -> int:

@@ -36,6 +36,11 @@ decode and prompt-continuation calls go through the stages as one micro-batch (w
 figures: ``docs/planner.md``, "Pipeline stages: the engine and the model"). ``record_timeline()`` makes
 each stage wait for its result and log ``StageSpan``s: an instrumented run, for tests and benches.
 
+Segments. ``stages=range(a, b)`` builds an executor of only those stages (a process's share of a
+pipeline whose stages span processes, ``jaxserve.cluster.stages``): ``execute`` runs from tokens when it
+holds stage 0, ``execute_from(inputs, x)`` from the previous segment's x otherwise; it returns logits
+only if it holds the last stage; ``kv`` and ``kv_stages`` count layers from its own first layer.
+
 Limits. A single micro-batch never overlaps its own stages, and consecutive calls do not overlap
 (a step ends with its sampled tokens). On the CPU backend the virtual devices share the host's
 cores (2 here): two stages running at once each took 1.5-1.8x as long as alone, so micro-batched
@@ -114,18 +119,27 @@ class PipelineExecutor:
     """Params + paged KV of one instance split into ``pp`` stages of ``tp`` devices each."""
 
     def __init__(self, cfg: ModelConfig, params: Params, devices: Sequence[jax.Device], tp: int = 1,
-                 pp: int = 1, attention: str | AttnFn = "auto", microbatches: int | None = None) -> None:
+                 pp: int = 1, attention: str | AttnFn = "auto", microbatches: int | None = None,
+                 stages: range | None = None) -> None:
         devices = list(devices)
         check_tp(cfg, tp)
-        if len(devices) != tp * pp:
-            raise ValueError(f"tp={tp} x pp={pp} needs {tp * pp} devices, got {len(devices)}")
+        # ``stages``: the pipeline's stages this executor holds (a segment of a pipeline spanning
+        # processes, ``jaxserve.cluster.stages``); the others run elsewhere
+        self.stages = range(pp) if stages is None else stages
+        n = len(self.stages)
+        if not n or self.stages.start < 0 or self.stages.stop > pp:
+            raise ValueError(f"stages {self.stages} are not a segment of a {pp}-stage pipeline")
+        if len(devices) != tp * n:
+            raise ValueError(f"tp={tp} x {n} stage(s) needs {tp * n} devices, got {len(devices)}")
         self.cfg, self.tp, self.pp = cfg, tp, pp
         self.microbatches = pp if microbatches is None else microbatches  # per packed prefill call (runner)
         if self.microbatches <= 0:
             raise ValueError(f"microbatches must be >= 1, got {microbatches}")
-        self.stage_layers = split_layers(cfg.num_hidden_layers, pp)
-        self.mesh = make_mesh(devices, tp, pp)  # [pp, tp]
-        self.stage_meshes = [Mesh(self.mesh.devices[s:s + 1], ("pp", "tp")) for s in range(pp)]  # [1, tp]
+        self.stage_layers = split_layers(cfg.num_hidden_layers, pp)[self.stages.start:self.stages.stop]
+        self.layers = range(self.stage_layers[0].start, self.stage_layers[-1].stop)
+        self.holds_first, self.holds_last = self.stages.start == 0, self.stages.stop == pp
+        self.mesh = make_mesh(devices, tp, n)  # [stages here, tp]
+        self.stage_meshes = [Mesh(self.mesh.devices[s:s + 1], ("pp", "tp")) for s in range(n)]  # [1, tp]
         self._repl = [replicated(m) for m in self.stage_meshes]
         # a backend name gives each stage its own attention (Pallas under TP is shard_mapped over that
         # stage's sub-mesh); a function is used as is by every stage
@@ -134,9 +148,9 @@ class PipelineExecutor:
         self._kv_sharding = [kv_sharding(m) for m in self.stage_meshes]
         self.stage_params: list[Params] = []
         for s, (layers, mesh) in enumerate(zip(self.stage_layers, self.stage_meshes, strict=True)):
-            p = stage_params(params, layers, s == 0, s == pp - 1)
+            p = stage_params(params, layers, self.stages[s] == 0, self.stages[s] == pp - 1)
             self.stage_params.append(jax.device_put(p, param_shardings(cfg, mesh, p)))
-        self.stage_kv: list[KVCache] = [[] for _ in range(pp)]
+        self.stage_kv: list[KVCache] = [[] for _ in range(n)]
         self.num_blocks = 0
         self.block_size = 0
         self._workers: list[ThreadPoolExecutor] | None = None  # one thread per stage, made on first use
@@ -154,13 +168,15 @@ class PipelineExecutor:
 
     @kv.setter
     def kv(self, kv: KVCache) -> None:
-        if len(kv) != self.cfg.num_hidden_layers:
-            raise ValueError(f"kv has {len(kv)} layers, the model {self.cfg.num_hidden_layers}")
-        self.stage_kv = [list(kv[r.start:r.stop]) for r in self.stage_layers]
+        if len(kv) != len(self.layers):
+            raise ValueError(f"kv has {len(kv)} layers, this executor holds {len(self.layers)}")
+        at = self.layers.start
+        self.stage_kv = [list(kv[r.start - at:r.stop - at]) for r in self.stage_layers]
 
     def kv_stages(self) -> list[tuple[Mesh, range]]:
-        """(sub-mesh, layers) of each stage."""
-        return list(zip(self.stage_meshes, self.stage_layers, strict=True))
+        """(sub-mesh, layers) of each stage (layer numbers count from this executor's first layer)."""
+        at = self.layers.start
+        return [(m, range(r.start - at, r.stop - at)) for m, r in zip(self.stage_meshes, self.stage_layers, strict=True)]
 
     def set_stage_kv(self, stage: int, kv: KVCache) -> None:
         self.stage_kv[stage] = list(kv)
@@ -180,17 +196,23 @@ class PipelineExecutor:
         """Run one step through all stages; logits [R, V] (float32, on the last stage). Updates the KV."""
         return self.execute_many([inputs])[0]
 
-    def execute_many(self, microbatches: Sequence[StepInputs]) -> list[jax.Array]:
+    def execute_from(self, inputs: StepInputs, x: jax.Array) -> jax.Array:
+        """A segment that does not hold stage 0: its stages on the previous segment's output ``x [T, D]``
+        (any placement); ``x`` of its last stage, or logits ``[R, V]`` if it holds the pipeline's last."""
+        return self.execute_many([inputs], first_input=x)[0]
+
+    def execute_many(self, microbatches: Sequence[StepInputs], first_input: Any = None) -> list[jax.Array]:
         """Run micro-batches (disjoint sequences of one call) with stages overlapping; logits per micro-batch.
 
         Stage ``s`` runs on its own worker thread and starts micro-batch ``m`` once stage ``s - 1``
         has finished it (see the module docstring). Returns when every stage has issued every
         micro-batch. The result equals running ``execute`` on each micro-batch in order.
         """
-        n, pp = len(microbatches), self.pp
+        n, pp = len(microbatches), len(self.stages)
         # host -> every stage: step metadata, replicated on the stage's sub-mesh
         placed = [[jax.device_put((mb.positions, mb.meta), r) for r in self._repl] for mb in microbatches]
-        h: list[Any] = [jax.device_put(mb.tokens, self._repl[0]) for mb in microbatches]
+        h: list[Any] = ([jax.device_put(mb.tokens, self._repl[0]) for mb in microbatches] if first_input is None
+                        else [first_input])
         idx = [jax.device_put(mb.logits_index, self._repl[-1]) for mb in microbatches]
         call, self._calls = self._calls, self._calls + 1
         if n == 1 or pp == 1:  # nothing to overlap: the stages one after another, on this thread
@@ -214,12 +236,12 @@ class PipelineExecutor:
         """Stage ``s`` of micro-batch ``m``: tokens or the previous stage's x (or its future) -> x or logits."""
         if isinstance(h, Future):
             h = h.result()
-        if s > 0:  # activation x [T, D] from stage s-1's sub-mesh to stage s's
+        first, last = self.stages[s] == 0, self.stages[s] == self.pp - 1
+        if not first:  # activation x [T, D] from stage s-1's sub-mesh (or another process) to stage s's
             h = jax.device_put(h, self._repl[s])
         start = time.perf_counter()
-        last = s == self.pp - 1
         h, self.stage_kv[s] = run_stage(self.stage_params[s], self.cfg, self.stage_attn[s], h, positions,
-                                        self.stage_kv[s], meta, logits_index if last else None, first=s == 0,
+                                        self.stage_kv[s], meta, logits_index if last else None, first=first,
                                         last=last, replicated=self._repl[s])
         if self.timeline is not None:
             jax.block_until_ready(h)
@@ -252,10 +274,11 @@ class PipelineExecutor:
         return out
 
     def scatter_blocks(self, block_ids: Sequence[int], blocks: list[tuple[jax.Array, jax.Array]]) -> None:
-        """Write per-layer (k, v) ``[n, bs, H, Dh]`` (layer order, any placement) into the given blocks."""
-        if len(blocks) != self.cfg.num_hidden_layers:
-            raise ValueError(f"{len(blocks)} layers of blocks for a {self.cfg.num_hidden_layers}-layer model")
+        """Write per-layer (k, v) ``[n, bs, H, Dh]`` (this executor's layers in order, any placement)
+        into the given blocks."""
+        if len(blocks) != len(self.layers):
+            raise ValueError(f"{len(blocks)} layers of blocks for an executor of {len(self.layers)} layers")
         ids = np.asarray(block_ids, np.int32)
-        for s, layers in enumerate(self.stage_layers):
+        for s, (_, layers) in enumerate(self.kv_stages()):
             part = jax.device_put(list(blocks[layers.start:layers.stop]), self._kv_sharding[s])
             self.stage_kv[s] = scatter_pages(self.stage_kv[s], jax.device_put(ids, self._repl[s]), part)

@@ -4,7 +4,7 @@
     first token) if prompts wait (prefill-first), else a decode step (sleeps ``decode_s``; one token
     for every running request). Token k of every request is ``100 + k``; a request ends with
     ``length`` at ``max_tokens``. The prompt ``[666]`` is refused (ValueError). ``fail_at_step``
-    makes that step raise. A prefill core holds prefilled requests until ``release``; its handle is
+    makes that step raise (``lost_at_step``: raise ``InstanceLost``). A prefill core holds prefilled requests until ``release``; its handle is
     ``("fake-kv", id, tokens)``; a decode core admits up to ``max_running`` requests.
 
 It plugs into the real ``LocalInstance`` and ``Router`` (and a Ray actor), so router and runtime
@@ -18,6 +18,7 @@ import os
 import time
 from typing import Any
 
+from jaxserve.errors import InstanceLost
 from jaxserve.request import Event, FinishReason, Request
 from jaxserve.runtime.api import InstanceInfo, InstanceStats, StepOutput
 
@@ -32,6 +33,7 @@ class FakeCore:
     capacity: int = 1024  # "blocks" of 16 tokens
     max_model_len: int = 1000
     fail_at_step: int | None = None
+    lost_at_step: int | None = None  # that step raises InstanceLost (a part of the instance died)
     node_id: str | None = None  # where it "runs" (the router prefers decode instances on a source's node)
 
     def __post_init__(self) -> None:
@@ -76,6 +78,8 @@ class FakeCore:
         self.steps += 1
         if self.fail_at_step == self.steps:
             raise RuntimeError("boom")
+        if self.lost_at_step == self.steps:
+            raise InstanceLost("a stage process died")
         room = self.max_running - (len(self.running) if self.mode == "colocated" else 0)
         if self.waiting and room > 0:
             return self._prefill(room)

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
+from jaxserve.errors import InstanceLost
 from jaxserve.request import FinishReason, Request
 from jaxserve.runtime.api import (
     Batch,
@@ -72,6 +73,7 @@ class LocalInstance:
         self._fetching: dict[str, bool] = {}  # request id -> aborted meanwhile (loop thread only)
         self._fetcher: ThreadPoolExecutor | None = None
         self._stopping = threading.Event()
+        self._lost: str | None = None  # why the core can never step again (InstanceLost)
         self._thread: threading.Thread | None = None
 
     # ---- the interface (any thread) ----------------------------------------------------------
@@ -97,7 +99,7 @@ class LocalInstance:
     def outputs(self) -> Batch:
         with self._lock:
             msgs, self._messages = self._messages, []
-            return Batch(msgs, self._stats)
+            return Batch(msgs, self._stats, error=self._lost)
 
     def stats(self) -> InstanceStats:
         """Load right after every command sent so far (a round trip through the loop)."""
@@ -130,7 +132,7 @@ class LocalInstance:
 
     def _call(self, fn: Callable[[], Any]) -> Any:
         """Run ``fn`` on the instance's thread (in order with the commands), or here if it is not running."""
-        if self._thread is None:
+        if self._thread is None or not self._thread.is_alive():  # (a lost instance's loop has ended)
             return fn()
         fut: Future[Any] = Future()
         self._send(("call", fn, fut))
@@ -244,6 +246,9 @@ class LocalInstance:
             for rid in list(self._tracked):
                 self._forget(rid, FinishReason.ERROR)
                 self._emit(Failed(rid, why))
+            if isinstance(e, InstanceLost):  # it can never step again: the router stops using it
+                self._lost = why
+                self._stopping.set()
             return
         self._collect_updates()
         for rid in self.core.take_ready():  # prefill role: export right away, so a pull never waits on us

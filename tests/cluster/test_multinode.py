@@ -7,14 +7,16 @@ hand-off stays on its node (the router prefers the source's node). Actors on the
 not on get their clock offset estimated for real (round trips), and every request's events stay in
 order on the driver's clock.
 
-Not covered here: an instance whose pipeline stages sit on different nodes. An instance is one
-process (its stages on that process's devices), so a replica whose stages span plan nodes is placed
-on its first stage's node (``jaxserve.cluster.placement``).
+The second plan is the same shape at pp=2: prefill and decode each hold stage 0 on node 0 and stage 1
+on node 1 (an instance actor plus a stage actor each, ``jaxserve.cluster.stages``): activations cross
+the nodes over the JAX group, each stage's KV moves on its own node; a stage actor that dies ends the
+request it was decoding with an error within 5 s.
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import ray
@@ -24,7 +26,8 @@ from jaxserve.cluster.ray_instance import launch_router
 from jaxserve.config import DeploymentConfig, InstanceSpec
 from jaxserve.engine.build import instance_names
 from jaxserve.engine.frontend import run_requests
-from jaxserve.request import Event, Request, SamplingParams
+from jaxserve.request import Event, FinishReason, Request, SamplingParams
+from tests.cluster.helpers import drained
 from tests.model_fixtures import greedy_case
 
 pytestmark = pytest.mark.timeout(600)
@@ -79,5 +82,48 @@ def test_pairs_per_node_collective_kv_equal_hf(two_nodes, model):
             for r in reqs:
                 assert [e.time for e in r.events] == sorted(e.time for e in r.events)
             assert eng.compilations_since_warmup == 0
+    finally:
+        release(placement)
+
+
+def test_pipeline_stages_on_two_nodes_equal_hf(two_nodes, model):
+    """DistServe's low node-affinity shape with pp=2: prefill and decode each have stage 0 on node 0 and
+    stage 1 on node 1 (an instance actor and a stage actor per instance); activations cross nodes over
+    the JAX group; each stage's KV moves between the actors holding its layers, on one node."""
+    model_dir, prompts, refs = model
+    plan = DeploymentConfig((InstanceSpec("prefill", pp=2, nodes=((0, 1),)),
+                             InstanceSpec("decode", pp=2, nodes=((0, 1),))))
+    placement = place(plan)
+    assert [[s for s, _ in chain] for chain in placement.stages] == [[range(1, 2)], [range(1, 2)]]
+    configs = [s.engine_config(max_num_seqs=8, max_model_len=256) for s in plan.instances]
+    try:
+        with launch_router(model_dir, list(zip(["prefill-0", "decode-0"], configs, strict=True)),
+                           options=placement.options, stages=placement.stages, timeout_s=120) as eng:
+            node = {s.name: s.inst.info.node_id for s in eng.slots}
+            stage_node = {s.name: ray.get(s.inst.segments[0].actor.node.remote())[0] for s in eng.slots}
+            assert node["prefill-0"] == node["decode-0"] != stage_node["prefill-0"] == stage_node["decode-0"]
+            eng.warmup()
+            reqs = [Request(f"s{i}", p, SamplingParams(max_tokens=8)) for i, p in enumerate(prompts)]
+            assert [t.token_ids for t in run_requests(eng, reqs)] == refs
+            assert eng.compilations_since_warmup == 0  # the stage actors' programs included
+            assert drained(eng) == {"prefill-0": 0, "decode-0": 0}
+            # the decode instance's stage actor dies while a request decodes: it ends with an error, soon
+            long = Request("long", prompts[0], SamplingParams(max_tokens=200, ignore_eos=True))
+            eng.add_request(long)
+            t0 = time.monotonic()
+            while not any(e.kind == Event.DECODE_BEGAN for e in long.events):
+                assert time.monotonic() - t0 < 60
+                eng.step()
+            ray.kill(eng.slots[1].inst.segments[0].actor, no_restart=True)
+            t0 = time.monotonic()
+            while long.finish_reason is None:
+                assert time.monotonic() - t0 < 5.0, "not ended within 5 s of its stage actor's death"
+                eng.step()
+            assert long.finish_reason == FinishReason.ERROR and "long" in eng.failures
+            t0 = time.monotonic()
+            while eng.slots[1].alive:  # the instance reports itself lost: the router stops using it
+                assert time.monotonic() - t0 < 5.0
+                eng.step()
+            assert "stage process" in eng.slots[1].error
     finally:
         release(placement)

@@ -242,3 +242,32 @@ def test_colocated_replicas_share_requests_and_equal_hf(cluster, model):
         assert {r.events[1].instance for r in reqs} == {"colocated-0", "colocated-1"}
         assert eng.num_transfers == 0 and not eng.has_unfinished()
         assert eng.held_blocks() == {"colocated-0": 0, "colocated-1": 0}
+
+
+def test_staged_kv_imports_into_a_single_process_instance(cluster, tiny):
+    """A KV hand-off in per-segment parts (from a pipeline spanning processes) into an instance that
+    holds every layer: the parts are fetched from the object store and joined in layer order."""
+    import jax
+
+    from jaxserve.cluster.actors import ObjectStoreTransport
+    from jaxserve.cluster.stages import StagedKV
+    from jaxserve.engine.executor import ModelExecutor
+    from jaxserve.engine.kv_transfer import HostTransport, KVPayload
+
+    _, _, cfg, params, _ = tiny
+    src = ModelExecutor(cfg, params, jax.devices()[:1])
+    dst = ModelExecutor(cfg, params, jax.devices()[1:2])
+    src.init_kv(8, 4)
+    dst.init_kv(8, 4)
+    rng = np.random.default_rng(0)
+    pages = [tuple(rng.normal(size=(2, 4, cfg.num_attention_heads, cfg.head_dim)).astype(np.float32)
+                   for _ in range(2)) for _ in range(cfg.num_hidden_layers)]
+    src.scatter_blocks([1, 2], pages)
+    whole = HostTransport().export_kv(src, [1, 2], 7)
+    cut = cfg.num_hidden_layers // 2
+    spans = [(0, cut), (cut, cfg.num_hidden_layers)]
+    parts = tuple((a, b, ray.put(KVPayload(7, 4, whole.layers[a:b]))) for a, b in spans)
+    ObjectStoreTransport().import_kv(dst, [5, 3], StagedKV(7, 4, parts))
+    for (k, v), (k2, v2) in zip(dst.gather_blocks([5, 3]), pages, strict=True):
+        np.testing.assert_array_equal(np.asarray(k), k2)
+        np.testing.assert_array_equal(np.asarray(v), v2)

@@ -67,8 +67,26 @@ def test_plan_nodes_group_actors_into_placement_bundles():
         {"role": "decode", "tp": 2, "pp": 1, "replicas": 2, "nodes": [[0], [1]]},
         {"role": "prefill", "tp": 1, "pp": 2, "replicas": 2, "nodes": [[0, 0], [1, 1]]}]})
     assert [i.nodes for i in d.instances] == [((0,), (1,)), ((0, 0), (1, 1))]
-    assert plan_bundles(d, gpus=False) == [(0, {"CPU": 1.0}), (1, {"CPU": 1.0}), (0, {"CPU": 1.0}), (1, {"CPU": 1.0})]
-    assert plan_bundles(d, gpus=True)[0] == (0, {"CPU": 1.0, "GPU": 2.0})  # prefill first: tp*pp devices each
-    assert plan_bundles(d, gpus=True)[2] == (0, {"CPU": 1.0, "GPU": 2.0})
+    assert [(b.node, b.resources) for b in plan_bundles(d, gpus=False)] == [
+        (0, {"CPU": 1.0}), (1, {"CPU": 1.0}), (0, {"CPU": 1.0}), (1, {"CPU": 1.0})]
+    assert plan_bundles(d, gpus=True)[0].resources == {"CPU": 1.0, "GPU": 2.0}  # prefill first: tp*pp devices each
+    assert plan_bundles(d, gpus=True)[2].resources == {"CPU": 1.0, "GPU": 2.0}
     flat = DeploymentConfig.from_dict({"instances": [{"role": "colocated", "replicas": 2}]})
-    assert plan_bundles(flat, gpus=False) == [(None, {"CPU": 1.0})] * 2
+    assert [(b.node, b.stages) for b in plan_bundles(flat, gpus=False)] == [(None, range(1))] * 2
+
+
+def test_stages_spanning_plan_nodes_get_a_bundle_per_segment():
+    """A replica whose stages sit on two plan nodes: one bundle per run of stages on one node, each
+    holding its stages' devices; the runs keep the replica's order."""
+    from jaxserve.cluster.placement import plan_bundles
+    from jaxserve.cluster.stages import segments
+
+    assert segments([0, 0, 1, 1, 0]) == [(0, range(0, 2)), (1, range(2, 4)), (0, range(4, 5))]
+    d = DeploymentConfig.from_dict({"instances": [
+        {"role": "prefill", "tp": 2, "pp": 3, "nodes": [[0, 1, 1]]},
+        {"role": "decode", "tp": 1, "pp": 2, "replicas": 2, "nodes": [[0, 1], [1, 1]]}]})
+    got = [(b.node, b.resources.get("GPU"), b.replica, b.stages) for b in plan_bundles(d, gpus=True)]
+    assert got == [(0, 2.0, 0, range(0, 1)), (1, 4.0, 0, range(1, 3)),
+                   (0, 1.0, 1, range(0, 1)), (1, 1.0, 1, range(1, 2)), (1, 2.0, 2, range(0, 2))]
+    with pytest.raises(ConfigError, match="each of its 2 stage"):
+        DeploymentConfig.from_dict({"instances": [{"role": "colocated", "pp": 2, "nodes": [[0]]}]})

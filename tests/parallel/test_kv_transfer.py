@@ -86,7 +86,7 @@ def test_scatter_rejects_wrong_layer_count(tiny, devices):
     ex = PipelineExecutor(cfg, params, devices[:2], pp=2)
     ex.init_kv(8, BS)
     blocks = ex.gather_blocks([1, 2])
-    with pytest.raises(ValueError, match="3 layers of blocks for a 4-layer model"):
+    with pytest.raises(ValueError, match="3 layers of blocks for an executor of 4 layers"):
         ex.scatter_blocks([3, 4], blocks[:3])
 
 

@@ -1,5 +1,6 @@
 """The router over free-running instances, with test-double cores (hand-checkable tokens, settable step times)."""
 
+import dataclasses
 import time
 
 import pytest
@@ -106,6 +107,23 @@ def test_a_failing_step_ends_only_that_instances_requests():
         assert "step raised RuntimeError: boom" in router.failures["x"]
         again = Request("y", [2], SamplingParams(max_tokens=3))  # the instance carries on
         assert run_requests(router, [again])[0].token_ids == [100, 101, 102]
+
+
+def test_a_lost_instance_is_failed_and_routed_around():
+    """A core that can never step again (InstanceLost: a stage process died): its requests end with an
+    error, the instance is reported failed, and later requests go to the other instance."""
+    with _router(FakeCore("colocated-0", lost_at_step=2, decode_s=0.01), FakeCore("colocated-1", decode_s=0.01)) as router:
+        router.slots[1].stats = dataclasses.replace(router.slots[1].stats, queued_tokens=10**9)
+        r = Request("x", [2], SamplingParams(max_tokens=10))
+        assert run_requests(router, [r])[0].finish_reason == FinishReason.ERROR
+        t0 = time.monotonic()
+        while router.slots[0].alive:
+            assert time.monotonic() - t0 < 5
+            router.step()
+        assert "a stage process died" in router.slots[0].error
+        again = Request("y", [2], SamplingParams(max_tokens=3))
+        assert run_requests(router, [again])[0].token_ids == [100, 101, 102]
+        assert router.where == {} and [s.name for s in router.live()] == ["colocated-1"]
 
 
 def test_bad_requests_are_refused_before_dispatch():
