@@ -71,20 +71,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="how KV moves between Ray actors: object-store (numpy through Ray's object store; "
                         "the faster one on a single CPU host, where it is shared memory) or collective "
                         "(the actors form one JAX group; a jitted ppermute over NCCL on GPUs, gloo on CPU; "
-                        "needs --ray)")
+                        "needs --ray). A plan whose pipeline stages span nodes always forms the group (for "
+                        "activations) and moves KV per stage through the object store")
     p.add_argument("--no-warmup", action="store_true", help="skip compiling every shape up front")
     p.add_argument("--compilation-cache", default=None, metavar="DIR|off",
                    help="where compiled programs are kept between starts, so a second start compiles "
                         "nothing; off: compile at every start (unset: $JAXSERVE_COMPILATION_CACHE, else "
                         "$JAXSERVE_CACHE/xla, i.e. ~/.cache/jaxserve/xla)")
+    _add_http_flags(p)
+    args = p.parse_args(argv)
+    _check_args(p, args)
+    return args
+
+
+def _add_http_flags(p: argparse.ArgumentParser) -> None:
+    """The HTTP side's limits: shutdown, slow clients, connections, browsers."""
     p.add_argument("--shutdown-timeout", type=float, default=30.0,
                    help="seconds to let in-flight requests finish on SIGINT/SIGTERM; the process exits "
                         "within about this + 1 s, slow clients included")
     p.add_argument("--keep-alive-timeout", type=float, default=5.0,
-                   help="seconds an idle keep-alive connection stays open (default 5)")
-    args = p.parse_args(argv)
-    _check_args(p, args)
-    return args
+                   help="seconds an idle keep-alive connection stays open; also the time a connection has "
+                        "to send a request's headers")
+    p.add_argument("--body-timeout", type=float, default=30.0,
+                   help="seconds to receive a request's body (408 after)")
+    p.add_argument("--max-connections", type=int, default=None,
+                   help="open connections before new ones get 503 (unset: what the file-descriptor limit leaves "
+                        "after the descriptors open at start and 228 more)")
+    p.add_argument("--allowed-origins", default=None, metavar="ORIGIN[,ORIGIN]",
+                   help="browser origins allowed by CORS, e.g. http://localhost:3000, or * (unset: none; a "
+                        "request carrying another Origin gets 403)")
+    p.add_argument("--allowed-hosts", default=None, metavar="HOST[,HOST]",
+                   help="Host names answered, or * (unset: loopback names when --host is loopback, "
+                        "against DNS rebinding; any otherwise)")
+    p.add_argument("--metrics-auth", action="store_true",
+                   help="with an API key, /metrics needs it too")
+
+
+LINGER_S = 1.0  # after an early answer (408, 413, 415), the unread body is drained this long, then closed
 
 
 def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -99,6 +122,10 @@ def _check_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     for flag in ("shutdown_timeout", "keep_alive_timeout"):
         if not getattr(args, flag) >= 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0 seconds, got {getattr(args, flag)}")
+    if not args.body_timeout > 0:
+        p.error(f"--body-timeout must be > 0 seconds, got {args.body_timeout}")
+    if args.max_connections is not None and args.max_connections <= 0:
+        p.error(f"--max-connections must be positive, got {args.max_connections}")
     if not 0 < args.port < 65536:
         p.error(f"--port must be in 1..65535, got {args.port}")
     if args.max_queue <= 0:
@@ -195,12 +222,13 @@ def _build_ray(args: argparse.Namespace, deployment: DeploymentConfig, model: st
     try:
         engine = launch_router(model, list(zip(instance_names(roles), configs, strict=True)), dtype=dtype,
                                options=placement.options, compilation_cache=args.compilation_cache,
-                               transport=args.kv_transport)
+                               transport=args.kv_transport, stages=placement.stages)
     except BaseException:
         release(placement)
         raise
     groups = {k for k in placement.node_of_actor}
-    print(f"jaxserve: {len(placement.options)} Ray actors in {len(placement.groups)} placement group(s)"
+    n = len(placement.options) + sum(len(s) for s in placement.stages)  # instance actors + stage actors
+    print(f"jaxserve: {n} Ray actors in {len(placement.groups)} placement group(s)"
           + (f" (plan nodes {sorted(groups)})" if None not in groups else ""), flush=True)
     return engine, placement
 
@@ -210,18 +238,23 @@ async def serve(args: argparse.Namespace, engine: Any, tokenizer: Any, cfg: Any,
     from aiohttp import web
 
     from jaxserve.serving.api_server import create_app
+    from jaxserve.serving.connections import GuardedSite, default_max_connections, quiet_accept_errors
     from jaxserve.serving.orchestrator import Orchestrator
+    from jaxserve.serving.origins import allowed_hosts, parse_list
 
     orch = Orchestrator(engine, tokenizer, max_queue=args.max_queue)
     ready = {"ok": False}
     app = create_app(orch, tokenizer, model_name=name, max_model_len=engine.max_model_len,
-                     vocab_size=cfg.vocab_size, api_key=args.api_key, is_ready=lambda: ready["ok"])
+                     vocab_size=cfg.vocab_size, api_key=args.api_key, is_ready=lambda: ready["ok"],
+                     body_timeout_s=args.body_timeout, allowed_origins=parse_list(args.allowed_origins) or (),
+                     allowed_hosts=allowed_hosts(args.allowed_hosts, args.host), metrics_need_key=args.metrics_auth)
     # after the in-flight phase of a shutdown (--shutdown-timeout) every request has been answered or
     # cut; handlers still running then (a client trickling its body) get 1 s, not aiohttp's 60
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0,
-                           keepalive_timeout=args.keep_alive_timeout)
+                           keepalive_timeout=args.keep_alive_timeout, lingering_time=LINGER_S)
     await runner.setup()
-    site = web.TCPSite(runner, args.host, args.port)
+    quiet_accept_errors(asyncio.get_running_loop())
+    site = GuardedSite(runner, args.host, args.port, max_connections=args.max_connections or default_max_connections())
     await site.start()
     print(f"jaxserve: serving {name} on http://{args.host}:{args.port} (warming up, progress on stderr...)",
           flush=True)

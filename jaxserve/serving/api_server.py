@@ -14,7 +14,8 @@
 Errors are OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}``: 400
 invalid field (``param`` names it), prompt too long (code ``context_length_exceeded``),
 malformed JSON or a non-object body; 401 bad or missing bearer token (``/v1/*`` only);
-404 unknown model or route; 413 body over ``max_body_bytes``; 415 a body that is not declared
+403 a Host or browser Origin not allowed (``jaxserve.serving.origins``); 404 unknown model or route;
+408 a body not received within ``body_timeout_s``; 413 body over ``max_body_bytes``; 415 a body that is not declared
 ``application/json`` (what keeps a web page from posting without a CORS preflight); 503 not ready, shutting
 down or admission queue full (with ``Retry-After``); 500 engine failure. No traceback
 ever reaches a client. Request fields and the choices made about them: ``jaxserve.serving.protocol``;
@@ -29,7 +30,7 @@ import hmac
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -37,6 +38,8 @@ from aiohttp import web
 
 from jaxserve.serving.metrics import ServerMetrics
 from jaxserve.serving.orchestrator import Orchestrator
+from jaxserve.serving.origins import cors_headers
+from jaxserve.serving.origins import make_middleware as make_origin_middleware
 from jaxserve.serving.protocol import ApiError, bad, parse_job, show
 from jaxserve.serving.streaming import run_job
 from jaxserve.serving.workload import WorkloadWindow
@@ -59,6 +62,8 @@ class ServerState:
     is_ready: Callable[[], bool]
     metrics: ServerMetrics
     max_body_bytes: int
+    body_timeout_s: float = 30.0  # to receive a request's body (408 after)
+    metrics_need_key: bool = False  # /metrics behind the API key too
     workload: WorkloadWindow = dataclasses.field(default_factory=WorkloadWindow)
     parser: ThreadPoolExecutor = dataclasses.field(  # JSON + tokenization, one request at a time
         default_factory=lambda: ThreadPoolExecutor(1, thread_name_prefix="jaxserve-parse"))
@@ -72,11 +77,14 @@ STATE = web.AppKey("jaxserve_state", ServerState)
 # ---- handlers ---------------------------------------------------------------------------------
 async def read_body(http: web.Request, st: ServerState) -> bytes:
     """The request body, checked for size and content type (on the event loop: cheap)."""
-    try:
-        raw = await http.read()
+    try:  # a client trickling its body holds a connection and a handler: bounded
+        raw = await asyncio.wait_for(http.read(), st.body_timeout_s)
     except web.HTTPRequestEntityTooLarge as e:
         raise ApiError(413, f"request body is larger than the limit of {st.max_body_bytes} bytes",
                        code="request_too_large") from e
+    except asyncio.TimeoutError as e:
+        raise ApiError(408, f"request body not received within {st.body_timeout_s:g} s", code="request_timeout",
+                       headers={"Connection": "close"}) from e
     if http.content_type != "application/json":  # aiohttp: the mimetype, without parameters
         # a browser page may send text/plain or a form to a local server without a CORS preflight:
         # requiring JSON makes any cross-origin POST need one (and the server answers no preflight)
@@ -205,8 +213,9 @@ async def errors_middleware(http: web.Request, handler: Callable[..., Any]) -> w
 
 @web.middleware
 async def auth_middleware(http: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
-    key = http.app[STATE].api_key
-    if key and http.path.startswith("/v1"):
+    st = http.app[STATE]
+    key = st.api_key
+    if key and (http.path.startswith("/v1") or (st.metrics_need_key and http.path == "/metrics")):
         got = http.headers.get("Authorization", "")
         scheme, _, token = got.partition(" ")
         # header bytes that are not UTF-8 arrive as surrogate escapes: compare bytes, never raise
@@ -219,12 +228,18 @@ async def auth_middleware(http: web.Request, handler: Callable[..., Any]) -> web
 
 def create_app(orchestrator: Orchestrator, tokenizer: Any, *, model_name: str, max_model_len: int,
                vocab_size: int, api_key: str | None = None, is_ready: Callable[[], bool] = lambda: True,
-               metrics: ServerMetrics | None = None,
-               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> web.Application:
-    """The aiohttp application; the caller starts/stops the orchestrator and runs the app."""
-    app = web.Application(client_max_size=max_body_bytes, middlewares=[errors_middleware, auth_middleware])
+               metrics: ServerMetrics | None = None, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+               body_timeout_s: float = 30.0, allowed_origins: Iterable[str] = (),
+               allowed_hosts: frozenset[str] | None = None, metrics_need_key: bool = False) -> web.Application:
+    """The aiohttp application; the caller starts/stops the orchestrator and runs the app.
+    ``allowed_origins``: CORS origins ("*": any; none by default); ``allowed_hosts``: Host names
+    answered (None: any; ``origins.allowed_hosts`` derives the launcher's default)."""
+    app = web.Application(client_max_size=max_body_bytes, middlewares=[
+        errors_middleware, make_origin_middleware(allowed_origins, allowed_hosts), auth_middleware])
+    app.on_response_prepare.append(cors_headers)
     app[STATE] = ServerState(orchestrator, tokenizer, model_name, max_model_len, vocab_size, api_key or None,
-                             is_ready, metrics if metrics is not None else ServerMetrics(model_name), max_body_bytes)
+                             is_ready, metrics if metrics is not None else ServerMetrics(model_name), max_body_bytes,
+                             body_timeout_s, metrics_need_key)
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)

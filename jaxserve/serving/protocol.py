@@ -70,7 +70,10 @@ class ApiError(Exception):
         return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status, headers=self.headers)
+        resp = web.json_response(self.body(), status=self.status, headers=self.headers)
+        if self.headers and self.headers.get("Connection") == "close":  # e.g. a body that never came
+            resp.force_close()
+        return resp
 
 
 def bad(param: str, why: str, code: str | None = None) -> ApiError:

@@ -29,6 +29,7 @@ from aiohttp import web
 from jaxserve.engine.frontend import Delta
 from jaxserve.errors import EngineUnavailable
 from jaxserve.request import FinishReason, SamplingError
+from jaxserve.serving.connections import probe_half_closed
 from jaxserve.serving.metrics import ServerMetrics
 from jaxserve.serving.orchestrator import Orchestrator, QueueFull
 from jaxserve.serving.protocol import ApiError, Job, param_of
@@ -98,6 +99,7 @@ def sse(obj: Any) -> bytes:
 
 # ---- running a request -----------------------------------------------------------------------
 def client_gone(http: web.Request) -> bool:
+    probe_half_closed(http)
     t = http.transport
     return t is None or t.is_closing()
 

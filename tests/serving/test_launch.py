@@ -20,12 +20,17 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(args, tmp_path):
+def _start(args, tmp_path, nofile=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "JAXSERVE_CACHE": str(tmp_path / "cache"),
            "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "server.log", "w")
+
+    def limit():  # in the child: a file-descriptor limit like a small server's
+        import resource
+        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
     proc = subprocess.Popen([sys.executable, "-m", "jaxserve.launch", *args], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT)
+                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit if nofile else None)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         text = (tmp_path / "server.log").read_text()
@@ -108,6 +113,11 @@ def test_errors_through_the_client(server):
     with pytest.raises(openai.BadRequestError) as e:
         client.completions.create(model="tiny-opt", prompt="hi", max_tokens=-3)
     assert "max_tokens" in str(e.value)
+    # bound to 127.0.0.1: a rebinding name and a browser origin are refused by default
+    with pytest.raises(openai.PermissionDeniedError, match="Host name"):
+        client.models.list(extra_headers={"Host": "attacker.example"})
+    with pytest.raises(openai.PermissionDeniedError, match="cross-origin"):
+        client.models.list(extra_headers={"Origin": "http://attacker.example"})
 
 
 def _greedy_texts(url: str, prompts: list[list[int]], max_tokens: list[int]) -> list[str]:
@@ -197,3 +207,45 @@ def test_sigterm_with_a_slow_body_client_exits_within_the_shutdown_timeout(tiny,
     text = (tmp_path / "server.log").read_text()
     assert rc == 0 and "jaxserve: stopped" in text and "Traceback" not in text, text
     assert took < 1 + 2, took  # --shutdown-timeout + 2 s
+
+
+@pytest.mark.timeout(300)
+def test_600_stalled_connections_under_a_512_descriptor_limit(tiny, tmp_path):
+    """The issue's attack: 600 connections that never finish their headers, against a 512-fd limit
+    (before: every normal request timed out and 41,971 accept() tracebacks in ~20 s). Now connections
+    over the default cap (what 512 leaves after the descriptors open at start and 228) get a 503 at
+    once, the rest are cut by the header timeout, the log stays a few lines without a traceback (an
+    accept() that still runs out in a burst is one rate-limited line), and normal requests are served
+    again right after."""
+    import urllib.request
+
+    port = _free_port()
+    proc, log = _start(["--model", str(tiny[0]), "--port", str(port), "--max-model-len", "64", "--max-num-seqs", "2",
+                        "--no-warmup", "--keep-alive-timeout", "4"], tmp_path, nofile=512)
+    conns = []
+    try:
+        t0 = time.monotonic()
+        for _ in range(600):
+            c = socket.create_connection(("127.0.0.1", port), timeout=10)
+            c.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Stalled: ")
+            conns.append(c)
+        answers = []
+        for c in conns:  # each is answered (503) or closed (header timeout) by the server
+            c.settimeout(max(0.1, 20 - (time.monotonic() - t0)))
+            answers.append(c.recv(4096))
+        took = time.monotonic() - t0
+        body = json.dumps({"prompt": "hi", "max_tokens": 2}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", body,
+                                     {"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=30) as r:
+            assert r.status == 200 and json.loads(r.read())["usage"]["completion_tokens"] == 2
+    finally:
+        for c in conns:
+            c.close()
+        rc = _stop(proc, log)
+    refused = [a for a in answers if a.startswith(b"HTTP/1.1 503")]
+    assert all(b"too_many_connections" in a for a in refused) and len(refused) + answers.count(b"") == 600
+    assert 50 <= len(refused) < 600 and took < 20, (len(refused), took)  # (slots free as stalled ones time out)
+    text = (tmp_path / "server.log").read_text()
+    assert rc == 0 and "Traceback" not in text and text.count("Too many open files") <= 2, text[-3000:]
+    assert len(text.splitlines()) < 40, text[-3000:]
