@@ -92,6 +92,22 @@ def _token_content(value: Any) -> str | None:
     return None
 
 
+def _chat_template(root: Path) -> str | None:
+    """The folder's chat template: chat_template.jinja (transformers >= 4.50 writes it), else
+    tokenizer_config.json's "chat_template" (a string, or a list of named ones: "default")."""
+    if (root / "chat_template.jinja").is_file():
+        return (root / "chat_template.jinja").read_text(encoding="utf-8")
+    cfg_path = root / "tokenizer_config.json"
+    cfg = _read_json(cfg_path) if cfg_path.exists() else {}
+    t = cfg.get("chat_template") if isinstance(cfg, dict) else None
+    if isinstance(t, list):
+        named = {d.get("name"): d.get("template") for d in t if isinstance(d, dict)}
+        t = named.get("default")
+    if t is not None and not isinstance(t, str):
+        raise TokenizerError(f"{cfg_path}: chat_template must be a string or a list of named templates")
+    return t
+
+
 class Tokenizer:
     """Encode/decode with OPT conventions on top of a `tokenizers.Tokenizer`."""
 
@@ -103,6 +119,8 @@ class Tokenizer:
         self.eos_token_id = eos_token_id
         self.pad_token_id = pad_token_id
         self.vocab_size = tok.get_vocab_size(with_added_tokens=True)
+        self.chat_template: str | None = None  # the model's jinja chat template, if it ships one
+        self.special_tokens: dict[str, str] = {}  # bos_token, eos_token, ...: the template's variables
 
     @classmethod
     def from_dir(cls, path: str | Path) -> Tokenizer:
@@ -142,7 +160,10 @@ class Tokenizer:
             if token_id is None:
                 raise TokenizerError(f"{named_in[key]}: {key} token {content!r} is not in the vocabulary")
             ids[key] = token_id
-        return cls(tok, ids["bos"], ids["eos"], ids["pad"])
+        out = cls(tok, ids["bos"], ids["eos"], ids["pad"])
+        out.special_tokens = {f"{k}_token": v for k, v in names.items()}
+        out.chat_template = _chat_template(root)
+        return out
 
     def encode(self, text: str, add_bos: bool = True) -> list[int]:
         """Token ids of `text`, OPT style: [bos] + ids. The file's post-processor is never applied."""

@@ -8,6 +8,7 @@
       --streaming.run_job--> Orchestrator.generate --Delta stream--> completion object or SSE stream;
         the request's end --> ServerMetrics and WorkloadWindow
     GET /v1/models, /v1/models/{id}, /health (200 once is_ready(), else 503), /metrics (Prometheus)
+    POST /tokenize, /detokenize, GET /version: vLLM's token utilities (``jaxserve.serving.tokenize``)
     GET /v1/workload: arrival rate and length percentiles of the recent window;
         ?format=jsonl: the window as a trace for ``python -m planner --workload FILE.jsonl`` (replanning)
 
@@ -18,7 +19,7 @@ malformed JSON or a non-object body; 401 bad or missing bearer token (``/v1/*`` 
 408 a body not received within ``body_timeout_s``; 413 body over ``max_body_bytes``; 415 a body that is not declared
 ``application/json`` (what keeps a web page from posting without a CORS preflight); 503 not ready, shutting
 down or admission queue full (with ``Retry-After``); 500 engine failure. No traceback
-ever reaches a client. Request fields and the choices made about them: ``jaxserve.serving.protocol``;
+ever reaches a client. A client's ``X-Request-Id`` header is echoed on the answer. Request fields and the choices made about them: ``jaxserve.serving.protocol``;
 streaming, aborts and what is recorded at a request's end: ``jaxserve.serving.streaming``.
 """
 
@@ -42,6 +43,7 @@ from jaxserve.serving.origins import cors_headers
 from jaxserve.serving.origins import make_middleware as make_origin_middleware
 from jaxserve.serving.protocol import ApiError, bad, parse_job, show
 from jaxserve.serving.streaming import run_job
+from jaxserve.serving.tokenize import add_routes as tokenize_routes
 from jaxserve.serving.workload import WorkloadWindow
 
 log = logging.getLogger(__name__)
@@ -63,6 +65,7 @@ class ServerState:
     metrics: ServerMetrics
     max_body_bytes: int
     body_timeout_s: float = 30.0  # to receive a request's body (408 after)
+    chat_template: Any = None  # the model's own (jaxserve.serving.chat_template.ChatTemplate), if it ships one
     metrics_need_key: bool = False  # /metrics behind the API key too
     workload: WorkloadWindow = dataclasses.field(default_factory=WorkloadWindow)
     parser: ThreadPoolExecutor = dataclasses.field(  # JSON + tokenization, one request at a time
@@ -215,7 +218,8 @@ async def errors_middleware(http: web.Request, handler: Callable[..., Any]) -> w
 async def auth_middleware(http: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
     st = http.app[STATE]
     key = st.api_key
-    if key and (http.path.startswith("/v1") or (st.metrics_need_key and http.path == "/metrics")):
+    guarded = http.path.startswith("/v1") or http.path in ("/tokenize", "/detokenize")
+    if key and (guarded or (st.metrics_need_key and http.path == "/metrics")):
         got = http.headers.get("Authorization", "")
         scheme, _, token = got.partition(" ")
         # header bytes that are not UTF-8 arrive as surrogate escapes: compare bytes, never raise
@@ -237,9 +241,11 @@ def create_app(orchestrator: Orchestrator, tokenizer: Any, *, model_name: str, m
     app = web.Application(client_max_size=max_body_bytes, middlewares=[
         errors_middleware, make_origin_middleware(allowed_origins, allowed_hosts), auth_middleware])
     app.on_response_prepare.append(cors_headers)
+    app.on_response_prepare.append(echo_request_id)
     app[STATE] = ServerState(orchestrator, tokenizer, model_name, max_model_len, vocab_size, api_key or None,
                              is_ready, metrics if metrics is not None else ServerMetrics(model_name), max_body_bytes,
-                             body_timeout_s, metrics_need_key)
+                             body_timeout_s=body_timeout_s, metrics_need_key=metrics_need_key,
+                             chat_template=_chat_template(tokenizer))
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)
@@ -247,4 +253,20 @@ def create_app(orchestrator: Orchestrator, tokenizer: Any, *, model_name: str, m
     app.router.add_get("/health", health)
     app.router.add_get("/metrics", metrics_endpoint)
     app.router.add_get("/v1/workload", workload)
+    tokenize_routes(app)
     return app
+
+
+def _chat_template(tokenizer: Any) -> Any:
+    source = getattr(tokenizer, "chat_template", None)
+    if not isinstance(source, str):
+        return None
+    from jaxserve.serving.chat_template import ChatTemplate
+    return ChatTemplate(source, getattr(tokenizer, "special_tokens", {}))
+
+
+async def echo_request_id(http: web.Request, resp: web.StreamResponse) -> None:
+    """A client's ``X-Request-Id`` comes back on the answer (printable ASCII, at most 128 characters)."""
+    rid = http.headers.get("X-Request-Id")
+    if rid and len(rid) <= 128 and rid.isascii() and rid.isprintable():
+        resp.headers["X-Request-Id"] = rid

@@ -1,4 +1,5 @@
-"""The chat template: OpenAI ``messages`` in, one prompt string out (OPT ships no template).
+"""The fixed chat template: OpenAI ``messages`` in, one prompt string out (OPT ships no template; a
+model that ships one is rendered with it instead: ``jaxserve.serving.chat_template``).
 
     [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
       --render_chat-->  "System: Be brief.\\nUser: Hi\\nAssistant:"
@@ -16,7 +17,8 @@ Roles are ``system`` (or ``developer``, OpenAI's newer name for it), ``user`` an
 ``{"type": "text", "text": ...}`` parts (joined with no separator). The model continues
 after ``Assistant:``; nothing stops it at the next turn unless the client passes
 ``stop: ["\\nUser:"]`` (``CHAT_TURN_STOP``). Invalid messages raise ``ChatError``, whose
-``param`` names the offending field (``messages[1].role``) for the server's 400 answer.
+``param`` names the offending field (``messages[1].role``) for the server's 400 answer;
+``check_messages`` is that validation alone (both templates use it).
 """
 
 from __future__ import annotations
@@ -54,13 +56,12 @@ def _content_text(content: Any, where: str) -> str:
     raise ChatError(f"{where}: must be a string or a list of text parts, got {type(content).__name__}", where)
 
 
-def render_chat(messages: Sequence[Any]) -> str:
-    """The prompt for ``messages`` under the template above; raises ChatError naming the bad field."""
+def check_messages(messages: Any) -> list[dict[str, Any]]:
+    """The messages, checked (roles, text content); raises ChatError naming the bad field."""
     if not isinstance(messages, list) or not messages:
         raise ChatError("messages: must be a non-empty list of {role, content} objects", "messages")
     if len(messages) > MAX_MESSAGES:
         raise ChatError(f"messages: at most {MAX_MESSAGES} messages, got {len(messages)}", "messages")
-    lines = []
     for i, m in enumerate(messages):
         where = f"messages[{i}]"
         if not isinstance(m, dict):
@@ -70,6 +71,12 @@ def render_chat(messages: Sequence[Any]) -> str:
             raise ChatError(f"{where}.role: must be one of {', '.join(ROLE_PREFIX)}, got {role!r}", f"{where}.role")
         if "content" not in m or m["content"] is None:
             raise ChatError(f"{where}.content: is required", f"{where}.content")
-        lines.append(f"{ROLE_PREFIX[role]}: {_content_text(m['content'], f'{where}.content')}")
+        _content_text(m["content"], f"{where}.content")
+    return messages
+
+
+def render_chat(messages: Sequence[Any]) -> str:
+    """The prompt for ``messages`` under the fixed template above; raises ChatError naming the bad field."""
+    lines = [f"{ROLE_PREFIX[m['role']]}: {_content_text(m['content'], '')}" for m in check_messages(messages)]
     lines.append(REPLY_CUE)
     return "\n".join(lines)

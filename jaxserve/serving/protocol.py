@@ -15,8 +15,10 @@ Choices (documented, as vLLM does them):
     tokens or more is refused (400), since it leaves no room for a token.
   * ``model`` may be omitted (the one served model); any other name is 404.
   * ``top_k`` above the vocabulary means "off" and is sent as 0.
-  * Not supported, 400 if set to anything but the default: ``n``/``best_of`` != 1, ``echo``,
-    ``logprobs``, ``suffix``, ``logit_bias``, penalties, ``tools``. Unknown fields are ignored.
+  * Not supported, 400 naming the field if set to anything but its default (``UNSUPPORTED``):
+    ``n``/``best_of`` != 1, ``echo``, ``logprobs``, ``suffix``, ``logit_bias``, penalties, ``tools``,
+    and vLLM's ``min_tokens``, ``min_p``, ``repetition_penalty``, guided decoding, ... A field in no
+    schema is a 400 too (as OpenAI answers "unrecognized request argument"); ``user`` is accepted.
   * Extensions (vLLM's names): ``ignore_eos``, ``stop_token_ids``,
     ``include_stop_str_in_output``, ``return_token_ids`` (adds ``token_ids`` to each choice).
 """
@@ -33,15 +35,31 @@ from typing import Any, Protocol
 from aiohttp import web
 
 from jaxserve.request import Request, SamplingError, SamplingParams
-from jaxserve.serving.chat import ChatError, render_chat
+from jaxserve.serving.chat import ChatError, check_messages, render_chat
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 MAX_STOP_STRINGS = 4
-# fields that are fine at their default and refused otherwise
+# fields of OpenAI's and vLLM's schemas that this server does not act on: fine at their default (or
+# null), refused otherwise (400 naming the field), so none is silently ignored
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "suffix": ("",), "logit_bias": ({},),
     "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "top_logprobs": (0,), "tools": ([],),
-    "functions": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},)}
+    "functions": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},),
+    "parallel_tool_calls": (True, False), "function_call": ("none",), "store": (False,), "metadata": ({},),
+    "service_tier": ("auto", "default"), "modalities": (["text"],), "min_tokens": (0,), "min_p": (0, 0.0),
+    "repetition_penalty": (1, 1.0), "length_penalty": (1, 1.0), "use_beam_search": (False,),
+    "prompt_logprobs": (), "truncate_prompt_tokens": (), "allowed_token_ids": (), "bad_words": ([],),
+    "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "logits_processors": (),
+    "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
+    "chat_template": (), "chat_template_kwargs": ({},), "add_generation_prompt": (True,),
+    "continue_final_message": (False,), "documents": (), "priority": (0,), "reasoning_effort": (),
+    "prediction": (), "audio": (), "web_search_options": (), "user": None}  # user: an end-user id, kept as is
+# fields this server acts on, per route (anything neither here nor above: 400 unknown field)
+COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
+                           "ignore_eos", "include_stop_str_in_output", "stream", "stream_options",
+                           "return_token_ids", "n"})
+CHAT_FIELDS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "chat_template_kwargs"})
+ROUTE_FIELDS = {False: COMMON_FIELDS | {"prompt"}, True: COMMON_FIELDS | CHAT_FIELDS | {"max_completion_tokens"}}
 
 
 # no token of a byte-level BPE vocabulary (OPT, GPT-2, Llama) is longer than this many bytes
@@ -159,17 +177,23 @@ def check_model(body: dict[str, Any], st: ServedModel) -> None:
                        param="model", code="model_not_found")
 
 
-def check_unsupported(body: dict[str, Any]) -> None:
-    for key, allowed in UNSUPPORTED.items():
-        v = body.get(key)
-        if v is not None and not any(v == ok and type(v) is type(ok) for ok in allowed):
+def check_unsupported(body: dict[str, Any], chat: bool = False) -> None:
+    """Every field is acted on, at its default, or a 400 naming it (nothing is silently ignored)."""
+    for key, v in body.items():
+        if key in ROUTE_FIELDS[chat]:
+            continue
+        if key not in UNSUPPORTED:
+            route = "/v1/chat/completions" if chat else "/v1/completions"
+            raise bad(str(key)[:60], f"is not a field of {route} on this server", code="unsupported_parameter")
+        allowed = UNSUPPORTED[key]
+        if allowed is not None and v is not None and not any(v == ok and type(v) is type(ok) for ok in allowed):
             raise bad(key, f"not supported by this server (got {show(v)})", code="unsupported_parameter")
     n = body.get("n")
     if n is not None and (not _is_int(n) or n != 1):
         raise bad("n", f"only n=1 is supported, got {show(n)}", code="unsupported_parameter")
 
 
-def encode_text(text: str, st: ServedModel, param: str) -> list[int]:
+def encode_text(text: str, st: ServedModel, param: str, add_bos: bool = True) -> list[int]:
     """Token ids of a prompt; a text too long to fit the context in any tokenization is refused
     before the tokenizer runs (``MAX_BYTES_PER_TOKEN``)."""
     if st.tokenizer is None:
@@ -182,7 +206,33 @@ def encode_text(text: str, st: ServedModel, param: str) -> list[int]:
     if n > limit:
         raise bad(param, f"has {n} bytes; this model's context is {st.max_model_len} tokens, which no text over "
                   f"{limit} bytes fits", code="context_length_exceeded")
-    return list(st.tokenizer.encode(text))
+    return list(st.tokenizer.encode(text, add_bos=add_bos))
+
+
+def chat_prompt(body: dict[str, Any], st: ServedModel) -> tuple[str, bool]:
+    """A chat body's prompt text, and whether encoding it adds BOS: the model's own template (which
+    writes its special tokens itself, so no) or the fixed one (yes; it supports only the defaults)."""
+    add_gen = get_bool(body, "add_generation_prompt", True)
+    cont = get_bool(body, "continue_final_message", False)
+    kwargs = body.get("chat_template_kwargs") or {}
+    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+        raise bad("chat_template_kwargs", f"must be an object of template variables, got {show(kwargs)}")
+    if {"messages", "add_generation_prompt"} & set(kwargs):
+        raise bad("chat_template_kwargs", "must not set messages or add_generation_prompt (they are fields)")
+    template = getattr(st, "chat_template", None)
+    try:
+        messages = check_messages(body.get("messages"))
+        if template is not None:
+            return template.render(messages, add_generation_prompt=add_gen, continue_final_message=cont,
+                                   **kwargs), False
+    except ChatError as e:
+        raise ApiError(400, str(e), param=e.param) from e
+    for key, v, default in (("add_generation_prompt", add_gen, True), ("continue_final_message", cont, False),
+                            ("chat_template_kwargs", kwargs, {})):
+        if v != default:
+            raise bad(key, "this model ships no chat template; the fixed one supports only the default",
+                      code="unsupported_parameter")
+    return render_chat(messages), True
 
 
 def parse_prompt(body: dict[str, Any], st: ServedModel) -> tuple[list[int], str | None]:
@@ -265,13 +315,10 @@ class Job:
 
 def parse_job(body: dict[str, Any], st: ServedModel, *, chat: bool, arrival: float) -> Job:
     check_model(body, st)
-    check_unsupported(body)
+    check_unsupported(body, chat)
     if chat:
-        try:
-            text = render_chat(body.get("messages"))
-        except ChatError as e:
-            raise ApiError(400, str(e), param=e.param) from e
-        ids = encode_text(text, st, "messages")
+        text, add_bos = chat_prompt(body, st)
+        ids = encode_text(text, st, "messages", add_bos)
         sampling = parse_sampling(body, st, len(ids), ("max_completion_tokens", "max_tokens"), None, "messages")
     else:
         ids, text = parse_prompt(body, st)

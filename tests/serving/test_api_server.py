@@ -29,8 +29,13 @@ MODEL = "tiny-opt"
 class CharTokenizer:
     """Characters are tokens: encode("ab") = [2, 97, 98]; token t decodes to chr(t)."""
 
+    bos_token_id = 2
+
     def encode(self, text, add_bos=True):
         return [2] * add_bos + [ord(c) for c in text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(chr(t) for t in ids if t != 2 or not skip_special_tokens)
 
     def detokenizer(self, prompt_ids):
         return _CharDetok()
@@ -238,7 +243,28 @@ BAD_FIELDS = [
     ({"model": 5}, "model"), ({"prompt": None}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": []}, "prompt"),
     ({"prompt": [2, 1000]}, "prompt"), ({"prompt": [2, -1]}, "prompt"), ({"prompt": [2, True]}, "prompt"),
     ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": {"text": "a"}}, "prompt"), ({"prompt": 12}, "prompt"),
+    # vLLM's fields this server does not act on, set to a non-default value; fields in no schema
+    ({"repetition_penalty": 1.2}, "repetition_penalty"), ({"min_tokens": 3}, "min_tokens"),
+    ({"min_p": 0.1}, "min_p"), ({"skip_special_tokens": False}, "skip_special_tokens"),
+    ({"allowed_token_ids": [5]}, "allowed_token_ids"), ({"bad_words": ["x"]}, "bad_words"),
+    ({"truncate_prompt_tokens": 4}, "truncate_prompt_tokens"), ({"prompt_logprobs": 1}, "prompt_logprobs"),
+    ({"guided_json": {}}, "guided_json"), ({"frobnicate": 1}, "frobnicate"), ({"messages": []}, "messages"),
 ]
+
+
+def test_fields_at_their_default_or_null_are_accepted():
+    """What the server does not act on is fine at its default (the output is what it would be anyway)."""
+    async def fn(client, eng, orch):
+        for patch in ({"repetition_penalty": 1.0}, {"min_tokens": 0}, {"skip_special_tokens": True},
+                      {"prompt_logprobs": None}, {"user": "someone"}, {"logprobs": None}, {"echo": False},
+                      {"best_of": 1}, {"n": 1}):
+            st, r = await post(client, "/v1/completions", {"prompt": "ab", "max_tokens": 3, **patch})
+            assert st == 200 and r["choices"][0]["text"] == "def", (patch, r)
+        st, r = await post(client, "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}],
+                                                             "max_completion_tokens": 2, "prompt": "x"})
+        assert st == 400 and r["error"]["param"] == "prompt" and r["error"]["code"] == "unsupported_parameter"
+
+    serve(fn)
 
 
 def test_invalid_fields_are_400_naming_the_field():

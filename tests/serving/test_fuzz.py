@@ -143,22 +143,23 @@ def fixed_cases() -> list[tuple[str, bytes, str | None, tuple[int, str, str]]]:
         (b'{"prompt": "a", "stop": ' + deep + b"}", bad_json, bad_json),
         (b'{"prompt": "a", "stream": true, "stream_options": ' + b'{"x": ' * 10000 + b"1" + b"}" * 10000 + b"}",
          bad_json, bad_json),
+        # a field of the other route is named as not a field of this one
         (json.dumps({"prompt": nested(500), "max_tokens": 1}).encode(), (400, "param", "prompt"),
-         (400, "param", "messages")),
+         (400, "param", "prompt")),
         (b"", bad_json, bad_json), (b" \r\n ", bad_json, bad_json), (b"[]", bad_json, bad_json),
         (b"null", bad_json, bad_json), (b"0", bad_json, bad_json), (b"1e999", bad_json, bad_json),
         (b'"prompt"', bad_json, bad_json), (b"true", bad_json, bad_json), (b"\xff\xfe\x00", bad_json, bad_json),
         (b"{}", (400, "param", "prompt"), (400, "param", "messages")),
-        (b'{"prompt": "\\ud800 fox", "max_tokens": 1}', (400, "param", "prompt"), (400, "param", "messages")),
-        (b'{"messages": [{"role": "user", "content": "\\udfff"}]}', (400, "param", "prompt"),
+        (b'{"prompt": "\\ud800 fox", "max_tokens": 1}', (400, "param", "prompt"), (400, "param", "prompt")),
+        (b'{"messages": [{"role": "user", "content": "\\udfff"}]}', (400, "param", "messages"),
          (400, "param", "messages")),
-        (b'{"messages": [{"role": ["user"], "content": "x"}]}', (400, "param", "prompt"),
+        (b'{"messages": [{"role": ["user"], "content": "x"}]}', (400, "param", "messages"),
          (400, "param", "messages[0].role")),
         (b'{"prompt": "' + b"a" * (10 << 20) + b'"}', (413, "code", "request_too_large"),  # 10 MB: over 1 MB
          (413, "code", "request_too_large")),
         (b"\xff" * (10 << 20), (413, "code", "request_too_large"), (413, "code", "request_too_large")),
         (json.dumps({"prompt": "ab " * 300_000, "max_tokens": 1}).encode(),  # ~900 KB prompt, under the limit
-         (400, "code", "context_length_exceeded"), (400, "param", "messages")),
+         (400, "code", "context_length_exceeded"), (400, "param", "prompt")),
     ]
     return [(route, body, "application/json", want) for body, *wants in cases
             for route, want in zip(ROUTES, wants, strict=True)]

@@ -24,13 +24,12 @@ def _start(args, tmp_path, nofile=None):
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "XLA_FLAGS": "", "JAXSERVE_CACHE": str(tmp_path / "cache"),
            "PYTHONUNBUFFERED": "1"}
     log = open(tmp_path / "server.log", "w")
-
-    def limit():  # in the child: a file-descriptor limit like a small server's
-        import resource
-        resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
-
-    proc = subprocess.Popen([sys.executable, "-m", "jaxserve.launch", *args], cwd=ROOT, env=env,
-                            stdout=log, stderr=subprocess.STDOUT, preexec_fn=limit if nofile else None)
+    cmd = [sys.executable, "-m", "jaxserve.launch", *args]
+    if nofile:  # a file-descriptor limit like a small server's, set by the child itself (no preexec_fn)
+        cmd = [sys.executable, "-c", "import resource, runpy, sys; resource.setrlimit(resource.RLIMIT_NOFILE, "
+               f"({nofile}, {nofile})); sys.argv = ['jaxserve.launch', *sys.argv[1:]]; "
+               "runpy.run_module('jaxserve.launch', run_name='__main__')", *args]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline:
         text = (tmp_path / "server.log").read_text()
