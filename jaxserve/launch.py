@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
 import os
 import signal
 import sys
@@ -105,8 +106,13 @@ def _add_http_flags(p: argparse.ArgumentParser) -> None:
                         "against DNS rebinding; any otherwise)")
     p.add_argument("--metrics-auth", action="store_true",
                    help="with an API key, /metrics needs it too")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
+                   help="jaxserve's log records at this level and above go to stderr")
+    p.add_argument("--access-log", action="store_true",
+                   help="log one line per HTTP request (client, request line, status, bytes, seconds)")
 
 
+ACCESS_FORMAT = '%a "%r" %s %b %Tf'  # client, request line, status, bytes, seconds (--access-log)
 LINGER_S = 1.0  # after an early answer (408, 413, 415), the unread body is drained this long, then closed
 
 
@@ -250,8 +256,10 @@ async def serve(args: argparse.Namespace, engine: Any, tokenizer: Any, cfg: Any,
                      allowed_hosts=allowed_hosts(args.allowed_hosts, args.host), metrics_need_key=args.metrics_auth)
     # after the in-flight phase of a shutdown (--shutdown-timeout) every request has been answered or
     # cut; handlers still running then (a client trickling its body) get 1 s, not aiohttp's 60
+    access = {"access_log": logging.getLogger("jaxserve.access"), "access_log_format": ACCESS_FORMAT} \
+        if args.access_log else {"access_log": None}
     runner = web.AppRunner(app, handle_signals=False, shutdown_timeout=1.0,
-                           keepalive_timeout=args.keep_alive_timeout, lingering_time=LINGER_S)
+                           keepalive_timeout=args.keep_alive_timeout, lingering_time=LINGER_S, **access)
     await runner.setup()
     quiet_accept_errors(asyncio.get_running_loop())
     site = GuardedSite(runner, args.host, args.port, max_connections=args.max_connections or default_max_connections())
@@ -312,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     from jaxserve.logs import show_logs
 
     args = parse_args(argv)
-    show_logs()  # e.g. each instance's KV pool size, and why
+    show_logs(getattr(logging, args.log_level.upper()))  # e.g. each instance's KV pool size, and why
     try:
         deployment = deployment_from_args(args)
         ensure_host_devices(deployment.num_devices)

@@ -95,7 +95,7 @@ def pin_threads() -> set[int] | None:
 
 def _engine_core(model: str | None, config: EngineConfig, name: str, dtype: str,
                  compilation_cache: str | None, host_share: int = 1, process_id: int | None = None,
-                 segments: Sequence[Any] = ()) -> Any:
+                 segments: Sequence[Any] = (), collective_kv: bool = False) -> Any:
     import jax
 
     from jaxserve.compile_cache import enable_compilation_cache
@@ -116,7 +116,8 @@ def _engine_core(model: str | None, config: EngineConfig, name: str, dtype: str,
     memory = measure_memory(devices[:n])
     if memory is not None and all(d.platform == "cpu" for d in devices[:n]):
         memory = memory.share(host_share)  # the other actors on this host draw on the same memory
-    if process_id is None or segments:  # (a spanning pipeline's KV moves per segment: ObjectStoreTransport)
+    # (a group may exist for a spanning pipeline's activations alone: KV then goes through the object store)
+    if not collective_kv or process_id is None:
         transport: Any = ObjectStoreTransport()
     else:
         from jaxserve.cluster.collective import CollectiveTransport
@@ -137,7 +138,7 @@ class InstanceActor:
     def __init__(self, model: str | None, config: EngineConfig, name: str, dtype: str = "float32",
                  fake: dict[str, Any] | None = None, compilation_cache: str | None = None,
                  host_share: int = 1, group: Any = None, process_id: int | None = None,
-                 segments: Sequence[Any] = ()) -> None:
+                 segments: Sequence[Any] = (), collective_kv: bool = False) -> None:
         from jaxserve.logs import show_logs
         from jaxserve.runtime.instance import LocalInstance
 
@@ -151,7 +152,7 @@ class InstanceActor:
                 from jaxserve.cluster.collective import join_group
                 join_group(group, process_id)
             core = _engine_core(model, config, name, dtype, compilation_cache, host_share,
-                                None if group is None else process_id, segments)
+                                None if group is None else process_id, segments, collective_kv)
         self._ready = threading.Event()
         self._sender: Any = None
         self.instance = LocalInstance(core)
@@ -276,14 +277,14 @@ def start_instance(model: str | os.PathLike[str] | None, config: EngineConfig, n
                    dtype: str = "float32", options: ActorOptions | None = None,
                    fake: dict[str, Any] | None = None, compilation_cache: str | None = None,
                    host_share: int = 1, group: Any = None, process_id: int | None = None,
-                   segments: Sequence[Any] = ()) -> Any:
+                   segments: Sequence[Any] = (), collective_kv: bool = False) -> Any:
     """Create an ``InstanceActor`` (asynchronously: its first call waits for the model to load).
     ``fake``: a ``FakeCore``'s settings instead of a model (runtime tests). ``compilation_cache``: a
     directory or "off"; None: the driver's default (``jaxserve.compile_cache.resolve_cache_dir``),
     resolved here so that the actor uses the same directory. ``host_share``: how many instances may
     share this actor's host memory (a CPU actor's KV pool takes from 1/host_share). ``group`` (a
     ``jaxserve.cluster.collective.GroupSpec``) and ``process_id``: the actor joins that collective
-    group and moves KV over it. ``segments``: the further segments of a pipeline spanning processes
+    group; ``collective_kv``: its KV moves over that group (else through the object store). ``segments``: the further segments of a pipeline spanning processes
     (``jaxserve.cluster.stages.Segment``, started already); this actor holds the stages before them."""
     import ray
 
@@ -297,7 +298,7 @@ def start_instance(model: str | os.PathLike[str] | None, config: EngineConfig, n
     model_spec = None if model is None else str(model)
     cache = setting(resolve_cache_dir(compilation_cache))
     return _REMOTE_CLASS.options(**options.ray_options(config, _stages_here(config, segments))).remote(
-        model_spec, config, name, dtype, fake, cache, host_share, group, process_id, list(segments))
+        model_spec, config, name, dtype, fake, cache, host_share, group, process_id, list(segments), collective_kv)
 
 
 def _stages_here(config: EngineConfig, segments: Sequence[Any]) -> int:

@@ -128,11 +128,12 @@ class RayInstance:
 
     def shutdown(self) -> None:
         self._stop.set()
-        if self.own_actor:
-            try:
-                ray.kill(self.actor, no_restart=True)
-            except Exception:  # already gone
-                pass
+        if self.own_actor:  # (a failed instance too: its stage actors hold devices and wait for a peer)
+            for a in [self.actor, *(s.actor for s in self.segments)]:
+                try:
+                    ray.kill(a, no_restart=True)
+                except Exception:  # already gone
+                    pass
 
     # ---- the pump thread -----------------------------------------------------------------------
     def _pump(self) -> None:
@@ -217,7 +218,8 @@ def launch_router(model: str | None, configs: Sequence[tuple[str, EngineConfig]]
     try:
         chains = _start_stages(model, configs, segs, group, dtype, compilation_cache, keep)
         actors = [start_instance(model, c, name, dtype=dtype, options=o, fake=f, host_share=len(configs),
-                                 compilation_cache=compilation_cache, process_id=i, group=group, segments=chain)
+                                 compilation_cache=compilation_cache, process_id=i, group=group, segments=chain,
+                                 collective_kv=transport == "collective")
                   for i, ((name, c), o, f, chain) in enumerate(zip(configs, opts, fakes, chains, strict=True))]
         proxies = connect(actors, timeout_s=timeout_s, start_timeout_s=start_timeout_s, own_actors=True)
         for p, chain in zip(proxies, chains, strict=True):

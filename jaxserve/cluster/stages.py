@@ -120,7 +120,14 @@ class StageActor:
 
         ex = self.executor
         x = recv_array(self.prev, (len(inputs.tokens), ex.cfg.hidden_size), dtype_of(self.x_dtype))
-        send_array(self.next, ex.execute_from(inputs, x))
+        try:
+            out = ex.execute_from(inputs, x)
+        except Exception:  # the next process waits for our output: send zeros, then fail this call
+            shape = ((len(inputs.logits_index), ex.cfg.vocab_size), np.float32) if ex.holds_last else \
+                ((len(inputs.tokens), ex.cfg.hidden_size), dtype_of(self.x_dtype))
+            send_array(self.next, np.zeros(*shape))
+            raise
+        send_array(self.next, out)
 
     def gather(self, block_ids: Sequence[int], num_blocks: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per-layer (k, v) of this segment's layers, the first ``num_blocks`` of ``block_ids``, as numpy."""

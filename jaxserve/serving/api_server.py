@@ -3,9 +3,10 @@
     POST /v1/completions | /v1/chat/completions  (JSON body, <= client_max_size bytes)
       --auth (Bearer, when --api-key is set) --read_body (size, content type)--> bytes
       --admission (requests being parsed count against --max-queue)--> a worker thread:
-        decode_json + protocol.parse_job (validate, 400 naming the field; tokenize)--> Job (arrival =
-        server arrival); the event loop stays free meanwhile
-      --streaming.run_job--> Orchestrator.generate --Delta stream--> completion object or SSE stream;
+        decode_json + protocol.parse_jobs (validate, 400 naming the field; tokenize)--> a Job per
+        prompt (arrival = server arrival); the event loop stays free meanwhile
+      --streaming.run_job (batch.run_batch for several prompts)--> Orchestrator.generate --Delta
+        stream--> completion object or SSE stream;
         the request's end --> ServerMetrics and WorkloadWindow
     GET /v1/models, /v1/models/{id}, /health (200 once is_ready(), else 503), /metrics (Prometheus)
     POST /tokenize, /detokenize, GET /version: vLLM's token utilities (``jaxserve.serving.tokenize``)
@@ -37,11 +38,12 @@ from typing import Any
 
 from aiohttp import web
 
+from jaxserve.serving.batch import run_batch
 from jaxserve.serving.metrics import ServerMetrics
 from jaxserve.serving.orchestrator import Orchestrator
 from jaxserve.serving.origins import cors_headers
 from jaxserve.serving.origins import make_middleware as make_origin_middleware
-from jaxserve.serving.protocol import ApiError, bad, parse_job, show
+from jaxserve.serving.protocol import ApiError, bad, parse_jobs, show
 from jaxserve.serving.streaming import run_job
 from jaxserve.serving.tokenize import add_routes as tokenize_routes
 from jaxserve.serving.workload import WorkloadWindow
@@ -136,14 +138,20 @@ async def _generate(http: web.Request, chat: bool) -> web.StreamResponse:
                        f"(limit {orch.max_queue})", code="queue_full", headers={"Retry-After": "1"})
     st.parsing += 1
     try:  # JSON and tokenization off the event loop: a long prompt never stalls other streams
-        job = await asyncio.get_running_loop().run_in_executor(
-            st.parser, lambda: parse_job(decode_json(raw), st, chat=chat, arrival=arrival))
+        jobs = await asyncio.get_running_loop().run_in_executor(
+            st.parser, lambda: parse_jobs(decode_json(raw), st, chat=chat, arrival=arrival))
     except ApiError:
         st.metrics.observe_rejected("invalid")
         raise
     finally:
         st.parsing -= 1
-    return await run_job(http, job, orch, st.metrics, st.workload)
+    if len(jobs) == 1:
+        return await run_job(http, jobs[0], orch, st.metrics, st.workload)
+    if st.parsing + orch.num_in_flight + len(jobs) > orch.max_queue:  # every prompt is a request
+        st.metrics.observe_rejected("queue_full")
+        raise ApiError(503, f"server busy: {len(jobs)} prompts and {orch.num_in_flight} requests in flight "
+                       f"(limit {orch.max_queue})", code="queue_full", headers={"Retry-After": "1"})
+    return await run_batch(http, jobs, orch, st.metrics, st.workload)
 
 
 async def completions(http: web.Request) -> web.StreamResponse:
@@ -243,7 +251,8 @@ def create_app(orchestrator: Orchestrator, tokenizer: Any, *, model_name: str, m
     app.on_response_prepare.append(cors_headers)
     app.on_response_prepare.append(echo_request_id)
     app[STATE] = ServerState(orchestrator, tokenizer, model_name, max_model_len, vocab_size, api_key or None,
-                             is_ready, metrics if metrics is not None else ServerMetrics(model_name), max_body_bytes,
+                             is_ready, metrics if metrics is not None else ServerMetrics(model_name, max_model_len),
+                             max_body_bytes,
                              body_timeout_s=body_timeout_s, metrics_need_key=metrics_need_key,
                              chat_template=_chat_template(tokenizer))
     app.router.add_post("/v1/completions", completions)

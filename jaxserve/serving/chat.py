@@ -40,7 +40,7 @@ class ChatError(ValueError):
         self.param = param
 
 
-def _content_text(content: Any, where: str) -> str:
+def content_text(content: Any, where: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
@@ -71,12 +71,12 @@ def check_messages(messages: Any) -> list[dict[str, Any]]:
             raise ChatError(f"{where}.role: must be one of {', '.join(ROLE_PREFIX)}, got {role!r}", f"{where}.role")
         if "content" not in m or m["content"] is None:
             raise ChatError(f"{where}.content: is required", f"{where}.content")
-        _content_text(m["content"], f"{where}.content")
+        content_text(m["content"], f"{where}.content")
     return messages
 
 
 def render_chat(messages: Sequence[Any]) -> str:
     """The prompt for ``messages`` under the fixed template above; raises ChatError naming the bad field."""
-    lines = [f"{ROLE_PREFIX[m['role']]}: {_content_text(m['content'], '')}" for m in check_messages(messages)]
+    lines = [f"{ROLE_PREFIX[m['role']]}: {content_text(m['content'], '')}" for m in check_messages(messages)]
     lines.append(REPLY_CUE)
     return "\n".join(lines)

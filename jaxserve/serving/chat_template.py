@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
-from jaxserve.serving.chat import ChatError
+from jaxserve.serving.chat import ChatError, content_text
 
 
 def _raise(message: str) -> None:
@@ -56,22 +56,26 @@ class ChatTemplate:
         self.special_tokens = dict(special_tokens or {})
 
     def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
-               continue_final_message: bool = False, **kwargs: Any) -> str:
-        import jinja2
-
+               continue_final_message: bool = False, variables: dict[str, Any] | None = None) -> str:
+        """The prompt text. Content given as text parts is joined into one string first (a text-only
+        model's templates expect strings); ``variables``: extra template variables
+        (``chat_template_kwargs``), which cannot replace ``messages`` or ``add_generation_prompt``."""
         if continue_final_message and add_generation_prompt:
             raise ChatError("continue_final_message: cannot be combined with add_generation_prompt",
                             "continue_final_message")
+        msgs = [{**m, "content": content_text(m["content"], f"messages[{i}].content")} for i, m in enumerate(messages)]
+        ctx = {**self.special_tokens, **(variables or {}), "messages": msgs,
+               "add_generation_prompt": add_generation_prompt}
         try:
-            text = self.template.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                                        **{**self.special_tokens, **kwargs})
-        except jinja2.TemplateError as e:
-            raise ChatError(f"messages: the model's chat template refused them: {e}", "messages") from e
+            text = self.template.render(ctx)
+        except Exception as e:  # raise_exception, or a template that trips on these messages: the client's 400
+            raise ChatError(f"messages: the model's chat template refused them: {type(e).__name__}: {e}",
+                            "messages") from e
         if continue_final_message:  # end the prompt right after the last message's text (as transformers)
-            final = messages[-1].get("content") if messages else None
-            if not isinstance(final, str) or final.strip() not in text:
-                raise ChatError("continue_final_message: the last message's text must appear in the rendered "
-                                "prompt", "continue_final_message")
+            final = msgs[-1]["content"] if msgs else None
+            if not isinstance(final, str) or not final.strip() or final.strip() not in text:
+                raise ChatError("continue_final_message: the last message's text must be non-empty and appear in "
+                                "the rendered prompt", "continue_final_message")
             cut = final if final in text else final.strip()
             text = text[: text.rindex(cut) + len(cut)]
         return text

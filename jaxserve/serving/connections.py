@@ -86,7 +86,9 @@ class _Handler(RequestHandler):
 
     def eof_received(self) -> bool | None:
         """A client that half-closes after sending its request (``shutdown(SHUT_WR)``) still gets the
-        answer: the write side stays open while a request is queued or running."""
+        answer: the write side stays open while a request is queued or running, then closes (requests
+        pipelined behind the first are not answered). One that half-closes inside a body waits for
+        ``--body-timeout`` and gets its 408."""
         idle = self._waiter is not None and not self._waiter.done()  # waiting for a request to arrive
         if idle and not self._messages:
             return None  # nothing to answer: close
@@ -137,7 +139,11 @@ class _Refuse(asyncio.Protocol):
         head = (f"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\nContent-Length: {len(body)}"
                 "\r\nRetry-After: 1\r\nConnection: close\r\n\r\n").encode()
         transport.write(head + body)  # type: ignore[attr-defined]
-        transport.close()
+        # closing with the client's request unread would send a reset that can beat the answer: end our
+        # side, drop what arrives, close a moment later
+        if transport.can_write_eof():  # type: ignore[attr-defined]
+            transport.write_eof()  # type: ignore[attr-defined]
+        asyncio.get_running_loop().call_later(0.1, transport.close)
         _REFUSE_LOG.warn("cap", "refusing connections: %d open (--max-connections %d)", self.cap, self.cap)
 
     def data_received(self, data: bytes) -> None:

@@ -15,6 +15,13 @@ Names follow vLLM's (``vllm:`` -> ``jaxserve:``) so its dashboards fit:
     jaxserve:time_per_output_token_seconds    histogram  slo.tpot; requests with >= 2 output tokens
     jaxserve:e2e_request_latency_seconds      histogram  server arrival -> last token out
     jaxserve:kv_transfer_seconds              histogram  TRANSFER_BEGAN -> TRANSFER_ENDED, per hand-off
+    jaxserve:inter_token_latency_seconds      histogram  gaps between a request's TOKEN events
+    jaxserve:request_queue_time_seconds       histogram  arrived -> first prefill began (slo.breakdown)
+    jaxserve:request_prefill_time_seconds     histogram  prefill began -> ended (slo.breakdown)
+    jaxserve:request_decode_time_seconds      histogram  first token -> last token
+    jaxserve:request_inference_time_seconds   histogram  prefill + decode time
+    jaxserve:request_prompt_tokens / request_generation_tokens   histograms (1-2-5 buckets)
+    jaxserve:num_preemptions_total            counter    PREEMPTED events of finished requests
     jaxserve:num_requests_running / num_requests_waiting   gauges: the total (no ``instance``
         label) and one series per instance (``instance="prefill-0"``); a scraper that adds its
         own ``instance`` label keeps ours as ``exported_instance``
@@ -29,6 +36,7 @@ event loop only; instance gauges are the router's last ``InstanceStats`` of each
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -47,6 +55,17 @@ E2E_BUCKETS = (0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
                240.0, 480.0, 960.0, 1920.0, 7680.0)
 TRANSFER_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 PREFIX = "jaxserve:"
+
+
+def buckets_1_2_5(limit: int) -> tuple[int, ...]:
+    """1, 2, 5, 10, 20, 50, ... up to ``limit`` (vLLM's token-count buckets)."""
+    out, m = [], 1
+    while True:
+        for b in (m, 2 * m, 5 * m):
+            if b > limit:
+                return tuple(out)
+            out.append(b)
+        m *= 10
 
 
 def _escape(v: str) -> str:
@@ -114,8 +133,13 @@ def instance_gauges(stats: Sequence[InstanceStats]) -> list[dict[str, Any]]:
 class ServerMetrics:
     """Counters and histograms of one server; ``render`` adds the engine gauges at scrape time."""
 
-    def __init__(self, model_name: str = "") -> None:
+    def __init__(self, model_name: str = "", max_model_len: int = 1 << 20) -> None:
         self.model_name = model_name
+        self.preemptions = 0
+        self.itl = Histogram(TPOT_BUCKETS)
+        self.phases = {k: Histogram(E2E_BUCKETS) for k in ("queue", "prefill", "decode", "inference")}
+        self.prompt_len = Histogram(buckets_1_2_5(max_model_len))
+        self.output_len = Histogram(buckets_1_2_5(max_model_len))
         self.finished: dict[str, int] = {}
         self.rejected: dict[str, int] = {}
         self.prompt_tokens = 0
@@ -140,14 +164,31 @@ class ServerMetrics:
         if request is not None:
             for d in transfer_durations(request):
                 self.transfer.observe(d)
+            self.preemptions += sum(e.kind == Event.PREEMPTED for e in list(request.events))
         if finish_reason not in ("stop", "length") or first_token is None or num_output_tokens < 1:
             return
+        if request is not None:
+            self._observe_phases(request, num_output_tokens)
         t = slo.ttft(np.array([arrival]), np.array([first_token]))
         latency = finish - arrival
         self.ttft.observe(float(t[0]))
         self.e2e.observe(latency)
         if num_output_tokens > 1:  # one token has no decoding phase (slo.tpot says 0); keep it out
             self.tpot.observe(float(slo.tpot(t, np.array([latency]), np.array([num_output_tokens]))[0]))
+
+    def _observe_phases(self, request: Request, num_output_tokens: int) -> None:
+        """vLLM's per-request phase histograms, from the request's lifecycle events (engine clock)."""
+        events = list(request.events)
+        tokens = [e.time for e in events if e.kind == Event.TOKEN]
+        for a, b in itertools.pairwise(tokens):
+            self.itl.observe(b - a)
+        stages = slo.breakdown([(e.kind, e.time) for e in events])
+        decode = tokens[-1] - tokens[0] if tokens else 0.0
+        for key, v in (("queue", stages["prefill_queue"]), ("prefill", stages["prefill_exec"]), ("decode", decode),
+                       ("inference", stages["prefill_exec"] + decode)):
+            self.phases[key].observe(v)
+        self.prompt_len.observe(request.num_prompt_tokens)
+        self.output_len.observe(num_output_tokens)
 
     # ---- exposition ---------------------------------------------------------------------------
     def render(self, instances: Sequence[InstanceStats] = (), num_in_flight: int | None = None) -> str:
@@ -176,8 +217,17 @@ class ServerMetrics:
             ("time_per_output_token_seconds", self.tpot, "(latency - TTFT) / (output tokens - 1) (slo.tpot)."),
             ("e2e_request_latency_seconds", self.e2e, "Server arrival to last token out."),
             ("kv_transfer_seconds", self.transfer, "KV cache hand-off time, prefill to decode instance."),
+            ("inter_token_latency_seconds", self.itl, "Time between consecutive tokens of a request."),
+            ("request_queue_time_seconds", self.phases["queue"], "Arrival to the first prefill step."),
+            ("request_prefill_time_seconds", self.phases["prefill"], "Prefill began to prefill ended."),
+            ("request_decode_time_seconds", self.phases["decode"], "First token to last token."),
+            ("request_inference_time_seconds", self.phases["inference"], "Prefill time plus decode time."),
+            ("request_prompt_tokens", self.prompt_len, "Prompt tokens per finished request."),
+            ("request_generation_tokens", self.output_len, "Generated tokens per finished request."),
         ):
             out.extend(h.lines(family(name, "histogram", help_), base))
+        n = family("num_preemptions_total", "counter", "Times a running request was preempted (recomputed).")
+        out.append(f"{n}{_labels(base)} {self.preemptions}")
 
         gauges = instance_gauges(instances)
         if num_in_flight is not None:

@@ -43,7 +43,8 @@ def parse_list(raw: str | None) -> frozenset[str] | None:
 
 
 def allowed_hosts(flag: str | None, bind_host: str) -> frozenset[str] | None:
-    """The Host names to accept: the flag's list, or loopback names for a loopback bind; None: any."""
+    """The Host names to accept: the flag's list, or loopback names (``LOOPBACK_NAMES`` and any loopback
+    address, e.g. 127.0.0.2) for a loopback bind; None: any."""
     names = parse_list(flag)
     if names is not None:
         return None if "*" in names else names
@@ -62,7 +63,8 @@ def make_middleware(origins: Iterable[str], hosts: frozenset[str] | None) -> Cal
 
     @web.middleware
     async def origin_middleware(http: web.Request, handler: Callable[..., Any]) -> web.StreamResponse:
-        if hosts is not None and _host_name(http) not in hosts:
+        name = _host_name(http)
+        if hosts is not None and name not in hosts and not (hosts is LOOPBACK_NAMES and is_loopback(name)):
             raise ApiError(403, "this server does not answer for that Host name (see --allowed-hosts)",
                            code="host_not_allowed")
         origin = http.headers.get("Origin")

@@ -3,7 +3,8 @@
     JSON body (dict) --check_model / check_unsupported--> 404 unknown model / 400 unsupported field
       prompt (text: tokenizer.encode; or token ids as given; chat: chat.render_chat first)
       --parse_sampling--> SamplingParams (400 naming the field; 400 context_length_exceeded)
-      --parse_job--> Job(Request(cmpl-<hex>, ids, SamplingParams, arrival), chat, stream, usage, token ids)
+      --parse_jobs--> [Job(Request(cmpl-<hex>, ids, SamplingParams, arrival), chat, stream, usage, token ids)]
+      (one Job per prompt: a completions body may carry a list of prompts, answered as choices in order)
     engine-side ValueError --param_of--> the field it is about
 
 Errors are OpenAI's JSON shape ``{"error": {"message", "type", "param", "code"}}`` (``ApiError``).
@@ -215,7 +216,7 @@ def chat_prompt(body: dict[str, Any], st: ServedModel) -> tuple[str, bool]:
     add_gen = get_bool(body, "add_generation_prompt", True)
     cont = get_bool(body, "continue_final_message", False)
     kwargs = body.get("chat_template_kwargs") or {}
-    if not isinstance(kwargs, dict) or not all(isinstance(k, str) and k.isidentifier() for k in kwargs):
+    if not isinstance(kwargs, dict):
         raise bad("chat_template_kwargs", f"must be an object of template variables, got {show(kwargs)}")
     if {"messages", "add_generation_prompt"} & set(kwargs):
         raise bad("chat_template_kwargs", "must not set messages or add_generation_prompt (they are fields)")
@@ -224,7 +225,7 @@ def chat_prompt(body: dict[str, Any], st: ServedModel) -> tuple[str, bool]:
         messages = check_messages(body.get("messages"))
         if template is not None:
             return template.render(messages, add_generation_prompt=add_gen, continue_final_message=cont,
-                                   **kwargs), False
+                                   variables=kwargs), False
     except ChatError as e:
         raise ApiError(400, str(e), param=e.param) from e
     for key, v, default in (("add_generation_prompt", add_gen, True), ("continue_final_message", cont, False),
@@ -235,23 +236,33 @@ def chat_prompt(body: dict[str, Any], st: ServedModel) -> tuple[str, bool]:
     return render_chat(messages), True
 
 
-def parse_prompt(body: dict[str, Any], st: ServedModel) -> tuple[list[int], str | None]:
+MAX_PROMPTS = 64  # prompts in one completions request (each is a request of its own in the engine)
+
+
+def parse_prompts(body: dict[str, Any], st: ServedModel) -> list[tuple[list[int], str | None]]:
+    """The prompts of a completions body: a string, token ids, or a list of either (a batch)."""
     p = body.get("prompt")
     if p is None:
         raise bad("prompt", "is required")
-    if isinstance(p, list) and len(p) == 1 and isinstance(p[0], str | list):
-        p = p[0]  # a batch of one prompt
+    if isinstance(p, list) and p and all(isinstance(x, str | list) for x in p):
+        if len(p) > MAX_PROMPTS:
+            raise bad("prompt", f"at most {MAX_PROMPTS} prompts in one request, got {len(p)}")
+        return [_one_prompt(x, st, f"prompt[{i}]" if len(p) > 1 else "prompt") for i, x in enumerate(p)]
+    return [_one_prompt(p, st, "prompt")]
+
+
+def _one_prompt(p: Any, st: ServedModel, where: str) -> tuple[list[int], str | None]:
     if isinstance(p, str):
         if not p:
-            raise bad("prompt", "must not be empty")
-        return encode_text(p, st, "prompt"), p
+            raise bad(where, "must not be empty")
+        return encode_text(p, st, where), p
     if isinstance(p, list):
         if not p:
-            raise bad("prompt", "must not be empty")
+            raise bad(where, "must not be empty")
         if any(isinstance(t, str | list) for t in p):
-            raise bad("prompt", "a batch of several prompts is not supported; send one request per prompt")
-        return check_token_ids(p, "prompt", st.vocab_size), None
-    raise bad("prompt", f"must be a string or a list of token ids, got {type(p).__name__}")
+            raise bad(where, "must be a string or a list of token ids; a batch is a list of those")
+        return check_token_ids(p, where, st.vocab_size), None
+    raise bad(where, f"must be a string or a list of token ids, got {type(p).__name__}")
 
 
 def parse_sampling(body: dict[str, Any], st: ServedModel, num_prompt: int, max_tokens_keys: tuple[str, ...],
@@ -311,18 +322,38 @@ class Job:
     return_token_ids: bool
     model: str
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+    index: int = 0  # its choice in the answer (a batch of prompts: the prompt's position)
+    response_id: str = ""  # the answer's id (a batch shares one); "" -> the request's id
+
+    @property
+    def answer_id(self) -> str:
+        return self.response_id or self.request.request_id
 
 
-def parse_job(body: dict[str, Any], st: ServedModel, *, chat: bool, arrival: float) -> Job:
+def parse_jobs(body: dict[str, Any], st: ServedModel, *, chat: bool, arrival: float) -> list[Job]:
+    """One job per prompt (completions may carry a batch of them; chat has one conversation)."""
     check_model(body, st)
     check_unsupported(body, chat)
     if chat:
         text, add_bos = chat_prompt(body, st)
-        ids = encode_text(text, st, "messages", add_bos)
-        sampling = parse_sampling(body, st, len(ids), ("max_completion_tokens", "max_tokens"), None, "messages")
+        prompts = [(encode_text(text, st, "messages", add_bos), text)]
     else:
-        ids, text = parse_prompt(body, st)
-        sampling = parse_sampling(body, st, len(ids), ("max_tokens",), DEFAULT_MAX_TOKENS)
+        prompts = parse_prompts(body, st)
+    jobs = [_job(body, st, ids, text, chat, arrival, "messages" if chat else where)
+            for ids, text, where in ((i, t, f"prompt[{k}]" if len(prompts) > 1 else "prompt")
+                                     for k, (i, t) in enumerate(prompts))]
+    if len(jobs) > 1:
+        for k, j in enumerate(jobs):
+            j.index, j.response_id = k, jobs[0].request.request_id
+    return jobs
+
+
+def _job(body: dict[str, Any], st: ServedModel, ids: list[int], text: str | None, chat: bool, arrival: float,
+         prompt_field: str) -> Job:
+    if chat:
+        sampling = parse_sampling(body, st, len(ids), ("max_completion_tokens", "max_tokens"), None, prompt_field)
+    else:
+        sampling = parse_sampling(body, st, len(ids), ("max_tokens",), DEFAULT_MAX_TOKENS, prompt_field)
     stream = get_bool(body, "stream", False)
     opts = body.get("stream_options")
     include_usage = False

@@ -62,13 +62,13 @@ def chunk(job: Job, d: Delta, first: bool) -> dict[str, Any]:
     if job.chat:
         delta: dict[str, Any] = {"role": "assistant", "content": d.text} if first else (
             {"content": d.text} if d.text else {})
-        choice: dict[str, Any] = {"index": 0, "delta": delta}
+        choice: dict[str, Any] = {"index": job.index, "delta": delta}
     else:
-        choice = {"index": 0, "text": d.text}
+        choice = {"index": job.index, "text": d.text}
     choice.update(logprobs=None, finish_reason=_reason(d.finish_reason))
     if job.return_token_ids:
         choice["token_ids"] = d.token_ids
-    out = {"id": job.request.request_id, "object": "chat.completion.chunk" if job.chat else "text_completion",
+    out = {"id": job.answer_id, "object": "chat.completion.chunk" if job.chat else "text_completion",
            "created": job.created, "model": job.model, "choices": [choice]}
     if job.include_usage:
         out["usage"] = None
@@ -77,19 +77,19 @@ def chunk(job: Job, d: Delta, first: bool) -> dict[str, Any]:
 
 def usage_chunk(job: Job, num_out: int) -> dict[str, Any]:
     """The last chunk of a stream with ``stream_options.include_usage``: no choices, the usage."""
-    return {"id": job.request.request_id, "object": "chat.completion.chunk" if job.chat else "text_completion",
+    return {"id": job.answer_id, "object": "chat.completion.chunk" if job.chat else "text_completion",
             "created": job.created, "model": job.model, "choices": [], "usage": usage(job, num_out)}
 
 
 def completion(job: Job, text: str, token_ids: list[int], reason: FinishReason | None) -> dict[str, Any]:
     if job.chat:
-        choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}}
+        choice: dict[str, Any] = {"index": job.index, "message": {"role": "assistant", "content": text}}
     else:
-        choice = {"index": 0, "text": text}
+        choice = {"index": job.index, "text": text}
     choice.update(logprobs=None, finish_reason=_reason(reason))
     if job.return_token_ids:
         choice.update(token_ids=token_ids, prompt_token_ids=job.request.prompt_token_ids)
-    return {"id": job.request.request_id, "object": "chat.completion" if job.chat else "text_completion",
+    return {"id": job.answer_id, "object": "chat.completion" if job.chat else "text_completion",
             "created": job.created, "model": job.model, "choices": [choice], "usage": usage(job, len(token_ids))}
 
 
@@ -255,11 +255,17 @@ async def run_job(http: web.Request, job: Job, orchestrator: Orchestrator, metri
         return await answer.run(d)
     finally:
         await agen.aclose()  # not finished -> the orchestrator aborts it and frees its blocks
-        metrics.observe_finished(job.request, arrival=arrival, first_token=answer.first_token,
-                                 finish=time.perf_counter(), num_output_tokens=len(answer.ids),
-                                 finish_reason=answer.reason)
-        if answer.reason in ("stop", "length") and answer.ids:
-            workload.observe(arrival, job.request.num_prompt_tokens, len(answer.ids))
+        record_end(job, metrics, workload, answer.first_token, len(answer.ids), answer.reason)
+
+
+def record_end(job: Job, metrics: ServerMetrics, workload: WorkloadWindow, first_token: float | None,
+               num_out: int, reason: str) -> None:
+    """An admitted request ended: metrics, and the workload window if it ran to its end."""
+    arrival = job.request.arrival_time
+    metrics.observe_finished(job.request, arrival=arrival, first_token=first_token, finish=time.perf_counter(),
+                             num_output_tokens=num_out, finish_reason=reason)
+    if reason in ("stop", "length") and num_out:
+        workload.observe(arrival, job.request.num_prompt_tokens, num_out)
 
 
 async def _try_write(resp: web.StreamResponse, data: bytes) -> None:

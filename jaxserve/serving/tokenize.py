@@ -49,7 +49,7 @@ def tokenize_body(body: dict[str, Any], st: Any) -> dict[str, Any]:
         if not isinstance(text, str):
             raise bad("prompt", f"must be a string, got {show(text)}")
     add_bos = get_bool(body, "add_special_tokens", add_bos)
-    ids = encode_text(text, st, field, add_bos) if text else []
+    ids = encode_text(text, st, field, add_bos)
     return {"count": len(ids), "max_model_len": st.max_model_len, "tokens": ids}
 
 

@@ -127,3 +127,24 @@ def test_pipeline_stages_on_two_nodes_equal_hf(two_nodes, model):
             assert "stage process" in eng.slots[1].error
     finally:
         release(placement)
+
+
+def test_a_plan_mixing_spanning_and_single_process_instances(two_nodes, model):
+    """Prefill in one process on node 0, decode spanning nodes 0 and 1: the group exists for the decode's
+    activations only, so every instance moves KV through the object store (one export per hand-off into
+    the spanning decode's layers on both nodes)."""
+    model_dir, prompts, refs = model
+    plan = DeploymentConfig((InstanceSpec("prefill", nodes=((0,),)), InstanceSpec("decode", pp=2, nodes=((0, 1),))))
+    placement = place(plan)
+    assert [[s for s, _ in chain] for chain in placement.stages] == [[], [range(1, 2)]]
+    configs = [s.engine_config(max_num_seqs=8, max_model_len=256) for s in plan.instances]
+    try:
+        with launch_router(model_dir, list(zip(["prefill-0", "decode-0"], configs, strict=True)),
+                           options=placement.options, stages=placement.stages, timeout_s=120) as eng:
+            eng.warmup()
+            reqs = [Request(f"x{i}", p, SamplingParams(max_tokens=8)) for i, p in enumerate(prompts)]
+            assert [t.token_ids for t in run_requests(eng, reqs)] == refs
+            assert eng.num_transfers == len(prompts) and eng.compilations_since_warmup == 0
+            assert drained(eng) == {"prefill-0": 0, "decode-0": 0}
+    finally:
+        release(placement)

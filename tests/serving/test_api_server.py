@@ -242,7 +242,7 @@ BAD_FIELDS = [
     ({"stream": True, "stream_options": {"include_usage": "y"}}, "include_usage"),
     ({"model": 5}, "model"), ({"prompt": None}, "prompt"), ({"prompt": ""}, "prompt"), ({"prompt": []}, "prompt"),
     ({"prompt": [2, 1000]}, "prompt"), ({"prompt": [2, -1]}, "prompt"), ({"prompt": [2, True]}, "prompt"),
-    ({"prompt": ["a", "b"]}, "prompt"), ({"prompt": {"text": "a"}}, "prompt"), ({"prompt": 12}, "prompt"),
+    ({"prompt": ["a", 5]}, "prompt"), ({"prompt": {"text": "a"}}, "prompt"), ({"prompt": 12}, "prompt"),
     # vLLM's fields this server does not act on, set to a non-default value; fields in no schema
     ({"repetition_penalty": 1.2}, "repetition_penalty"), ({"min_tokens": 3}, "min_tokens"),
     ({"min_p": 0.1}, "min_p"), ({"skip_special_tokens": False}, "skip_special_tokens"),

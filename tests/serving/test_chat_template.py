@@ -73,6 +73,9 @@ def test_template_errors_are_chat_errors(folders):
     assert e.value.param == "messages"
     with pytest.raises(ValueError, match="does not compile"):
         ChatTemplate("{% for %}")
+    with pytest.raises(ChatError, match="TypeError") as e:  # a template tripping on its input: a 400, not a 500
+        ChatTemplate("{{ messages[0]['content'] + 1 }}").render([{"role": "user", "content": "a"}])
+    assert e.value.param == "messages"
 
 
 def test_chat_route_and_tokenize_use_the_models_template(folders):
@@ -90,6 +93,18 @@ def test_chat_route_and_tokenize_use_the_models_template(folders):
         assert st == 200 and eng.added[-1].prompt_token_ids == tok.encode(rendered + '{"a": 1}', add_bos=False)
         st, r = await post(client, "/v1/chat/completions", {"messages": msgs, "chat_template_kwargs": [1]})
         assert st == 400 and r["error"]["param"] == "chat_template_kwargs"
+        # content as OpenAI's text parts: joined into the string the template expects
+        parts = [{"role": "user", "content": [{"type": "text", "text": "hel"}, {"type": "text", "text": "lo"}]}]
+        st, r = await post(client, "/v1/chat/completions", {"messages": parts, "max_tokens": 2})
+        assert st == 200 and eng.added[-1].prompt_token_ids == tok.encode(rendered, add_bos=False)
+        # template variables named like arguments are plain variables, never a 500
+        st, r = await post(client, "/v1/chat/completions", {"messages": msgs, "max_tokens": 2, "chat_template_kwargs":
+                                                             {"continue_final_message": True, "self": 1}})
+        assert st == 200
+        st, r = await post(client, "/v1/chat/completions", {"messages": [*msgs, {"role": "assistant", "content": ""}],
+                                                             "add_generation_prompt": False,
+                                                             "continue_final_message": True})
+        assert st == 400 and r["error"]["param"] == "continue_final_message"
 
     serve(fn, engine=CountingEngine(), tokenizer=tok, vocab_size=tok.vocab_size)
 

@@ -210,6 +210,14 @@ def test_allowed_hosts_defaults():
     assert allowed_hosts("Box.Local, localhost", "127.0.0.1") == frozenset({"box.local", "localhost"})
 
 
+def test_a_loopback_bind_answers_any_loopback_address():
+    async def fn(port):
+        return (await completion(port, {"Host": f"127.0.0.2:{port}"}))[0], \
+            (await completion(port, {"Host": "localhost.evil.example"}))[0]
+
+    assert run_server(fn, allowed_hosts=allowed_hosts(None, "127.0.0.2")) == (200, 403)
+
+
 def test_a_half_closed_client_gets_its_answer_and_a_client_that_left_is_aborted():
     """shutdown(SHUT_WR) after the request: the answer still comes (before: none, an abort). A client that
     closes entirely while its request waits is still found gone (interim 100 probes) and aborted."""

@@ -185,17 +185,27 @@ def check_answer(status: int, headers: dict[str, str], payload: object, route: s
         assert all("error" not in c for c in payload[:-1]), payload
         assert chunks and all(c["object"] == ("chat.completion.chunk" if chat else "text_completion") and
                               c["model"] == MODEL for c in chunks)
-        assert [c["choices"][0]["finish_reason"] for c in chunks][:-1] == [None] * (len(chunks) - 1)
-        assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length"), chunks[-1]
+        for i in sorted({c["choices"][0]["index"] for c in chunks}):  # a batch of prompts: a choice each
+            mine = [c for c in chunks if c["choices"][0]["index"] == i]
+            assert [c["choices"][0]["finish_reason"] for c in mine][:-1] == [None] * (len(mine) - 1)
+            assert mine[-1]["choices"][0]["finish_reason"] in ("stop", "length"), mine[-1]
         return
     assert payload["object"] == ("chat.completion" if chat else "text_completion") and payload["model"] == MODEL
-    (choice,) = payload["choices"]
-    assert choice["finish_reason"] in ("stop", "length"), choice
-    text = choice["message"]["content"] if chat else choice["text"]
-    assert isinstance(text, str)
-    u = payload["usage"]
-    assert 1 <= u["prompt_tokens"] < MAX_MODEL_LEN and 0 <= u["completion_tokens"] <= MAX_MODEL_LEN - u["prompt_tokens"]
+    assert [c["index"] for c in payload["choices"]] == list(range(len(payload["choices"])))
+    for choice in payload["choices"]:
+        assert choice["finish_reason"] in ("stop", "length"), choice
+        text = choice["message"]["content"] if chat else choice["text"]
+        assert isinstance(text, str)
+    u, n = payload["usage"], len(payload["choices"])
+    assert 1 <= u["prompt_tokens"] < n * MAX_MODEL_LEN and 0 <= u["completion_tokens"] <= n * MAX_MODEL_LEN
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
+
+
+def num_choices(headers: dict[str, str], payload: object) -> int:
+    """Requests a 200 answer stands for (a batch of prompts: one each)."""
+    if headers["Content-Type"].startswith("text/event-stream"):
+        return len({c["choices"][0]["index"] for c in payload[:-1] if c["choices"]})
+    return len(payload["choices"])
 
 
 def test_fuzzed_requests_get_4xx_or_a_completion_and_leave_nothing_behind(real):
@@ -228,6 +238,8 @@ def test_fuzzed_requests_get_4xx_or_a_completion_and_leave_nothing_behind(real):
             if status == 200 and headers["Content-Type"].startswith("text/event-stream"):
                 seen["200 streamed"] = seen.get("200 streamed", 0) + 1
             check_answer(status, headers, payload, route)
+            if status == 200:
+                seen["requests finished"] = seen.get("requests finished", 0) + num_choices(headers, payload)
             if want is not None:
                 assert (status, payload["error"][want[1]]) == (want[0], want[2]), (route, body[:80], payload)
 
@@ -262,7 +274,7 @@ def test_fuzzed_requests_get_4xx_or_a_completion_and_leave_nothing_behind(real):
         rejected = m[("jaxserve:request_rejected_total", (("model_name", MODEL), ("reason", "invalid")))]
         assert rejected == total - seen.get(200, 0)  # every 4xx was counted as a rejected request
         done = sum(v for (name, labels), v in m.items() if name == "jaxserve:request_success_total")
-        assert done == seen.get(200, 0) + 1, m  # every completion (and the greedy check) finished normally
+        assert done == seen.get("requests finished", 0) + 1, m  # every completion (and the greedy check) finished
         assert m[("jaxserve:num_requests_in_flight", lab)] == 0
         return total
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -58,7 +59,8 @@ def server(tiny, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("launch")
     port = _free_port()
     proc, log = _start(["--model", str(tiny[0]), "--port", str(port), "--max-model-len", "256",
-                        "--max-num-seqs", "8", "--served-model-name", "tiny-opt", "--no-warmup"], tmp)
+                        "--max-num-seqs", "8", "--served-model-name", "tiny-opt", "--no-warmup", "--access-log",
+                        "--log-level", "info"], tmp)
     yield f"http://127.0.0.1:{port}/v1", tmp
     rc = _stop(proc, log)
     text = (tmp / "server.log").read_text()
@@ -85,6 +87,13 @@ def test_openai_client_completions_and_chat(server, workload, tiny, tmp_path):
                                        stream=True, extra_body={"ignore_eos": True})
     streamed = "".join(c.choices[0].text for c in chunks if c.choices)
     assert streamed == r.choices[0].text and r.usage.completion_tokens == 12
+    # a batch of prompts (text and token ids): each choice equals its prompt's own greedy answer
+    b = client.completions.create(model="tiny-opt", prompt=["The weather today", prompts[i]], temperature=0,
+                                  max_tokens=12, extra_body={"ignore_eos": True})
+    one = client.completions.create(model="tiny-opt", prompt=prompts[i], max_tokens=12, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert [c.text for c in sorted(b.choices, key=lambda c: c.index)] == [r.choices[0].text, one.choices[0].text]
+    assert b.usage.completion_tokens == 24
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps({"prompt": "The weather today", "max_tokens": 12}) + "\n")
     out = tmp_path / "out.jsonl"
@@ -105,7 +114,7 @@ def test_errors_through_the_client(server):
     import openai
     from openai import OpenAI
 
-    url, _ = server
+    url, tmp = server
     client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=60)
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="hi", max_tokens=2)
@@ -117,6 +126,9 @@ def test_errors_through_the_client(server):
         client.models.list(extra_headers={"Host": "attacker.example"})
     with pytest.raises(openai.PermissionDeniedError, match="cross-origin"):
         client.models.list(extra_headers={"Origin": "http://attacker.example"})
+    time.sleep(0.2)  # --access-log: a line per request, through jaxserve's log
+    assert re.search(r'jaxserve: 127\.0\.0\.1 "POST /v1/completions HTTP/1\.1" 400 \d+ [\d.]+',
+                     (tmp / "server.log").read_text())
 
 
 def _greedy_texts(url: str, prompts: list[list[int]], max_tokens: list[int]) -> list[str]:

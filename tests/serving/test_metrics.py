@@ -142,3 +142,36 @@ def test_instance_gauges_from_the_routers_stats():
     assert p[("jaxserve:kv_cache_usage_perc", (("instance", "prefill-0"), *lab))] == 0.25
     assert p[("jaxserve:kv_cache_usage_perc", lab)] == pytest.approx(12 / 32)
     assert p[("jaxserve:num_requests_in_flight", lab)] == 9
+
+
+def test_vllm_request_phase_metrics_from_lifecycle_events():
+    """Hand-checked: queue 0.5 s, prefill 0.25 s, tokens at 1.0, 1.5, 2.5 s (gaps 0.5, 1.0; decode 1.5 s),
+    one preemption; prompt 7 tokens, 3 generated; an aborted request adds only its preemption."""
+    from jaxserve.serving.metrics import buckets_1_2_5
+
+    r = Request("r", [2] * 7)
+    r.events.clear()  # (the constructor stamps its own arrival, now)
+    for kind, t in ((Event.ARRIVED, 0.0), (Event.PREFILL_BEGAN, 0.5), (Event.PREFILL_ENDED, 0.75),
+                    (Event.TOKEN, 1.0), (Event.PREEMPTED, 1.2), (Event.TOKEN, 1.5), (Event.TOKEN, 2.5)):
+        r.stamp(kind, t)
+    gone = Request("g", [2])
+    gone.stamp(Event.PREEMPTED, 0.1)
+    m = ServerMetrics("m", max_model_len=100)
+    m.observe_finished(r, arrival=0.0, first_token=1.0, finish=2.5, num_output_tokens=3, finish_reason="length")
+    m.observe_finished(gone, arrival=0.0, first_token=None, finish=0.2, num_output_tokens=0, finish_reason="abort")
+    got = parse_prometheus(m.render())
+    lab = (("model_name", "m"),)
+
+    def total(name):
+        return got[(f"jaxserve:{name}_sum", lab)], got[(f"jaxserve:{name}_count", lab)]
+
+    assert total("inter_token_latency_seconds") == (1.5, 2)
+    assert total("request_queue_time_seconds") == (0.5, 1)
+    assert total("request_prefill_time_seconds") == (0.25, 1)
+    assert total("request_decode_time_seconds") == (1.5, 1)
+    assert total("request_inference_time_seconds") == (1.75, 1)
+    assert total("request_prompt_tokens") == (7, 1) and total("request_generation_tokens") == (3, 1)
+    assert got[("jaxserve:request_prompt_tokens_bucket", (("le", "5.0"), ("model_name", "m")))] == 0
+    assert got[("jaxserve:request_prompt_tokens_bucket", (("le", "10.0"), ("model_name", "m")))] == 1
+    assert got[("jaxserve:num_preemptions_total", lab)] == 2
+    assert buckets_1_2_5(100) == (1, 2, 5, 10, 20, 50, 100)
