@@ -35,6 +35,7 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
+    min_tokens: int = 0  # EOS cannot be sampled before this many tokens (the sampler masks it)
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> SamplingError:
@@ -50,6 +51,8 @@ class SamplingParams:
             raise bad("top_p", "must be a number in (0, 1]")
         if self.seed is not None and (not _is_int(self.seed) or not (0 <= self.seed < 2**63)):
             raise bad("seed", "must be a non-negative integer below 2**63")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise bad("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens}]")
         # normalise list inputs into tuples so the record stays hashable and frozen
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))

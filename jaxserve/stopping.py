@@ -4,6 +4,8 @@
 
 Rules, checked after each token:
   * EOS (unless ``ignore_eos``) and ``stop_token_ids`` end the request; their text is not added.
+  * none of these end it before ``min_tokens`` tokens (as vLLM: a stop string completed earlier
+    does not count later); the sampler bans EOS until then
   * a ``stop`` string ends it with the text cut *before* the stop string
     (kept with ``include_stop_str_in_output``);
   * ``max_tokens`` (or the context limit the caller passes) ends it with reason ``length``.
@@ -22,8 +24,10 @@ from jaxserve.request import FinishReason, SamplingParams
 
 def token_finish_reason(token_id: int, num_output_tokens: int, sampling: SamplingParams,
                         eos_token_id: int | None, max_tokens: int) -> FinishReason | None:
-    """The token-level rules (EOS, stop ids, length) that engines apply without a tokenizer."""
-    if (token_id == eos_token_id and not sampling.ignore_eos) or token_id in sampling.stop_token_ids:
+    """The token-level rules (EOS, stop ids, length) that engines apply without a tokenizer; EOS and
+    stop ids end a request only once it has ``min_tokens`` (the sampler bans EOS before that)."""
+    stop = (token_id == eos_token_id and not sampling.ignore_eos) or token_id in sampling.stop_token_ids
+    if stop and num_output_tokens >= sampling.min_tokens:
         return FinishReason.STOP
     if num_output_tokens >= max_tokens:
         return FinishReason.LENGTH
@@ -58,7 +62,7 @@ class OutputTracker:
         piece = "" if stop_token or self.detok is None else self.detok.add(token_id)
         before = len(self.text)
         self.text += piece
-        if sp.stop and piece and self._cut_at_stop(before):
+        if sp.stop and piece and len(self.token_ids) >= sp.min_tokens and self._cut_at_stop(before):
             reason = FinishReason.STOP
         elif reason is not None:
             self._flush_detok()

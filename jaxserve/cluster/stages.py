@@ -233,8 +233,7 @@ class SpanningExecutor:
         if arrays.all_greedy:
             return np.asarray(greedy(logits))
         dev = next(iter(logits.devices()))
-        a = jax.device_put((arrays.temperature, arrays.top_k, arrays.top_p, arrays.seed_lo, arrays.seed_hi,
-                            arrays.step), dev)
+        a = jax.device_put(arrays.fields(), dev)
         return np.asarray(sample(logits, *a))
 
     # ---- KV blocks: every layer (through this process), or per segment (StagedKV) ---------------

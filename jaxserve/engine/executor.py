@@ -89,8 +89,7 @@ class ModelExecutor:
     def sample(self, logits: jax.Array, arrays: SamplingArrays) -> np.ndarray:
         if arrays.all_greedy:
             return np.asarray(greedy(logits))
-        a = jax.device_put((arrays.temperature, arrays.top_k, arrays.top_p, arrays.seed_lo, arrays.seed_hi,
-                            arrays.step), self._repl)
+        a = jax.device_put(arrays.fields(), self._repl)
         return np.asarray(sample(logits, *a))
 
     # ---- KV blocks as host/device arrays (transfer between instances) ----------------------

@@ -261,8 +261,7 @@ class PipelineExecutor:
         """Token ids [R] (numpy) from logits on the last stage."""
         if arrays.all_greedy:
             return np.asarray(greedy(logits))
-        a = jax.device_put((arrays.temperature, arrays.top_k, arrays.top_p, arrays.seed_lo, arrays.seed_hi,
-                            arrays.step), self._repl[-1])
+        a = jax.device_put(arrays.fields(), self._repl[-1])
         return np.asarray(sample(logits, *a))
 
     # ---- KV blocks (transfer between instances) ------------------------------------------

@@ -141,7 +141,8 @@ class Runner:
                 continue
             arrays = SamplingArrays.from_params(
                 [c.seq.request.sampling for c in chunks], [c.seq.seed for c in chunks],
-                [len(c.seq.request.output_token_ids) for c in chunks], shape.logits_rows)
+                [len(c.seq.request.output_token_ids) for c in chunks], shape.logits_rows,
+                self.executor.cfg.eos_token_id)
             tokens = self.executor.sample(lg, arrays)
             out.update({c.seq.id: int(tokens[i]) for i, c in enumerate(chunks) if c.samples})
         return out

@@ -18,9 +18,10 @@ Choices (documented, as vLLM does them):
   * ``top_k`` above the vocabulary means "off" and is sent as 0.
   * Not supported, 400 naming the field if set to anything but its default (``UNSUPPORTED``):
     ``n``/``best_of`` != 1, ``echo``, ``logprobs``, ``suffix``, ``logit_bias``, penalties, ``tools``,
-    and vLLM's ``min_tokens``, ``min_p``, ``repetition_penalty``, guided decoding, ... A field in no
+    and vLLM's ``min_p``, ``repetition_penalty``, guided decoding, ... A field in no
     schema is a 400 too (as OpenAI answers "unrecognized request argument"); ``user`` is accepted.
-  * Extensions (vLLM's names): ``ignore_eos``, ``stop_token_ids``,
+  * Extensions (vLLM's names): ``ignore_eos``, ``stop_token_ids``, ``min_tokens`` (EOS banned and no
+    stop rule applies before it; not with ``stop_token_ids``),
     ``include_stop_str_in_output``, ``return_token_ids`` (adds ``token_ids`` to each choice).
 """
 
@@ -47,7 +48,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
     "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "top_logprobs": (0,), "tools": ([],),
     "functions": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},),
     "parallel_tool_calls": (True, False), "function_call": ("none",), "store": (False,), "metadata": ({},),
-    "service_tier": ("auto", "default"), "modalities": (["text"],), "min_tokens": (0,), "min_p": (0, 0.0),
+    "service_tier": ("auto", "default"), "modalities": (["text"],), "min_p": (0, 0.0),
     "repetition_penalty": (1, 1.0), "length_penalty": (1, 1.0), "use_beam_search": (False,),
     "prompt_logprobs": (), "truncate_prompt_tokens": (), "allowed_token_ids": (), "bad_words": ([],),
     "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "logits_processors": (),
@@ -58,7 +59,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 # fields this server acts on, per route (anything neither here nor above: 400 unknown field)
 COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
                            "ignore_eos", "include_stop_str_in_output", "stream", "stream_options",
-                           "return_token_ids", "n"})
+                           "return_token_ids", "n", "min_tokens"})
 CHAT_FIELDS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "chat_template_kwargs"})
 ROUTE_FIELDS = {False: COMMON_FIELDS | {"prompt"}, True: COMMON_FIELDS | CHAT_FIELDS | {"max_completion_tokens"}}
 
@@ -281,6 +282,9 @@ def parse_sampling(body: dict[str, Any], st: ServedModel, num_prompt: int, max_t
     stop_ids = body.get("stop_token_ids")
     if stop_ids is not None and not isinstance(stop_ids, list):
         raise bad("stop_token_ids", f"must be a list of token ids, got {show(stop_ids)}")
+    min_tokens = get_int(body, "min_tokens", 0, lo=0)
+    if min_tokens and stop_ids:  # vLLM also bans stop ids before min_tokens; this sampler bans EOS only
+        raise bad("min_tokens", "cannot be combined with stop_token_ids on this server", code="unsupported_parameter")
     try:
         return SamplingParams(
             max_tokens=max_tokens,
@@ -292,6 +296,7 @@ def parse_sampling(body: dict[str, Any], st: ServedModel, num_prompt: int, max_t
             stop_token_ids=tuple(check_token_ids(stop_ids or [], "stop_token_ids", st.vocab_size)),
             ignore_eos=get_bool(body, "ignore_eos", False),
             include_stop_str_in_output=get_bool(body, "include_stop_str_in_output", False),
+            min_tokens=min_tokens,
         )
     except SamplingError as e:  # ranges: "field: why, got value"
         raise bad(str(e).split(":", 1)[0], str(e).split(":", 1)[1].strip()) from e
@@ -302,7 +307,7 @@ def param_of(e: Exception) -> str | None:
     msg = str(e)
     m = re.match(r"(\w+):", msg)
     if m and m.group(1) in ("prompt", "stop", "max_tokens", "temperature", "top_p", "top_k", "seed",
-                            "stop_token_ids"):
+                            "stop_token_ids", "min_tokens"):
         return m.group(1)
     if msg.startswith("prompt"):
         return "prompt"

@@ -120,3 +120,27 @@ def test_stop_string_through_the_front_end_frees_blocks(tiny):
     assert t.finish_reason == FinishReason.STOP and t.text == base.text[: base.text.index(stop)]
     assert req.finish_reason == FinishReason.STOP and req.events[-1].kind == Event.FINISHED
     assert engine.num_held_blocks == 0 and not engine.has_unfinished()
+
+
+def test_min_tokens_bans_eos_until_reached_like_hf(tiny):
+    """EOS set to the token greedy decoding picks first: without min_tokens the request stops at once;
+    with min_tokens=3 EOS is banned for three tokens and the output equals HF's generate with
+    min_new_tokens=3 and that EOS, token for token (then EOS may end it again)."""
+    import torch
+
+    _, model, cfg, params, _ = tiny
+    prompt = [2, 50, 60, 70]
+    first = run_requests(LLMEngine(cfg, params, EngineConfig(max_num_seqs=4, max_model_len=64)),
+                         [Request("f", prompt, SamplingParams(max_tokens=1))])[0].token_ids[0]
+    eos_cfg = cfg.replace(eos_token_id=first)
+    engine = LLMEngine(eos_cfg, params, EngineConfig(max_num_seqs=4, max_model_len=64))
+    plain, held = run_requests(engine, [Request("a", prompt, SamplingParams(max_tokens=12)),
+                                        Request("b", prompt, SamplingParams(max_tokens=12, min_tokens=3))])
+    assert plain.token_ids == [first] and plain.finish_reason == FinishReason.STOP
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=12, do_sample=False, min_new_tokens=3,
+                             eos_token_id=first, pad_token_id=first)[0, len(prompt):].tolist()
+    if first in ref:  # HF keeps the EOS it stopped on; the engine does not emit it as text but as its last id
+        ref = ref[: ref.index(first) + 1]
+    assert held.token_ids == ref and len(held.token_ids) >= 3 and first not in held.token_ids[:3]
+    assert engine.num_held_blocks == 0

@@ -43,8 +43,7 @@ def _draws(logits, n=4000, **kw):
     sp = [SamplingParams(temperature=kw.get("temperature", 1.0), top_k=kw.get("top_k", 0),
                          top_p=kw.get("top_p", 1.0))] * n
     a = SamplingArrays.from_params(sp, [7] * n, list(range(n)), n)
-    toks = sample(jnp.tile(jnp.asarray(logits, jnp.float32), (n, 1)), a.temperature, a.top_k, a.top_p,
-                  a.seed_lo, a.seed_hi, a.step)
+    toks = sample(jnp.tile(jnp.asarray(logits, jnp.float32), (n, 1)), *a.fields())
     return np.bincount(np.asarray(toks), minlength=len(logits)) / n
 
 
@@ -137,3 +136,25 @@ def test_output_tracker_rules():
 def test_sampling_params_validation(kw, field):
     with pytest.raises(SamplingError, match=f"^{field}:"):
         SamplingParams(**kw)
+
+
+def test_min_tokens_bans_eos_until_reached(hf_model):
+    """min_tokens: EOS cannot be picked before that many tokens (HF's MinNewTokensLengthLogitsProcessor,
+    greedy); the rows without it are unchanged; after min_tokens EOS may end the request again."""
+    import torch
+    from transformers import LogitsProcessorList, MinNewTokensLengthLogitsProcessor
+
+    cfg = hf_model[2]
+    eos = cfg.eos_token_id
+    bias = np.zeros(cfg.vocab_size, np.float32)
+    bias[eos] = 50.0  # make EOS the greedy choice everywhere
+    logits = np.random.default_rng(0).normal(size=(3, cfg.vocab_size)).astype(np.float32) + bias
+    sp = [SamplingParams(max_tokens=8, min_tokens=3), SamplingParams(max_tokens=8), SamplingParams(max_tokens=8,
+                                                                                                    min_tokens=3)]
+    a = SamplingArrays.from_params(sp, [1, 2, 3], [1, 1, 3], 4, eos)  # rows 0 and 2 at 1 and 3 tokens
+    assert list(a.ban) == [eos, -1, -1, -1] and not a.all_greedy
+    toks = np.asarray(sample(jnp.asarray(np.vstack([logits, logits[:1]])), *a.fields()))
+    assert toks[0] != eos and toks[0] == np.argsort(-logits[0])[1] and toks[1] == eos and toks[2] == eos
+    proc = LogitsProcessorList([MinNewTokensLengthLogitsProcessor(1, 3, eos)])
+    ref = proc(torch.tensor([[2, 5]]), torch.tensor(logits[:1]))  # 1 new token so far, min 3 new
+    assert int(ref.argmax()) == int(toks[0])

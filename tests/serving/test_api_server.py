@@ -244,7 +244,8 @@ BAD_FIELDS = [
     ({"prompt": [2, 1000]}, "prompt"), ({"prompt": [2, -1]}, "prompt"), ({"prompt": [2, True]}, "prompt"),
     ({"prompt": ["a", 5]}, "prompt"), ({"prompt": {"text": "a"}}, "prompt"), ({"prompt": 12}, "prompt"),
     # vLLM's fields this server does not act on, set to a non-default value; fields in no schema
-    ({"repetition_penalty": 1.2}, "repetition_penalty"), ({"min_tokens": 3}, "min_tokens"),
+    ({"repetition_penalty": 1.2}, "repetition_penalty"), ({"min_tokens": -1}, "min_tokens"),
+    ({"min_tokens": 4}, "min_tokens"), ({"min_tokens": 2, "stop_token_ids": [5]}, "min_tokens"),
     ({"min_p": 0.1}, "min_p"), ({"skip_special_tokens": False}, "skip_special_tokens"),
     ({"allowed_token_ids": [5]}, "allowed_token_ids"), ({"bad_words": ["x"]}, "bad_words"),
     ({"truncate_prompt_tokens": 4}, "truncate_prompt_tokens"), ({"prompt_logprobs": 1}, "prompt_logprobs"),
