@@ -17,6 +17,8 @@ import enum
 import time
 from typing import Any
 
+MAX_LOGIT_BIAS = 64  # logit_bias entries per request (the sampler's fixed width)
+
 
 class SamplingError(ValueError):
     """A sampling parameter is invalid; the message names the field."""
@@ -36,6 +38,8 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     min_tokens: int = 0  # EOS cannot be sampled before this many tokens (the sampler masks it)
+    min_p: float = 0.0  # drop tokens whose probability is below min_p x the top token's (0: off)
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), at most MAX_LOGIT_BIAS
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> SamplingError:
@@ -53,6 +57,13 @@ class SamplingParams:
             raise bad("seed", "must be a non-negative integer below 2**63")
         if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
             raise bad("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens}]")
+        if not _is_num(self.min_p) or not 0.0 <= self.min_p <= 1.0:
+            raise bad("min_p", "must be a number in [0, 1]")
+        pairs = tuple(dict(self.logit_bias).items())
+        if len(pairs) > MAX_LOGIT_BIAS or not all(
+                _is_int(t) and t >= 0 and _is_num(b) and -100.0 <= b <= 100.0 for t, b in pairs):
+            raise bad("logit_bias", f"must map at most {MAX_LOGIT_BIAS} token ids to numbers in [-100, 100]")
+        object.__setattr__(self, "logit_bias", tuple((t, float(b)) for t, b in pairs))
         # normalise list inputs into tuples so the record stays hashable and frozen
         object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
         object.__setattr__(self, "stop", (self.stop,) if isinstance(self.stop, str) else tuple(self.stop))

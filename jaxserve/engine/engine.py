@@ -180,6 +180,9 @@ class LLMEngine:
         bad = [t for t in request.prompt_token_ids if not 0 <= t < self.cfg.vocab_size]
         if bad:
             raise ValueError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
+        bad = [t for t, _ in request.sampling.logit_bias if t >= self.cfg.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias: token id {bad[0]} is outside the vocabulary [0, {self.cfg.vocab_size})")
         self.scheduler.check_fits(request)
 
     def add_request(self, request: Request) -> None:

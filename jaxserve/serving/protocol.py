@@ -17,9 +17,10 @@ Choices (documented, as vLLM does them):
   * ``model`` may be omitted (the one served model); any other name is 404.
   * ``top_k`` above the vocabulary means "off" and is sent as 0.
   * Not supported, 400 naming the field if set to anything but its default (``UNSUPPORTED``):
-    ``n``/``best_of`` != 1, ``echo``, ``logprobs``, ``suffix``, ``logit_bias``, penalties, ``tools``,
-    and vLLM's ``min_p``, ``repetition_penalty``, guided decoding, ... A field in no
+    ``n``/``best_of`` != 1, ``echo``, ``logprobs``, ``suffix``, penalties, ``tools``,
+    and vLLM's ``repetition_penalty``, guided decoding, ... A field in no
     schema is a 400 too (as OpenAI answers "unrecognized request argument"); ``user`` is accepted.
+  * ``logit_bias`` ({"token id": bias in [-100, 100]}, at most 64 entries) and vLLM's ``min_p`` work.
   * Extensions (vLLM's names): ``ignore_eos``, ``stop_token_ids``, ``min_tokens`` (EOS banned and no
     stop rule applies before it; not with ``stop_token_ids``),
     ``include_stop_str_in_output``, ``return_token_ids`` (adds ``token_ids`` to each choice).
@@ -36,7 +37,7 @@ from typing import Any, Protocol
 
 from aiohttp import web
 
-from jaxserve.request import Request, SamplingError, SamplingParams
+from jaxserve.request import MAX_LOGIT_BIAS, Request, SamplingError, SamplingParams
 from jaxserve.serving.chat import ChatError, check_messages, render_chat
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
@@ -44,11 +45,11 @@ MAX_STOP_STRINGS = 4
 # fields of OpenAI's and vLLM's schemas that this server does not act on: fine at their default (or
 # null), refused otherwise (400 naming the field), so none is silently ignored
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "suffix": ("",), "logit_bias": ({},),
+    "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "suffix": ("",),
     "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "top_logprobs": (0,), "tools": ([],),
     "functions": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},),
     "parallel_tool_calls": (True, False), "function_call": ("none",), "store": (False,), "metadata": ({},),
-    "service_tier": ("auto", "default"), "modalities": (["text"],), "min_p": (0, 0.0),
+    "service_tier": ("auto", "default"), "modalities": (["text"],),
     "repetition_penalty": (1, 1.0), "length_penalty": (1, 1.0), "use_beam_search": (False,),
     "prompt_logprobs": (), "truncate_prompt_tokens": (), "allowed_token_ids": (), "bad_words": ([],),
     "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "logits_processors": (),
@@ -59,7 +60,7 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 # fields this server acts on, per route (anything neither here nor above: 400 unknown field)
 COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
                            "ignore_eos", "include_stop_str_in_output", "stream", "stream_options",
-                           "return_token_ids", "n", "min_tokens"})
+                           "return_token_ids", "n", "min_tokens", "min_p", "logit_bias"})
 CHAT_FIELDS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "chat_template_kwargs"})
 ROUTE_FIELDS = {False: COMMON_FIELDS | {"prompt"}, True: COMMON_FIELDS | CHAT_FIELDS | {"max_completion_tokens"}}
 
@@ -157,6 +158,25 @@ def get_stop(body: dict[str, Any]) -> tuple[str, ...]:
     if not all(stops):
         raise bad("stop", "stop strings must not be empty")
     return tuple(stops)
+
+
+def get_logit_bias(body: dict[str, Any], vocab_size: int) -> tuple[tuple[int, float], ...]:
+    """OpenAI's ``logit_bias``: {"token id": bias in [-100, 100]}, at most ``MAX_LOGIT_BIAS`` entries."""
+    v = body.get("logit_bias")
+    if v is None:
+        return ()
+    if not isinstance(v, dict):
+        raise bad("logit_bias", f"must be an object mapping token ids to numbers, got {show(v)}")
+    if len(v) > MAX_LOGIT_BIAS:
+        raise bad("logit_bias", f"at most {MAX_LOGIT_BIAS} entries on this server, got {len(v)}")
+    out = []
+    for key, b in v.items():
+        if not (isinstance(key, str) and key.isdigit() and int(key) < vocab_size):
+            raise bad("logit_bias", f"keys must be token ids in [0, {vocab_size}), got {show(key)}")
+        if not (isinstance(b, int | float) and not isinstance(b, bool) and -100 <= b <= 100):
+            raise bad("logit_bias", f"values must be numbers in [-100, 100], got {show(b)}")
+        out.append((int(key), float(b)))
+    return tuple(out)
 
 
 def check_token_ids(ids: list[Any], param: str, vocab_size: int) -> list[int]:
@@ -283,6 +303,7 @@ def parse_sampling(body: dict[str, Any], st: ServedModel, num_prompt: int, max_t
     if stop_ids is not None and not isinstance(stop_ids, list):
         raise bad("stop_token_ids", f"must be a list of token ids, got {show(stop_ids)}")
     min_tokens = get_int(body, "min_tokens", 0, lo=0)
+    logit_bias = get_logit_bias(body, st.vocab_size)
     if min_tokens and stop_ids:  # vLLM also bans stop ids before min_tokens; this sampler bans EOS only
         raise bad("min_tokens", "cannot be combined with stop_token_ids on this server", code="unsupported_parameter")
     try:
@@ -297,6 +318,8 @@ def parse_sampling(body: dict[str, Any], st: ServedModel, num_prompt: int, max_t
             ignore_eos=get_bool(body, "ignore_eos", False),
             include_stop_str_in_output=get_bool(body, "include_stop_str_in_output", False),
             min_tokens=min_tokens,
+            min_p=get_num(body, "min_p", 0.0),
+            logit_bias=logit_bias,
         )
     except SamplingError as e:  # ranges: "field: why, got value"
         raise bad(str(e).split(":", 1)[0], str(e).split(":", 1)[1].strip()) from e
@@ -307,7 +330,7 @@ def param_of(e: Exception) -> str | None:
     msg = str(e)
     m = re.match(r"(\w+):", msg)
     if m and m.group(1) in ("prompt", "stop", "max_tokens", "temperature", "top_p", "top_k", "seed",
-                            "stop_token_ids", "min_tokens"):
+                            "stop_token_ids", "min_tokens", "min_p", "logit_bias"):
         return m.group(1)
     if msg.startswith("prompt"):
         return "prompt"

@@ -144,3 +144,23 @@ def test_min_tokens_bans_eos_until_reached_like_hf(tiny):
         ref = ref[: ref.index(first) + 1]
     assert held.token_ids == ref and len(held.token_ids) >= 3 and first not in held.token_ids[:3]
     assert engine.num_held_blocks == 0
+
+
+def test_logit_bias_equals_hf_sequence_bias(tiny):
+    """Greedy with logit_bias (the first greedy token pushed down, another pulled up) equals HF's generate
+    with the same single-token sequence_bias, token for token."""
+    import torch
+
+    _, model, cfg, _, _ = tiny
+    prompt = [2, 11, 22, 33, 44]
+    engine = _engine(tiny, max_num_seqs=4, max_model_len=64)
+    first = run_requests(engine, [Request("f", prompt, SamplingParams(max_tokens=1))])[0].token_ids[0]
+    bias = {first: -100.0, 7: 4.0, 9: 2.5}
+    got = run_requests(engine, [Request("b", prompt, SamplingParams(max_tokens=10, ignore_eos=True,
+                                                                     logit_bias=bias))])[0].token_ids
+    with torch.no_grad():
+        ref = model.generate(torch.tensor([prompt]), max_new_tokens=10, do_sample=False, min_new_tokens=10,
+                             sequence_bias={(t,): b for t, b in bias.items()})[0, len(prompt):].tolist()
+    assert got == ref and first not in got
+    with pytest.raises(ValueError, match="logit_bias: token id"):
+        engine.add_request(Request("x", prompt, SamplingParams(logit_bias={cfg.vocab_size: 1.0})))

@@ -80,7 +80,8 @@ def test_embed_head_samplers_and_handoffs_lower_for_cuda(placed):
     logits = jnp.zeros((4, CFG.vocab_size))
     lower_for_cuda(greedy, logits)
     rows = (jnp.ones(4), jnp.zeros(4, jnp.int32), jnp.ones(4), jnp.zeros(4, jnp.uint32), jnp.zeros(4, jnp.uint32),
-            jnp.zeros(4, jnp.int32), jnp.full(4, -1, jnp.int32))
+            jnp.zeros(4, jnp.int32), jnp.full(4, -1, jnp.int32), jnp.zeros(4), jnp.full((4, 64), -1, jnp.int32),
+            jnp.zeros((4, 64)))
     lower_for_cuda(sample, logits, *rows)
     idx = jnp.arange(4, dtype=jnp.int32)
     lower_for_cuda(gather_pages, kv, idx)

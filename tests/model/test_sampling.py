@@ -41,7 +41,8 @@ def test_top_k_1_and_tiny_top_p_equal_greedy(hf_model):
 
 def _draws(logits, n=4000, **kw):
     sp = [SamplingParams(temperature=kw.get("temperature", 1.0), top_k=kw.get("top_k", 0),
-                         top_p=kw.get("top_p", 1.0))] * n
+                         top_p=kw.get("top_p", 1.0), min_p=kw.get("min_p", 0.0),
+                         logit_bias=kw.get("logit_bias", ()))] * n
     a = SamplingArrays.from_params(sp, [7] * n, list(range(n)), n)
     toks = sample(jnp.tile(jnp.asarray(logits, jnp.float32), (n, 1)), *a.fields())
     return np.bincount(np.asarray(toks), minlength=len(logits)) / n
@@ -158,3 +159,18 @@ def test_min_tokens_bans_eos_until_reached(hf_model):
     proc = LogitsProcessorList([MinNewTokensLengthLogitsProcessor(1, 3, eos)])
     ref = proc(torch.tensor([[2, 5]]), torch.tensor(logits[:1]))  # 1 new token so far, min 3 new
     assert int(ref.argmax()) == int(toks[0])
+
+
+def test_min_p_and_logit_bias_distributions():
+    """min_p 0.2 drops tokens under 0.2 x the top probability (HF's MinPLogitsWarper); logit_bias adds to
+    the raw logits before anything else (a bias of log 3 on the last token triples its weight)."""
+    probs = np.array([0.5, 0.3, 0.15, 0.05])
+    logits = np.log(probs)
+    n = 4000
+    tol = 4 * np.sqrt(0.25 / n)
+    np.testing.assert_allclose(_draws(logits, n, min_p=0.2), [0.5 / 0.95, 0.3 / 0.95, 0.15 / 0.95, 0], atol=tol)
+    w = probs * np.array([1, 1, 1, 3.0])
+    np.testing.assert_allclose(_draws(logits, n, logit_bias=((3, float(np.log(3.0))),)), w / w.sum(), atol=tol)
+    a = SamplingArrays.from_params([SamplingParams(logit_bias={2: 100.0})], [0], [0], 2)
+    assert not a.all_greedy and list(a.bias_ids[0, :2]) == [2, -1]
+    assert int(np.asarray(sample(jnp.asarray(np.tile(logits, (2, 1)).astype(np.float32)), *a.fields()))[0]) == 2

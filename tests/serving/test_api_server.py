@@ -246,7 +246,10 @@ BAD_FIELDS = [
     # vLLM's fields this server does not act on, set to a non-default value; fields in no schema
     ({"repetition_penalty": 1.2}, "repetition_penalty"), ({"min_tokens": -1}, "min_tokens"),
     ({"min_tokens": 4}, "min_tokens"), ({"min_tokens": 2, "stop_token_ids": [5]}, "min_tokens"),
-    ({"min_p": 0.1}, "min_p"), ({"skip_special_tokens": False}, "skip_special_tokens"),
+    ({"logit_bias": {"a": 1}}, "logit_bias"), ({"logit_bias": {"5000": 1}}, "logit_bias"),
+    ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": [5]}, "logit_bias"),
+    ({"logit_bias": {str(i): 1 for i in range(65)}}, "logit_bias"), ({"min_p": 2}, "min_p"), ({"min_p": "x"}, "min_p"),
+    ({"skip_special_tokens": False}, "skip_special_tokens"),
     ({"allowed_token_ids": [5]}, "allowed_token_ids"), ({"bad_words": ["x"]}, "bad_words"),
     ({"truncate_prompt_tokens": 4}, "truncate_prompt_tokens"), ({"prompt_logprobs": 1}, "prompt_logprobs"),
     ({"guided_json": {}}, "guided_json"), ({"frobnicate": 1}, "frobnicate"), ({"messages": []}, "messages"),
