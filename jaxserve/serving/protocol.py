@@ -20,7 +20,9 @@ Choices (documented, as vLLM does them):
     ``n``/``best_of`` != 1, ``echo``, ``logprobs``, ``suffix``, penalties, ``tools``,
     and vLLM's ``repetition_penalty``, guided decoding, ... A field in no
     schema is a 400 too (as OpenAI answers "unrecognized request argument"); ``user`` is accepted.
-  * ``logit_bias`` ({"token id": bias in [-100, 100]}, at most 64 entries) and vLLM's ``min_p`` work.
+  * ``logit_bias`` ({"token id": bias in [-100, 100]}, at most 64 entries) and vLLM's ``min_p`` work;
+    ``echo`` puts the prompt's text (a token-id prompt decoded) before the completion (not with
+    ``logprobs``, which this server lacks: no prompt logprobs either).
   * Extensions (vLLM's names): ``ignore_eos``, ``stop_token_ids``, ``min_tokens`` (EOS banned and no
     stop rule applies before it; not with ``stop_token_ids``),
     ``include_stop_str_in_output``, ``return_token_ids`` (adds ``token_ids`` to each choice).
@@ -62,7 +64,7 @@ COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k
                            "ignore_eos", "include_stop_str_in_output", "stream", "stream_options",
                            "return_token_ids", "n", "min_tokens", "min_p", "logit_bias"})
 CHAT_FIELDS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "chat_template_kwargs"})
-ROUTE_FIELDS = {False: COMMON_FIELDS | {"prompt"}, True: COMMON_FIELDS | CHAT_FIELDS | {"max_completion_tokens"}}
+ROUTE_FIELDS = {False: COMMON_FIELDS | {"prompt", "echo"}, True: COMMON_FIELDS | CHAT_FIELDS | {"max_completion_tokens"}}
 
 
 # no token of a byte-level BPE vocabulary (OPT, GPT-2, Llama) is longer than this many bytes
@@ -351,6 +353,7 @@ class Job:
     model: str
     created: int = dataclasses.field(default_factory=lambda: int(time.time()))
     index: int = 0  # its choice in the answer (a batch of prompts: the prompt's position)
+    echo: str = ""  # completions with echo: the prompt's text, put before the generated text
     response_id: str = ""  # the answer's id (a batch shares one); "" -> the request's id
 
     @property
@@ -392,5 +395,10 @@ def _job(body: dict[str, Any], st: ServedModel, ids: list[int], text: str | None
             raise bad("stream_options", f"must be an object, got {show(opts)}")
         include_usage = get_bool(opts, "include_usage", False)
     rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-    return Job(Request(rid, ids, sampling, prompt=text, arrival_time=arrival), chat, stream, include_usage,
-               get_bool(body, "return_token_ids", False), st.model_name)
+    job = Job(Request(rid, ids, sampling, prompt=text, arrival_time=arrival), chat, stream, include_usage,
+              get_bool(body, "return_token_ids", False), st.model_name)
+    if not chat and get_bool(body, "echo", False):  # the prompt's text (token ids: decoded) before the output
+        if text is None and st.tokenizer is None:
+            raise bad("echo", "needs a tokenizer to turn the token-id prompt into text")
+        job.echo = text if text is not None else st.tokenizer.decode(ids)
+    return job

@@ -64,7 +64,7 @@ def chunk(job: Job, d: Delta, first: bool) -> dict[str, Any]:
             {"content": d.text} if d.text else {})
         choice: dict[str, Any] = {"index": job.index, "delta": delta}
     else:
-        choice = {"index": job.index, "text": d.text}
+        choice = {"index": job.index, "text": (job.echo if first else "") + d.text}
     choice.update(logprobs=None, finish_reason=_reason(d.finish_reason))
     if job.return_token_ids:
         choice["token_ids"] = d.token_ids
@@ -85,7 +85,7 @@ def completion(job: Job, text: str, token_ids: list[int], reason: FinishReason |
     if job.chat:
         choice: dict[str, Any] = {"index": job.index, "message": {"role": "assistant", "content": text}}
     else:
-        choice = {"index": job.index, "text": text}
+        choice = {"index": job.index, "text": job.echo + text}
     choice.update(logprobs=None, finish_reason=_reason(reason))
     if job.return_token_ids:
         choice.update(token_ids=token_ids, prompt_token_ids=job.request.prompt_token_ids)

@@ -235,7 +235,7 @@ BAD_FIELDS = [
     ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"), ({"seed": "1"}, "seed"), ({"seed": 1.5}, "seed"),
     ({"stop": 5}, "stop"), ({"stop": ["a"] * 5}, "stop"), ({"stop": [""]}, "stop"), ({"stop": ["a", 3]}, "stop"),
     ({"stop_token_ids": [5000]}, "stop_token_ids"), ({"stop_token_ids": 5}, "stop_token_ids"),
-    ({"n": 2}, "n"), ({"n": True}, "n"), ({"best_of": 3}, "best_of"), ({"echo": True}, "echo"),
+    ({"n": 2}, "n"), ({"n": True}, "n"), ({"best_of": 3}, "best_of"), ({"echo": "yes"}, "echo"),
     ({"logprobs": 5}, "logprobs"), ({"presence_penalty": 0.5}, "presence_penalty"),
     ({"stream": "yes"}, "stream"), ({"ignore_eos": 1}, "ignore_eos"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
