@@ -39,11 +39,12 @@ from typing import Any
 from aiohttp import web
 
 from jaxserve.serving.batch import run_batch
+from jaxserve.serving.fields import ApiError, bad, show
 from jaxserve.serving.metrics import ServerMetrics
 from jaxserve.serving.orchestrator import Orchestrator
 from jaxserve.serving.origins import cors_headers
 from jaxserve.serving.origins import make_middleware as make_origin_middleware
-from jaxserve.serving.protocol import ApiError, bad, parse_jobs, show
+from jaxserve.serving.protocol import parse_jobs
 from jaxserve.serving.streaming import run_job
 from jaxserve.serving.tokenize import add_routes as tokenize_routes
 from jaxserve.serving.workload import WorkloadWindow

@@ -19,9 +19,10 @@ from typing import Any
 from aiohttp import web
 
 from jaxserve.request import FinishReason
+from jaxserve.serving.fields import ApiError
 from jaxserve.serving.metrics import ServerMetrics
 from jaxserve.serving.orchestrator import Orchestrator
-from jaxserve.serving.protocol import ApiError, Job
+from jaxserve.serving.protocol import Job
 from jaxserve.serving.streaming import (
     ENGINE_ERROR,
     SSE_DONE,

@@ -19,7 +19,7 @@ from typing import Any
 
 from aiohttp import web
 
-from jaxserve.serving.protocol import ApiError
+from jaxserve.serving.fields import ApiError
 
 LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 CORS_METHODS = "GET, POST, OPTIONS"

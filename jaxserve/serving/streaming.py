@@ -30,9 +30,10 @@ from jaxserve.engine.frontend import Delta
 from jaxserve.errors import EngineUnavailable
 from jaxserve.request import FinishReason, SamplingError
 from jaxserve.serving.connections import probe_half_closed
+from jaxserve.serving.fields import ApiError
 from jaxserve.serving.metrics import ServerMetrics
 from jaxserve.serving.orchestrator import Orchestrator, QueueFull
-from jaxserve.serving.protocol import ApiError, Job, param_of
+from jaxserve.serving.protocol import Job, param_of
 from jaxserve.serving.workload import WorkloadWindow
 
 log = logging.getLogger(__name__)

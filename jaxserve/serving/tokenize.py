@@ -19,15 +19,8 @@ from typing import Any
 from aiohttp import web
 
 import jaxserve
-from jaxserve.serving.protocol import (
-    bad,
-    chat_prompt,
-    check_model,
-    check_token_ids,
-    encode_text,
-    get_bool,
-    show,
-)
+from jaxserve.serving.fields import bad, check_token_ids, get_bool, show
+from jaxserve.serving.protocol import chat_prompt, check_model, encode_text
 
 TOKENIZE_FIELDS = frozenset({"model", "prompt", "messages", "add_special_tokens", "add_generation_prompt",
                              "continue_final_message", "chat_template_kwargs"})
