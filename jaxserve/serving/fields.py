@@ -9,6 +9,7 @@ What the fields mean and which exist per route: ``jaxserve.serving.protocol``.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -51,23 +52,27 @@ def is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
-def get_int(body: dict[str, Any], key: str, default: int | None, lo: int | None = None) -> int | None:
+def _given(body: dict[str, Any], key: str, ok: Callable[[Any], bool], what: str) -> Any:
+    """The field's value (None if absent or null); a value failing ``ok`` is a 400 saying ``what`` it must be."""
     v = body.get(key)
+    if v is not None and not ok(v):
+        raise bad(key, f"must be {what}, got {show(v)}")
+    return v
+
+
+def get_int(body: dict[str, Any], key: str, default: int | None, lo: int | None = None) -> int | None:
+    v = _given(body, key, is_int, "an integer")
     if v is None:
         return default
-    if not is_int(v):
-        raise bad(key, f"must be an integer, got {show(v)}")
     if lo is not None and v < lo:
         raise bad(key, f"must be >= {lo}, got {v}")
     return v
 
 
 def get_num(body: dict[str, Any], key: str, default: float) -> float:
-    v = body.get(key)
+    v = _given(body, key, lambda x: isinstance(x, int | float) and not isinstance(x, bool), "a number")
     if v is None:
         return default
-    if not isinstance(v, int | float) or isinstance(v, bool):
-        raise bad(key, f"must be a number, got {show(v)}")
     try:
         f = float(v)
     except OverflowError:  # an integer past float range
@@ -78,12 +83,8 @@ def get_num(body: dict[str, Any], key: str, default: float) -> float:
 
 
 def get_bool(body: dict[str, Any], key: str, default: bool) -> bool:
-    v = body.get(key)
-    if v is None:
-        return default
-    if not isinstance(v, bool):
-        raise bad(key, f"must be true or false, got {show(v)}")
-    return v
+    v = _given(body, key, lambda x: isinstance(x, bool), "true or false")
+    return default if v is None else v
 
 
 def get_stop(body: dict[str, Any]) -> tuple[str, ...]:
