@@ -106,7 +106,7 @@ def _engine_core(model: str | None, config: EngineConfig, name: str, dtype: str,
     # before anything compiles; a directory, "off", or None (this process's default); logs where
     enable_compilation_cache(compilation_cache)
 
-    here = segments[0].stages.start if segments else config.pp  # this process's stages: 0 .. here-1
+    here = _stages_here(config, segments)  # this process's stages: 0 .. here-1
     n = config.tp * here
     devices = jax.local_devices()  # (in a collective group jax.devices() lists every process's)
     if len(devices) < n:
@@ -284,8 +284,9 @@ def start_instance(model: str | os.PathLike[str] | None, config: EngineConfig, n
     resolved here so that the actor uses the same directory. ``host_share``: how many instances may
     share this actor's host memory (a CPU actor's KV pool takes from 1/host_share). ``group`` (a
     ``jaxserve.cluster.collective.GroupSpec``) and ``process_id``: the actor joins that collective
-    group; ``collective_kv``: its KV moves over that group (else through the object store). ``segments``: the further segments of a pipeline spanning processes
-    (``jaxserve.cluster.stages.Segment``, started already); this actor holds the stages before them."""
+    group; ``collective_kv``: its KV moves over that group (else through the object store).
+    ``segments``: the further segments of a pipeline spanning processes (``jaxserve.cluster.stages.Segment``,
+    started already); this actor holds the stages before them."""
     import ray
 
     from jaxserve.compile_cache import resolve_cache_dir, setting
@@ -302,6 +303,7 @@ def start_instance(model: str | os.PathLike[str] | None, config: EngineConfig, n
 
 
 def _stages_here(config: EngineConfig, segments: Sequence[Any]) -> int:
+    """How many leading stages the instance actor itself holds (all, unless later ones are segments)."""
     return segments[0].stages.start if segments else config.pp
 
 

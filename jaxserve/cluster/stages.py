@@ -136,11 +136,9 @@ class StageActor:
 
     def export_part(self, block_ids: Sequence[int], num_tokens: int) -> Any:
         """A ``KVPayload`` of this segment's layers (returned into the object store on this node)."""
-        from jaxserve.engine.block_manager import blocks_needed
-        from jaxserve.engine.kv_transfer import KVPayload
+        from jaxserve.engine.kv_transfer import HostTransport
 
-        return KVPayload(num_tokens, self.executor.block_size,
-                         self.gather(block_ids, blocks_needed(num_tokens, self.executor.block_size)))
+        return HostTransport().export_kv(self.executor, block_ids, num_tokens)
 
     def scatter(self, block_ids: Sequence[int], layers: list[Any]) -> None:
         import jax
@@ -227,14 +225,8 @@ class SpanningExecutor:
         return [self.execute(mb) for mb in microbatches]
 
     def sample(self, logits: Any, arrays: Any) -> np.ndarray:
-        import jax
-
-        from jaxserve.model.sampling import greedy, sample
-        if arrays.all_greedy:
-            return np.asarray(greedy(logits))
-        dev = next(iter(logits.devices()))
-        a = jax.device_put(arrays.fields(), dev)
-        return np.asarray(sample(logits, *a))
+        from jaxserve.model.sampling import sample_tokens
+        return sample_tokens(logits, arrays, next(iter(logits.devices())))
 
     # ---- KV blocks: every layer (through this process), or per segment (StagedKV) ---------------
     def gather_blocks(self, block_ids: Sequence[int]) -> list[Any]:
@@ -253,13 +245,11 @@ class SpanningExecutor:
         """Each segment's layers as an object on its own node (this process's through ``ray.put``)."""
         import ray
 
-        from jaxserve.engine.kv_transfer import HostTransport, KVPayload, padded_ids
+        from jaxserve.engine.kv_transfer import HostTransport
 
-        ids = padded_ids(block_ids, num_tokens, self.block_size)
         own = HostTransport().export_kv(self.local, block_ids, num_tokens)
-        parts = [(self.seg_layers[0].start, self.seg_layers[0].stop, ray.put(KVPayload(num_tokens, self.block_size,
-                                                                                     own.layers)))]
-        parts += [(r.start, r.stop, s.actor.export_part.remote(ids, num_tokens))
+        parts = [(self.seg_layers[0].start, self.seg_layers[0].stop, ray.put(own))]
+        parts += [(r.start, r.stop, s.actor.export_part.remote(list(block_ids), num_tokens))
                   for s, r in zip(self.segs, self.seg_layers[1:], strict=True)]
         return StagedKV(num_tokens, self.block_size, tuple(parts))
 

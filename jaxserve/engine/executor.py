@@ -27,7 +27,7 @@ from jaxserve.engine.stage import run_stage
 from jaxserve.memory import zeros_untouched
 from jaxserve.model.inputs import StepInputs
 from jaxserve.model.opt import KVCache, Params, dtype_of
-from jaxserve.model.sampling import SamplingArrays, greedy, sample
+from jaxserve.model.sampling import SamplingArrays, sample_tokens
 from jaxserve.parallel.sharding import kv_sharding, make_mesh, param_shardings, replicated
 
 
@@ -87,10 +87,7 @@ class ModelExecutor:
         return logits
 
     def sample(self, logits: jax.Array, arrays: SamplingArrays) -> np.ndarray:
-        if arrays.all_greedy:
-            return np.asarray(greedy(logits))
-        a = jax.device_put(arrays.fields(), self._repl)
-        return np.asarray(sample(logits, *a))
+        return sample_tokens(logits, arrays, self._repl)
 
     # ---- KV blocks as host/device arrays (transfer between instances) ----------------------
     def gather_blocks(self, block_ids: Sequence[int]) -> list[tuple[jax.Array, jax.Array]]:

@@ -67,7 +67,7 @@ from jaxserve.memory import zeros_untouched
 from jaxserve.microbatch import split_runs
 from jaxserve.model.inputs import SeqChunk, StepInputs
 from jaxserve.model.opt import AttnFn, KVCache, Params, dtype_of
-from jaxserve.model.sampling import SamplingArrays, greedy, sample
+from jaxserve.model.sampling import SamplingArrays, sample_tokens
 from jaxserve.parallel.sharding import check_tp, kv_sharding, make_mesh, param_shardings, replicated
 
 _FIRST_KEYS = ("embed_tokens", "embed_positions", "project_in")
@@ -259,10 +259,7 @@ class PipelineExecutor:
 
     def sample(self, logits: jax.Array, arrays: SamplingArrays) -> np.ndarray:
         """Token ids [R] (numpy) from logits on the last stage."""
-        if arrays.all_greedy:
-            return np.asarray(greedy(logits))
-        a = jax.device_put(arrays.fields(), self._repl[-1])
-        return np.asarray(sample(logits, *a))
+        return sample_tokens(logits, arrays, self._repl[-1])
 
     # ---- KV blocks (transfer between instances) ------------------------------------------
     def gather_blocks(self, block_ids: Sequence[int]) -> list[tuple[jax.Array, jax.Array]]:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -128,8 +129,10 @@ def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: j
     return jnp.where((temperature > 0) & (top_k != 1), sampled, greedy_tok)
 
 
-def sample_tokens(logits: jax.Array, arrays: SamplingArrays) -> np.ndarray:
-    """Host entry: greedy fast path when every row is greedy; returns numpy int32 [B]."""
+def sample_tokens(logits: jax.Array, arrays: SamplingArrays, place: Any = None) -> np.ndarray:
+    """Host entry: greedy fast path when every row is greedy; returns numpy int32 [B]. ``place``: where
+    the per-row arrays go (the logits' sharding or device), for logits committed to a mesh."""
     if arrays.all_greedy:
         return np.asarray(greedy(logits))
-    return np.asarray(sample(logits, *arrays.fields()))
+    fields = arrays.fields() if place is None else jax.device_put(arrays.fields(), place)
+    return np.asarray(sample(logits, *fields))

@@ -30,6 +30,7 @@ from jaxserve.serving.streaming import (
     chunk,
     client_gone,
     completion,
+    open_stream,
     record_end,
     shutdown_error,
     sse,
@@ -141,9 +142,7 @@ async def _stream(http: web.Request, runs: list[_Run], tasks: list[asyncio.Futur
             else:
                 run, d, first = queue.get_nowait()
             if resp is None:
-                resp = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-                resp.content_type, resp.charset = "text/event-stream", "utf-8"
-                await resp.prepare(http)
+                resp = await open_stream(http)
             await resp.write(sse(chunk(run.job, d, first)))
     except ApiError as e:
         if resp is None:

@@ -98,6 +98,14 @@ def sse(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj).encode() + b"\n\n"  # ASCII JSON: never an encoding error
 
 
+async def open_stream(http: web.Request) -> web.StreamResponse:
+    """An SSE answer, headers sent."""
+    resp = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+    resp.content_type, resp.charset = "text/event-stream", "utf-8"
+    await resp.prepare(http)
+    return resp
+
+
 # ---- running a request -----------------------------------------------------------------------
 def client_gone(http: web.Request) -> bool:
     probe_half_closed(http)
@@ -170,10 +178,7 @@ class _Answer:
         """Answer from the first delta ``d`` on; sets ``reason`` (abort, error, or the finish reason)."""
         try:
             if self.job.stream:
-                self.resp = web.StreamResponse(headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
-                self.resp.content_type = "text/event-stream"
-                self.resp.charset = "utf-8"
-                await self.resp.prepare(self.http)
+                self.resp = await open_stream(self.http)
             return await self._close(await self._pump(d))
         except asyncio.CancelledError:  # the handler was cancelled: abort (run_job's finally)
             self.reason = "abort"
