@@ -197,11 +197,11 @@ class EngineConfig:
     num_blocks: int | None = None
     tp: int = 1
     pp: int = 1
-    attention: str = "auto"  # auto (Pallas on GPU, XLA elsewhere) | xla | pallas | pallas-interpret
+    attention: str = "auto"  # auto (Pallas on GPU, native kernel else XLA on CPU) | xla | native | pallas | pallas-interpret
 
     def __post_init__(self) -> None:
-        if self.attention not in ("auto", "xla", "pallas", "pallas-interpret"):
-            raise ConfigError(f"attention must be auto, xla, pallas or pallas-interpret, got {self.attention!r}")
+        if self.attention not in ("auto", "xla", "native", "pallas", "pallas-interpret"):
+            raise ConfigError(f"attention must be auto, xla, native, pallas or pallas-interpret, got {self.attention!r}")
         if self.mode not in MODES:
             raise ConfigError(f"mode must be one of {MODES}, got {self.mode!r}")
         for f in ("block_size", "max_num_seqs", "tp", "pp"):

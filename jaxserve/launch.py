@@ -29,6 +29,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from jaxserve import native
 from jaxserve.compile_cache import enable_compilation_cache, setting
 from jaxserve.config import ConfigError, DeploymentConfig, InstanceSpec, ensure_host_devices
 
@@ -321,6 +322,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     show_logs(getattr(logging, args.log_level.upper()))  # e.g. each instance's KV pool size, and why
+    native.build_in_background()  # the CPU decode kernel builds while the model loads
     try:
         deployment = deployment_from_args(args)
         ensure_host_devices(deployment.num_devices)

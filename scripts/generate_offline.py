@@ -139,6 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     ensure_cpu_devices(args.config)
     from tqdm import tqdm
 
+    from jaxserve import native
     from jaxserve.compile_cache import enable_compilation_cache, setting
     from jaxserve.llm import LLM
     from jaxserve.logs import show_logs
@@ -155,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     engine_kw = {k: getattr(args, k) for k in ("kv_cache_gb", "max_model_len", "max_num_seqs", "mode", "config")
                  if getattr(args, k) is not None}
     cache = enable_compilation_cache(args.compilation_cache)  # before anything compiles; logs where
+    native.build_in_background()  # the CPU decode kernel builds while the model loads
     try:
         llm = LLM(args.model, dtype=args.dtype, warmup=args.warmup, compilation_cache=setting(cache), **engine_kw)
     except (ValueError, OSError) as e:

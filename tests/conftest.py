@@ -3,7 +3,8 @@
 The persistent compilation cache (``jaxserve.compile_cache``) of everything a test starts (``LLM``, the
 launcher and the offline script in subprocesses, Ray actors) is one temporary directory for the whole
 run, removed at its end: tests never write into the user's ~/.cache, and a subprocess or actor loads
-the programs an earlier one compiled instead of compiling them again.
+the programs an earlier one compiled instead of compiling them again. The native CPU kernel
+(``jaxserve.native``) is built once per run into a temporary directory of its own the same way.
 """
 
 import os
@@ -18,12 +19,14 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # Ray (and its actors' JAX group) on 127.0.0.1 only
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ["JAXSERVE_COMPILATION_CACHE"] = tempfile.mkdtemp(prefix="jaxserve-test-xla-")
+os.environ["JAXSERVE_NATIVE_CACHE"] = tempfile.mkdtemp(prefix="jaxserve-test-native-")  # the C++ kernel, built once
 
 import pytest
 
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(os.environ["JAXSERVE_COMPILATION_CACHE"], ignore_errors=True)
+    shutil.rmtree(os.environ["JAXSERVE_NATIVE_CACHE"], ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

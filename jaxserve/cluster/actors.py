@@ -98,6 +98,7 @@ def _engine_core(model: str | None, config: EngineConfig, name: str, dtype: str,
                  segments: Sequence[Any] = (), collective_kv: bool = False) -> Any:
     import jax
 
+    from jaxserve import native
     from jaxserve.compile_cache import enable_compilation_cache
     from jaxserve.engine.engine import LLMEngine
     from jaxserve.memory import measure_memory
@@ -105,6 +106,7 @@ def _engine_core(model: str | None, config: EngineConfig, name: str, dtype: str,
 
     # before anything compiles; a directory, "off", or None (this process's default); logs where
     enable_compilation_cache(compilation_cache)
+    native.build_in_background()  # the CPU decode kernel builds (or loads) while the model loads
 
     here = _stages_here(config, segments)  # this process's stages: 0 .. here-1
     n = config.tp * here

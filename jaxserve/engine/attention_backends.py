@@ -1,6 +1,11 @@
-"""Which attention implementation a step runs: the XLA path (CPU) or the Pallas kernels (GPU).
+"""Which attention implementation a step runs: the native kernel or XLA path (CPU), the Pallas kernels (GPU).
 
     make_attention(backend, mesh) -> attn_fn(q, k, v, k_pages, v_pages, positions, meta, scale)
+
+``native`` (what ``auto`` picks on CPU when ``jaxserve.native`` can build it) runs decodes through
+the C++ custom call ``jaxserve.native.paged_decode`` (float32 pages; other dtypes take the XLA
+path) and everything else through the XLA path; ``auto`` falls back to ``xla`` when the kernel
+cannot be built (no compiler: one warning).
 
 ``pallas`` maps the two step kinds onto the kernels:
   * packed prompts -> ``pallas_kernels.prefill_attention`` (cu_seqlens derived from segment ids);
@@ -20,27 +25,56 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
-from jaxserve.model.attention import AttnMeta, attention_xla, paged_group_attention_xla
+from jaxserve.model.attention import (
+    AttnGroup,
+    AttnMeta,
+    attention_xla,
+    packed_attention_xla,
+    paged_decode_attention_xla,
+    paged_group_attention_xla,
+)
 
-BACKENDS = ("auto", "xla", "pallas", "pallas-interpret")
+BACKENDS = ("auto", "xla", "native", "pallas", "pallas-interpret")
 
 
-def _pallas_local(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                  positions: jax.Array, meta: AttnMeta, scale: float, interpret: bool) -> jax.Array:
-    from pallas_kernels import paged_decode_attention, prefill_attention
+def _pallas_prefill(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, seg: jax.Array,
+                    scale: float, interpret: bool) -> jax.Array:
+    from pallas_kernels import prefill_attention
 
+    t = q.shape[0]  # segments are contiguous runs 0, 1, ... then -1 padding
+    counts = jnp.bincount(jnp.where(seg >= 0, seg, t), length=t + 1)[:t]
+    cu = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(counts).astype(jnp.int32)])
+    return prefill_attention(q, k, v, cu, sm_scale=scale, interpret=interpret)
+
+
+def _pallas_decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, g: AttnGroup, scale: float,
+                   interpret: bool) -> jax.Array:
+    from pallas_kernels import paged_decode_attention
+
+    return paged_decode_attention(q, k_pages, v_pages, g.block_tables, g.context_lens, sm_scale=scale,
+                                  interpret=interpret)
+
+
+def _native_decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, g: AttnGroup, scale: float) -> jax.Array:
+    from jaxserve import native
+
+    if k_pages.dtype != jnp.float32:  # the kernel reads float32 pages only
+        group = g._replace(query_index=jnp.arange(q.shape[0], dtype=jnp.int32)[:, None])
+        return paged_decode_attention_xla(q, k_pages, v_pages, group, scale)[:, 0]
+    return native.paged_decode(q, k_pages, v_pages, g.block_tables, g.context_lens, scale)
+
+
+def _kernel_local(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                  positions: jax.Array, meta: AttnMeta, scale: float, prefill: Any, decode: Any) -> jax.Array:
+    """Packed prompts through ``prefill``, one-query groups through ``decode``, other groups through XLA."""
     t = q.shape[0]
     if meta.segment_ids is not None:
-        seg = meta.segment_ids  # segments are contiguous runs 0, 1, ... then -1 padding
-        counts = jnp.bincount(jnp.where(seg >= 0, seg, t), length=t + 1)[:t]
-        cu = jnp.concatenate([jnp.zeros(1, jnp.int32), jnp.cumsum(counts).astype(jnp.int32)])
-        return prefill_attention(q, k, v, cu, sm_scale=scale, interpret=interpret)
+        return prefill(q, k, v, positions, meta.segment_ids, scale)
     out = jnp.zeros(q.shape, jnp.float32)
     for g in meta.groups:
         if g.query_index.shape[1] == 1:
             rows = jnp.minimum(g.query_index[:, 0], t - 1)
-            o = paged_decode_attention(q[rows], k_pages, v_pages, g.block_tables, g.context_lens,
-                                       sm_scale=scale, interpret=interpret)[:, None]  # [B, 1, H, Dh]
+            o = decode(q[rows], k_pages, v_pages, g, scale)[:, None]  # [B, 1, H, Dh]
         else:
             o = paged_group_attention_xla(q, k_pages, v_pages, positions, g, scale)
         out = out.at[g.query_index.reshape(-1)].set(o.reshape(-1, *o.shape[2:]).astype(jnp.float32), mode="drop")
@@ -48,14 +82,29 @@ def _pallas_local(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, 
 
 
 def make_attention(backend: str = "auto", mesh: Mesh | None = None) -> Any:
-    """An attention function for the model; ``auto`` = Pallas on GPU, XLA elsewhere."""
+    """An attention function for the model; ``auto`` = Pallas on GPU, the native kernel (else XLA) on CPU."""
     if backend not in BACKENDS:
         raise ValueError(f"attention backend must be one of {BACKENDS}, got {backend!r}")
+    on_gpu = jax.default_backend() == "gpu"
+    if backend == "native" and on_gpu:
+        raise ValueError("attention backend 'native' is the CPU kernel; on GPU use auto or pallas")
+    if backend in ("auto", "native") and not on_gpu:
+        from jaxserve import native
+
+        if native.available():
+            backend = "native"
+        elif backend == "native":
+            raise ValueError(f"the native attention kernel is unavailable: {native.unavailable_reason()}")
     if backend == "auto":
-        backend = "pallas" if jax.default_backend() == "gpu" else "xla"
+        backend = "pallas" if on_gpu else "xla"
     if backend == "xla":
         return attention_xla
-    local = functools.partial(_pallas_local, interpret=backend == "pallas-interpret")
+    if backend == "native":
+        local = functools.partial(_kernel_local, prefill=packed_attention_xla, decode=_native_decode)
+    else:
+        interpret = backend == "pallas-interpret"
+        local = functools.partial(_kernel_local, prefill=functools.partial(_pallas_prefill, interpret=interpret),
+                                  decode=functools.partial(_pallas_decode, interpret=interpret))
     if mesh is None or mesh.shape.get("tp", 1) == 1:
         return local
     heads = PartitionSpec(None, "tp", None)

@@ -62,8 +62,8 @@ def _add_model_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--colocated-engine", default=COLOCATED_ENGINE,
                     help="also write the same entry under this engine key (the planner's colocated baseline; "
                          "our colocated engine runs the same step calls); '' to skip")
-    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "pallas"],
-                    help="attention backend (auto: Pallas on GPU, XLA elsewhere)")
+    ap.add_argument("--attention", default="auto", choices=["auto", "xla", "native", "pallas"],
+                    help="attention backend (auto: Pallas on GPU, the native kernel else XLA on CPU)")
 
 
 def _add_grid_args(ap: argparse.ArgumentParser) -> None:

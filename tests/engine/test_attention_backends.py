@@ -1,4 +1,4 @@
-"""The Pallas serving path (kernels in interpret mode on CPU) gives the same tokens as the XLA path."""
+"""The Pallas serving path (kernels in interpret mode on CPU) and the native CPU kernel give the XLA path's tokens."""
 
 import pytest
 
@@ -9,14 +9,14 @@ from jaxserve.request import Request, SamplingParams
 
 
 @pytest.mark.parametrize("tp", [1, 2])
-def test_pallas_path_equals_xla_path(tiny, workload, tp):
+def test_kernel_paths_equal_xla_path(tiny, workload, tp):
     _, _, cfg, params, _ = tiny
     prompts, _, refs = workload
     picks = [0, 4, 9, 13]  # lengths 1, 299 and two random ones
     outs = {}
-    for backend in ("xla", "pallas-interpret"):
+    for backend in ("xla", "native", "pallas-interpret"):
         eng = LLMEngine(cfg, params, EngineConfig(max_num_seqs=8, max_model_len=512, tp=tp, attention=backend))
         reqs = [Request(f"{backend}-{i}", prompts[i], SamplingParams(max_tokens=6)) for i in picks]
         outs[backend] = [t.token_ids for t in run_requests(eng, reqs)]
         assert eng.num_held_blocks == 0
-    assert outs["pallas-interpret"] == outs["xla"] == [refs[i][:6] for i in picks]
+    assert outs["pallas-interpret"] == outs["native"] == outs["xla"] == [refs[i][:6] for i in picks]

@@ -1,0 +1,153 @@
+"""Native CPU kernels, built on this machine the first time they are needed and registered with XLA.
+
+    paged_decode.cc --c++ -O3 -march=native (once per source, compiler, jaxlib and CPU)-->
+    <cache>/native/paged_decode-<key>.so --ctypes + jax.ffi.register_ffi_target-->
+    "jaxserve_paged_decode" (an XLA custom call on the CPU platform)
+
+``paged_decode(q, k_pages, v_pages, block_tables, context_lens, scale)`` is the decode attention of
+``jaxserve.model.attention.paged_decode_attention_xla`` (same inputs, same result to float32
+rounding) as one custom call that streams each sequence's pages once, at close to copy bandwidth.
+
+The library is compiled with the C++ compiler found as ``$CXX`` or ``c++`` against the XLA FFI
+headers that jaxlib ships (``jax.ffi.include_dir()``), into ``$JAXSERVE_NATIVE_CACHE`` or
+``<jaxserve cache root>/native`` (~/.cache/jaxserve/native), written to a temporary name and renamed,
+so processes that build at once (Ray actors) never load a half-written file. ``available()`` says
+whether the kernel can be used (``build_in_background()`` starts that early, overlapping the model
+load, in the launcher, the offline script and each Ray instance actor): it is False (with the reason, logged once as a warning) when
+``$JAXSERVE_NATIVE_KERNELS`` is ``off``, when no compiler is found or the build fails; callers then
+use the XLA path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("paged_decode.cc")
+TARGET = "jaxserve_paged_decode"
+SYMBOL = "JaxservePagedDecode"
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-fPIC", "-shared", "-w")
+ENV_SWITCH = "JAXSERVE_NATIVE_KERNELS"
+ENV_CACHE = "JAXSERVE_NATIVE_CACHE"
+
+_lock = threading.Lock()
+_state: dict[str, object] = {}  # "ok": bool, "why": str, "lib": the loaded library (kept alive)
+
+
+def cache_dir() -> Path:
+    """Where built libraries live: $JAXSERVE_NATIVE_CACHE, else <jaxserve cache root>/native."""
+    if os.environ.get(ENV_CACHE):
+        return Path(os.environ[ENV_CACHE]).expanduser()
+    from jaxserve.model.demo import cache_dir as root
+
+    return root() / "native"
+
+
+def _cpu_flags() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor()
+
+
+def _compiler() -> str | None:
+    cxx = os.environ.get("CXX") or "c++"
+    return shutil.which(cxx)
+
+
+def _key(cxx: str) -> str:
+    version = subprocess.run([cxx, "--version"], capture_output=True, text=True, timeout=30).stdout
+    import jaxlib
+
+    h = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), jaxlib.__version__.encode(),
+                 platform.machine().encode(), _cpu_flags().encode()):
+        h.update(part)
+        h.update(b"\0")
+    return h.hexdigest()[:16]
+
+
+def _build(cxx: str, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        if r.returncode != 0:
+            raise RuntimeError(f"{cxx} exited {r.returncode}: {r.stderr.strip()[-500:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> tuple[bool, str]:
+    if os.environ.get(ENV_SWITCH, "").strip().lower() in ("off", "0", "false", "no"):
+        return False, f"${ENV_SWITCH} is off"
+    cxx = _compiler()
+    if cxx is None:
+        return False, "no C++ compiler ($CXX or c++) on PATH"
+    try:
+        lib_path = cache_dir() / f"paged_decode-{_key(cxx)}.so"
+        if not lib_path.exists():
+            t0 = time.perf_counter()
+            _build(cxx, lib_path)
+            log.info("built the native CPU decode-attention kernel in %.1f s: %s", time.perf_counter() - t0, lib_path)
+        lib = ctypes.cdll.LoadLibrary(str(lib_path))
+        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)), platform="cpu")
+    except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
+        return False, str(e)
+    _state["lib"] = lib
+    return True, ""
+
+
+def available() -> bool:
+    """Whether the native kernel is built and registered (building it on the first call)."""
+    with _lock:
+        if "ok" not in _state:
+            ok, why = _load()
+            _state["ok"], _state["why"] = ok, why
+            if not ok and not why.startswith("$"):
+                log.warning("native CPU decode attention unavailable (%s); decode uses the slower XLA path "
+                            "(set $%s=off to skip the build)", why, ENV_SWITCH)
+        return bool(_state["ok"])
+
+
+def build_in_background() -> None:
+    """Start building (or loading) the kernel on a daemon thread, so it overlaps model loading;
+    ``available()`` then waits for that result instead of building again."""
+    if "ok" not in _state and jax.default_backend() == "cpu":
+        threading.Thread(target=available, name="jaxserve-native-build", daemon=True).start()
+
+
+def unavailable_reason() -> str:
+    """Why ``available()`` is False ('' when it is True)."""
+    available()
+    return str(_state["why"])
+
+
+def paged_decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
+                 context_lens: jax.Array, scale: float) -> jax.Array:
+    """Decode attention of q [B, Hq, D] over pages [N, bs, Hkv, D] (float32): [B, Hq, D]."""
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    return call(q.astype(jnp.float32), k_pages, v_pages, block_tables.astype(jnp.int32),
+                context_lens.astype(jnp.int32), scale=np.float32(scale))
