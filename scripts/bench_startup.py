@@ -102,7 +102,7 @@ def run_process(cmd: list[str], env: dict[str, str], log_path: Path, timeout_s: 
         killer.start()
         if ready is not None:
             seen.wait(timeout_s)
-            if p.poll() is None:
+            if ready_at:  # running and ready (poll() here would reap a process that exited, breaking wait4)
                 p.send_signal(signal.SIGINT)
                 threading.Timer(60, p.kill).start()  # a server that does not stop on SIGINT
         _, status, ru = os.wait4(p.pid, 0)

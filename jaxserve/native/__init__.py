@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import importlib.util
 import logging
 import os
 import platform
@@ -135,8 +136,17 @@ def available() -> bool:
 def build_in_background() -> None:
     """Start building (or loading) the kernel on a daemon thread, so it overlaps model loading;
     ``available()`` then waits for that result instead of building again."""
-    if "ok" not in _state and jax.default_backend() == "cpu":
+    if "ok" not in _state and _serves_on_cpu():
         threading.Thread(target=available, name="jaxserve-native-build", daemon=True).start()
+
+
+def _serves_on_cpu() -> bool:
+    """Whether this process will likely run on the CPU, asked without starting a JAX backend (that
+    would fix the device count before the launcher sets it): JAX_PLATFORMS, else no GPU plugin."""
+    first = os.environ.get("JAX_PLATFORMS", "").split(",")[0].strip().lower()
+    if first:
+        return first == "cpu"
+    return not any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "jax_rocm60_plugin"))
 
 
 def unavailable_reason() -> str:
