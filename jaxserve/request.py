@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 MAX_LOGIT_BIAS = 64  # logit_bias entries per request (the sampler's fixed width)
+MAX_LOGPROBS = 20  # alternatives per token the sampler returns (vLLM's default max_logprobs)
 
 
 class SamplingError(ValueError):
@@ -40,6 +41,10 @@ class SamplingParams:
     min_tokens: int = 0  # EOS cannot be sampled before this many tokens (the sampler masks it)
     min_p: float = 0.0  # drop tokens whose probability is below min_p x the top token's (0: off)
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit), at most MAX_LOGIT_BIAS
+    presence_penalty: float = 0.0  # subtracted once from each token already generated (OpenAI's)
+    frequency_penalty: float = 0.0  # subtracted per earlier occurrence in the generated tokens (OpenAI's)
+    repetition_penalty: float = 1.0  # HF's: logits of prompt and generated tokens divided (>0) / multiplied (<0)
+    logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely (<= MAX_LOGPROBS)
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> SamplingError:
@@ -59,6 +64,13 @@ class SamplingParams:
             raise bad("min_tokens", f"must be an integer in [0, max_tokens={self.max_tokens}]")
         if not _is_num(self.min_p) or not 0.0 <= self.min_p <= 1.0:
             raise bad("min_p", "must be a number in [0, 1]")
+        for f in ("presence_penalty", "frequency_penalty"):
+            if not _is_num(getattr(self, f)) or not -2.0 <= getattr(self, f) <= 2.0:
+                raise bad(f, "must be a number in [-2, 2]")
+        if not _is_num(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 10.0:
+            raise bad("repetition_penalty", "must be a number in (0, 10]")
+        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
+            raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
         pairs = tuple(dict(self.logit_bias).items())
         if len(pairs) > MAX_LOGIT_BIAS or not all(
                 _is_int(t) and t >= 0 and _is_num(b) and -100.0 <= b <= 100.0 for t, b in pairs):
@@ -75,6 +87,10 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def penalized(self) -> bool:
+        return self.presence_penalty != 0.0 or self.frequency_penalty != 0.0 or self.repetition_penalty != 1.0
 
 
 def _is_int(v: Any) -> bool:
@@ -114,6 +130,9 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"
 
 
+TokenLogprobs = tuple[float, tuple[tuple[int, float], ...]]
+
+
 @dataclasses.dataclass
 class Request:
     """One generation request as it moves through the system (host-side state only)."""
@@ -124,6 +143,8 @@ class Request:
     prompt: str | None = None
     arrival_time: float = dataclasses.field(default_factory=time.perf_counter)
     output_token_ids: list[int] = dataclasses.field(default_factory=list)
+    # with sampling.logprobs: per output token (its logprob, ((id, logprob) of the most likely, best first)))
+    output_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
     finish_reason: FinishReason | None = None
     events: list[LifecycleEvent] = dataclasses.field(default_factory=list)
 

@@ -15,6 +15,7 @@ whose message names the file and the problem.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Sequence
 from pathlib import Path
@@ -108,6 +109,19 @@ def _chat_template(root: Path) -> str | None:
     return t
 
 
+@functools.cache
+def _byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level BPE alphabet: printable stand-in character -> the byte it encodes."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("\xa1"), ord("\xac") + 1), *range(ord("\xae"), ord("\xff") + 1)]
+    chars, n = list(keep), 0
+    for b in range(256):
+        if b not in keep:
+            keep.append(b)
+            chars.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(keep, chars, strict=True)}
+
+
 class Tokenizer:
     """Encode/decode with OPT conventions on top of a `tokenizers.Tokenizer`."""
 
@@ -176,6 +190,17 @@ class Tokenizer:
         Ids past the tokenizer's vocabulary (OPT pads its embedding to 50272 > 50265) are dropped.
         """
         return self._tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self, token_id: int) -> bytes:
+        """The bytes one token stands for: byte-level BPE symbols mapped back to bytes (GPT-2's table);
+        a special or non-byte-level token as its UTF-8 text; an id outside the vocabulary as b""."""
+        piece = self._tok.id_to_token(int(token_id))
+        if piece is None:
+            return b""
+        table = _byte_decoder()
+        if all(c in table for c in piece):
+            return bytes(table[c] for c in piece)
+        return piece.encode("utf-8")
 
     def token_to_id(self, token: str) -> int | None:
         """Id of one vocabulary token (e.g. a stop token), or None if absent."""

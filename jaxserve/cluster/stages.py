@@ -224,7 +224,7 @@ class SpanningExecutor:
     def execute_many(self, microbatches: Sequence[Any]) -> list[Any]:
         return [self.execute(mb) for mb in microbatches]
 
-    def sample(self, logits: Any, arrays: Any) -> np.ndarray:
+    def sample(self, logits: Any, arrays: Any) -> Any:  # sampling.Sampled
         from jaxserve.model.sampling import sample_tokens
         return sample_tokens(logits, arrays, next(iter(logits.devices())))
 

@@ -27,7 +27,7 @@ from jaxserve.engine.stage import run_stage
 from jaxserve.memory import zeros_untouched
 from jaxserve.model.inputs import StepInputs
 from jaxserve.model.opt import KVCache, Params, dtype_of
-from jaxserve.model.sampling import SamplingArrays, sample_tokens
+from jaxserve.model.sampling import Sampled, SamplingArrays, sample_tokens
 from jaxserve.parallel.sharding import kv_sharding, make_mesh, param_shardings, replicated
 
 
@@ -86,7 +86,7 @@ class ModelExecutor:
                                     logits_index, first=True, last=True, replicated=self._repl)
         return logits
 
-    def sample(self, logits: jax.Array, arrays: SamplingArrays) -> np.ndarray:
+    def sample(self, logits: jax.Array, arrays: SamplingArrays) -> Sampled:
         return sample_tokens(logits, arrays, self._repl)
 
     # ---- KV blocks as host/device arrays (transfer between instances) ----------------------

@@ -18,7 +18,7 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from jaxserve.request import FinishReason, Request
+from jaxserve.request import FinishReason, Request, TokenLogprobs
 from jaxserve.runtime.api import Stepper
 from jaxserve.stopping import OutputTracker
 
@@ -31,6 +31,7 @@ class Delta:
     text: str
     token_ids: list[int]
     finish_reason: FinishReason | None
+    logprobs: list[TokenLogprobs] | None = None  # one per token id, with sampling.logprobs
 
 
 class Frontend:
@@ -40,6 +41,7 @@ class Frontend:
         self.engine = engine
         self.tokenizer = tokenizer
         self.trackers: dict[str, OutputTracker] = {}
+        self.requests: dict[str, Request] = {}  # the engine's record: where a token's logprobs land
 
     def add(self, request: Request) -> None:
         """Check and add one request (raises ValueError naming the problem; nothing is kept then)."""
@@ -50,9 +52,11 @@ class Frontend:
                                 max_tokens=self.engine.max_model_len - request.num_prompt_tokens)
         self.engine.add_request(request)
         self.trackers[request.request_id] = tracker
+        self.requests[request.request_id] = request
 
     def abort(self, request_id: str, reason: FinishReason = FinishReason.ABORT) -> OutputTracker | None:
         tracker = self.trackers.pop(request_id, None)
+        self.requests.pop(request_id, None)
         self.engine.abort_request(request_id, reason)
         if tracker is not None:
             tracker.abort(reason)
@@ -66,13 +70,19 @@ class Frontend:
         if o.finish_reason == FinishReason.ERROR:  # the instance holding it failed; no token
             tracker.abort(FinishReason.ERROR)
             del self.trackers[o.request_id]
+            del self.requests[o.request_id]
             return Delta(o.request_id, "", [], FinishReason.ERROR)
         text, reason = tracker.add(o.token_id)
+        request = self.requests[o.request_id]
+        lps = request.output_logprobs
+        n = len(tracker.token_ids)
+        logprobs = [lps[n - 1]] if request.sampling.logprobs is not None and len(lps) >= n else None
         if reason is not None:
             if o.finish_reason is None:  # a stop string: the engine did not know
                 self.engine.abort_request(o.request_id, FinishReason.STOP)
             del self.trackers[o.request_id]
-        return Delta(o.request_id, text, [o.token_id], reason)
+            del self.requests[o.request_id]
+        return Delta(o.request_id, text, [o.token_id], reason, logprobs)
 
     def step(self) -> list[Delta]:
         return [d for o in self.engine.step() if (d := self.on_output(o)) is not None]

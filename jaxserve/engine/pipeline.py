@@ -67,7 +67,7 @@ from jaxserve.memory import zeros_untouched
 from jaxserve.microbatch import split_runs
 from jaxserve.model.inputs import SeqChunk, StepInputs
 from jaxserve.model.opt import AttnFn, KVCache, Params, dtype_of
-from jaxserve.model.sampling import SamplingArrays, sample_tokens
+from jaxserve.model.sampling import Sampled, SamplingArrays, sample_tokens
 from jaxserve.parallel.sharding import check_tp, kv_sharding, make_mesh, param_shardings, replicated
 
 _FIRST_KEYS = ("embed_tokens", "embed_positions", "project_in")
@@ -257,7 +257,7 @@ class PipelineExecutor:
     def stop_timeline(self) -> None:
         self.timeline = None
 
-    def sample(self, logits: jax.Array, arrays: SamplingArrays) -> np.ndarray:
+    def sample(self, logits: jax.Array, arrays: SamplingArrays) -> Sampled:
         """Token ids [R] (numpy) from logits on the last stage."""
         return sample_tokens(logits, arrays, self._repl[-1])
 

@@ -139,12 +139,19 @@ class Runner:
         for (chunks, shape), lg in zip(calls, logits, strict=True):
             if not any(c.samples for c in chunks):
                 continue
+            reqs = [c.seq.request for c in chunks]
+            histories = [(r.all_token_ids, r.num_prompt_tokens) for r in reqs] if any(
+                r.sampling.penalized for r in reqs) else None
             arrays = SamplingArrays.from_params(
-                [c.seq.request.sampling for c in chunks], [c.seq.seed for c in chunks],
-                [len(c.seq.request.output_token_ids) for c in chunks], shape.logits_rows,
-                self.executor.cfg.eos_token_id)
-            tokens = self.executor.sample(lg, arrays)
-            out.update({c.seq.id: int(tokens[i]) for i, c in enumerate(chunks) if c.samples})
+                [r.sampling for r in reqs], [c.seq.seed for c in chunks], [len(r.output_token_ids) for r in reqs],
+                shape.logits_rows, self.executor.cfg.eos_token_id, histories)
+            picked = self.executor.sample(lg, arrays)
+            for i, c in enumerate(chunks):
+                if not c.samples:
+                    continue
+                out[c.seq.id] = int(picked.tokens[i])
+                if reqs[i].sampling.logprobs is not None:  # the engine appends the token itself next
+                    reqs[i].output_logprobs.append(picked.token_logprobs(i, reqs[i].sampling.logprobs))
         return out
 
     def warmup(self, *, decode: bool, prefill: bool, chunks: bool, progress: ProgressFn | None = None) -> int:
@@ -161,6 +168,7 @@ class Runner:
                 greedy = SamplingArrays.from_params([], [], [], s.logits_rows)
                 self.executor.sample(logits, greedy)
                 self.executor.sample(logits, dataclasses.replace(greedy, temperature=greedy.temperature + 1.0))
+                self.executor.sample(logits, dataclasses.replace(greedy, logprobs=True))  # sample_full
             report(i, len(shapes))
         jax.block_until_ready(self.executor.kv)
         return len(shapes)

@@ -84,7 +84,7 @@ def generate(params: Params, cfg: ModelConfig, prompts: Sequence[Sequence[int]],
                                  jnp.asarray(inputs.logits_index))
         arrays = SamplingArrays.from_params([sps[i] for i in active], [seeds[i] for i in active],
                                             [len(trackers[i].token_ids) for i in active], b, cfg.eos_token_id)
-        toks = sample_tokens(logits, arrays)
+        toks = sample_tokens(logits, arrays).tokens
         active = [i for row, i in enumerate(active) if trackers[i].add(int(toks[row]))[1] is None]
         chunks = [SeqChunk([trackers[i].token_ids[-1]], len(prompts[i]) + len(trackers[i].token_ids) - 1,
                            tables[i]) for i in active]

@@ -5,10 +5,19 @@
       ban [B] int32 (a token the row may not pick: EOS before its ``min_tokens``; -1 none),
       min_p [B] float32, bias_ids / bias_vals [B, MAX_LOGIT_BIAS] (``logit_bias``; id -1: none)
     --sample()--> token ids [B] int32
+    + with penalties or logprobs (``sample_full``, one more program per row count):
+      counts [B, V] float32 (each token's occurrences among the row's generated tokens),
+      seen [B, V] bool (in the prompt or generated), presence / frequency / repetition [B]
+    --sample_full()--> Sampled(tokens [B], logprob [B], top_ids [B, 20], top_logprobs [B, 20])
 
 Order, as HF's generate applies its processors and warpers: ``logit_bias`` added to the raw logits,
-the banned token removed, then temperature, top-k, top-p and min-p (tokens whose probability is
-below ``min_p`` times the top token's). Greedy rows take the argmax after the bias and the ban.
+the banned token removed, the repetition penalty (HF's: a seen token's logit divided by it when
+positive, multiplied when negative), presence and frequency penalties (OpenAI's: minus
+``presence`` once and ``frequency`` per occurrence among the generated tokens), then
+temperature, top-k, top-p and min-p (tokens whose probability is below ``min_p`` times the top
+token's). Greedy rows take the argmax after the bias, the ban and the penalties. Logprobs are the
+model's own: float32 log-softmax of the raw logits (vLLM's default), for the picked token and the
+``MAX_LOGPROBS`` most likely.
 
 A row's randomness depends only on its own seed and how many tokens it has
 generated (``step``), so the same seed gives the same tokens whatever the batch
@@ -22,13 +31,13 @@ from __future__ import annotations
 import dataclasses
 import secrets
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxserve.request import MAX_LOGIT_BIAS, SamplingParams
+from jaxserve.request import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams, TokenLogprobs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +52,20 @@ class SamplingArrays:
     min_p: np.ndarray  # [B] float32 (0: off)
     bias_ids: np.ndarray  # [B, MAX_LOGIT_BIAS] int32 (-1: unused)
     bias_vals: np.ndarray  # [B, MAX_LOGIT_BIAS] float32
+    penalties: np.ndarray | None = None  # [B, 3] presence, frequency, repetition; None: no row has any
+    history: tuple[tuple[Sequence[int], int], ...] = ()  # per penalised row: (its tokens, prompt length)
+    logprobs: bool = False  # some row asked for logprobs
 
     @property
     def all_greedy(self) -> bool:
-        """Plain argmax serves every row (no sampling, nothing banned or biased)."""
+        """Plain argmax serves every row (no sampling, nothing banned, biased or penalised)."""
         return bool(np.all((self.temperature == 0.0) | (self.top_k == 1)) and np.all(self.ban < 0)
                     and np.all(self.bias_ids < 0))
+
+    @property
+    def full(self) -> bool:
+        """``sample_full`` is needed: penalties or logprobs."""
+        return self.penalties is not None or self.logprobs
 
     def fields(self) -> tuple[np.ndarray, ...]:
         """``sample``'s per-row arguments, in order."""
@@ -57,9 +74,11 @@ class SamplingArrays:
 
     @classmethod
     def from_params(cls, params: Sequence[SamplingParams], seeds: Sequence[int], steps: Sequence[int],
-                    batch: int, eos_token_id: int | None = None) -> SamplingArrays:
+                    batch: int, eos_token_id: int | None = None,
+                    histories: Sequence[tuple[Sequence[int], int]] | None = None) -> SamplingArrays:
         """Pad to ``batch`` rows (padding rows are greedy). A row that has generated fewer than its
-        ``min_tokens`` bans ``eos_token_id``."""
+        ``min_tokens`` bans ``eos_token_id``. ``histories``: each row's (prompt + generated tokens,
+        prompt length), needed when a row has penalties."""
         n = len(params)
         temp = np.zeros(batch, np.float32)
         top_k = np.zeros(batch, np.int32)
@@ -82,7 +101,20 @@ class SamplingArrays:
             for j, (tok, b) in enumerate(p.logit_bias):
                 bias_ids[i, j], bias_vals[i, j] = tok, b
         return cls(temp, top_k, top_p, (seed & 0xFFFFFFFF).astype(np.uint32), (seed >> 32).astype(np.uint32), step,
-                   ban, min_p, bias_ids, bias_vals)
+                   ban, min_p, bias_ids, bias_vals, *_penalties(params, histories, batch),
+                   logprobs=any(p.logprobs is not None for p in params))
+
+
+def _penalties(params: Sequence[SamplingParams], histories: Sequence[tuple[Sequence[int], int]] | None,
+               batch: int) -> tuple[np.ndarray | None, tuple[tuple[Sequence[int], int], ...]]:
+    if not any(p.penalized for p in params):
+        return None, ()
+    if histories is None or len(histories) != len(params):
+        raise ValueError("penalties need each row's tokens (histories)")
+    pen = np.zeros((batch, 3), np.float32)
+    pen[:, 2] = 1.0
+    pen[:len(params)] = [(p.presence_penalty, p.frequency_penalty, p.repetition_penalty) for p in params]
+    return pen, tuple((list(h), n) for h, n in histories)
 
 
 def new_seed() -> int:
@@ -101,17 +133,16 @@ def greedy(logits: jax.Array) -> jax.Array:
     return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
-@jax.jit
-def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
-           seed_lo: jax.Array, seed_hi: jax.Array, step: jax.Array, ban: jax.Array, min_p: jax.Array,
-           bias_ids: jax.Array, bias_vals: jax.Array) -> jax.Array:
-    """Per-row greedy / temperature / top-k / top-p / min-p sampling after ``logit_bias``, row ``i``
-    never picking ``ban[i]`` (see the module docstring): [B, V] -> [B] int32."""
+def _pick(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array, seed_lo: jax.Array,
+          seed_hi: jax.Array, step: jax.Array, ban: jax.Array, min_p: jax.Array, bias_ids: jax.Array,
+          bias_vals: jax.Array, penalize: Any = None) -> jax.Array:
     v = logits.shape[-1]
     logits = logits.astype(jnp.float32)
     rows = jnp.arange(logits.shape[0])[:, None]
     logits = logits.at[rows, jnp.where(bias_ids < 0, v, bias_ids)].add(bias_vals, mode="drop")
     logits = jnp.where(jnp.arange(v, dtype=jnp.int32)[None, :] == ban[:, None], -jnp.inf, logits)
+    if penalize is not None:
+        logits = penalize(logits)
     greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     t = jnp.where(temperature > 0, temperature, 1.0)
     order = jnp.argsort(-logits, axis=-1, stable=True)  # [B, V] best first
@@ -129,10 +160,74 @@ def sample(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: j
     return jnp.where((temperature > 0) & (top_k != 1), sampled, greedy_tok)
 
 
-def sample_tokens(logits: jax.Array, arrays: SamplingArrays, place: Any = None) -> np.ndarray:
-    """Host entry: greedy fast path when every row is greedy; returns numpy int32 [B]. ``place``: where
-    the per-row arrays go (the logits' sharding or device), for logits committed to a mesh."""
+@jax.jit
+def sample(logits: jax.Array, *fields: jax.Array) -> jax.Array:
+    """Per-row greedy / temperature / top-k / top-p / min-p sampling after ``logit_bias``, row ``i``
+    never picking ``ban[i]`` (``fields``: ``SamplingArrays.fields()``; see the module docstring):
+    [B, V] -> [B] int32."""
+    return _pick(logits, *fields)
+
+
+class Sampled(NamedTuple):
+    """What the sampler picked, on the host; the logprob arrays only from ``sample_full``."""
+
+    tokens: np.ndarray  # [B] int32
+    logprob: np.ndarray | None = None  # [B] float32: the picked token's
+    top_ids: np.ndarray | None = None  # [B, MAX_LOGPROBS] int32, most likely first
+    top_logprobs: np.ndarray | None = None  # [B, MAX_LOGPROBS] float32
+
+    def token_logprobs(self, row: int, k: int) -> TokenLogprobs:
+        """Row ``row``'s entry for ``Request.output_logprobs`` with its ``k`` most likely tokens."""
+        assert self.logprob is not None and self.top_ids is not None and self.top_logprobs is not None
+        top = tuple((int(i), float(lp)) for i, lp in zip(self.top_ids[row, :k], self.top_logprobs[row, :k],
+                                                         strict=True))
+        return float(self.logprob[row]), top
+
+
+@jax.jit
+def sample_full(logits: jax.Array, counts: jax.Array, seen: jax.Array, penalties: jax.Array,
+                *fields: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
+    """``sample`` with the penalties (``penalties`` [B, 3]: presence, frequency, repetition) and the
+    raw logprobs: (tokens [B], logprob [B], top ids [B, K], top logprobs [B, K])."""
+    raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+    def penalize(x: jax.Array) -> jax.Array:
+        rep = penalties[:, 2:3]
+        x = jnp.where(seen, jnp.where(x > 0, x / rep, x * rep), x)
+        return x - penalties[:, 1:2] * counts - penalties[:, 0:1] * (counts > 0)
+
+    tokens = _pick(logits, *fields, penalize=penalize)
+    top_lp, top_ids = jax.lax.top_k(raw, MAX_LOGPROBS)
+    return tokens, jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
+
+
+def _counts(arrays: SamplingArrays, batch: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """Dense per-row occurrence counts of generated tokens and a seen mask (prompt or generated)."""
+    counts = np.zeros((batch, vocab), np.float32)
+    seen = np.zeros((batch, vocab), np.bool_)
+    for row, (tokens, prompt_len) in enumerate(arrays.history):
+        ids = np.asarray(tokens, np.int64)
+        ids = ids[(ids >= 0) & (ids < vocab)] if len(ids) else ids
+        seen[row, ids] = True
+        out = np.asarray(tokens[prompt_len:], np.int64)
+        out = out[(out >= 0) & (out < vocab)]
+        counts[row] = np.bincount(out, minlength=vocab)[:vocab]
+    return counts, seen
+
+
+def sample_tokens(logits: jax.Array, arrays: SamplingArrays, place: Any = None) -> Sampled:
+    """Host entry: greedy fast path when every row is greedy, ``sample_full`` when a row has penalties
+    or wants logprobs, else ``sample``. ``place``: where the per-row arrays go (the logits' sharding
+    or device), for logits committed to a mesh."""
+    if arrays.full:
+        b, v = logits.shape
+        pen = arrays.penalties if arrays.penalties is not None else np.tile(np.float32([0, 0, 1]), (b, 1))
+        counts, seen = _counts(arrays, b, v)
+        args = (counts, seen, pen, *arrays.fields())
+        if place is not None:
+            args = jax.device_put(args, place)
+        return Sampled(*(np.asarray(x) for x in sample_full(logits, *args)))
     if arrays.all_greedy:
-        return np.asarray(greedy(logits))
+        return Sampled(np.asarray(greedy(logits)))
     fields = arrays.fields() if place is None else jax.device_put(arrays.fields(), place)
-    return np.asarray(sample(logits, *fields))
+    return Sampled(np.asarray(sample(logits, *fields)))

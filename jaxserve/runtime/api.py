@@ -22,7 +22,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Protocol
 
-from jaxserve.request import FinishReason, LifecycleEvent, Request
+from jaxserve.request import FinishReason, LifecycleEvent, Request, TokenLogprobs
 
 NO_TOKEN = -1  # token_id of a StepOutput that ends a request without a token (ERROR)
 
@@ -81,6 +81,7 @@ class RequestUpdate:
     new_token_ids: list[int]
     finish_reason: FinishReason | None
     seed: int | None = None
+    new_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # with sampling.logprobs
 
     def apply(self, request: Request, clock_offset: float = 0.0) -> None:
         """Bring the router's record up to date; event times minus ``clock_offset`` (the instance's
@@ -90,6 +91,7 @@ class RequestUpdate:
         else:
             request.events.extend(self.events)
         request.output_token_ids.extend(self.new_token_ids)
+        request.output_logprobs.extend(self.new_logprobs)
         if self.finish_reason is not None and request.finish_reason is None:
             request.finish_reason = self.finish_reason
         if request.sampling.seed is None and self.seed is not None:
@@ -184,4 +186,5 @@ class Stepper(Protocol):
 def copy_request(request: Request) -> Request:
     """A request an instance may mutate: its own lists, nothing shared with the router's record."""
     return dataclasses.replace(request, prompt_token_ids=list(request.prompt_token_ids),
-                               output_token_ids=list(request.output_token_ids), events=list(request.events))
+                               output_token_ids=list(request.output_token_ids), events=list(request.events),
+                               output_logprobs=list(request.output_logprobs))

@@ -13,7 +13,6 @@ Metrics and the workload window see each prompt as a request of its own (``strea
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from aiohttp import web
@@ -26,6 +25,7 @@ from jaxserve.serving.protocol import Job
 from jaxserve.serving.streaming import (
     ENGINE_ERROR,
     SSE_DONE,
+    Collected,
     admit,
     chunk,
     client_gone,
@@ -39,12 +39,12 @@ from jaxserve.serving.streaming import (
 from jaxserve.serving.workload import WorkloadWindow
 
 
-class _Run:
+class _Run(Collected):
     """One prompt of the batch: its deltas, and how it ended."""
 
     def __init__(self, job: Job) -> None:
-        self.job, self.text, self.ids = job, [], []
-        self.first_token: float | None = None
+        super().__init__()
+        self.job = job
         self.reason = "abort"
         self.agen: Any = None
         self.admitted = False
@@ -67,10 +67,7 @@ class _Run:
                 raise shutdown_error()
             if client_gone(http):
                 raise ConnectionResetError("client disconnected")
-            self.text.append(d.text)
-            self.ids += d.token_ids
-            if self.first_token is None and d.token_ids:
-                self.first_token = time.perf_counter()
+            self.add(d)
             if out is not None:
                 await out.put((self, d, first))
             first = False
@@ -94,8 +91,7 @@ async def run_batch(http: web.Request, jobs: list[Job], orch: Orchestrator, metr
     try:
         if queue is None:
             await _all(tasks)
-            choices = [completion(r.job, "".join(r.text), r.ids, FinishReason(r.reason))["choices"][0]
-                       for r in runs]
+            choices = [r.completion(r.job, FinishReason(r.reason))["choices"][0] for r in runs]
             head = completion(runs[0].job, "", [], None)
             n_in = sum(j.request.num_prompt_tokens for j in jobs)
             n_out = sum(len(r.ids) for r in runs)

@@ -17,12 +17,14 @@ Choices (documented, as vLLM does them):
   * ``model`` may be omitted (the one served model); any other name is 404.
   * ``top_k`` above the vocabulary means "off" and is sent as 0.
   * Not supported, 400 naming the field if set to anything but its default (``UNSUPPORTED``):
-    ``n``/``best_of`` != 1, ``echo``, ``logprobs``, ``suffix``, penalties, ``tools``,
-    and vLLM's ``repetition_penalty``, guided decoding, ... A field in no
+    ``n``/``best_of`` != 1, ``suffix``, ``tools``, vLLM's guided decoding, ... A field in no
     schema is a 400 too (as OpenAI answers "unrecognized request argument"); ``user`` is accepted.
-  * ``logit_bias`` ({"token id": bias in [-100, 100]}, at most 64 entries) and vLLM's ``min_p`` work;
-    ``echo`` puts the prompt's text (a token-id prompt decoded) before the completion (not with
-    ``logprobs``, which this server lacks: no prompt logprobs either).
+  * ``logit_bias`` ({"token id": bias in [-100, 100]}, at most 64 entries), vLLM's ``min_p`` and
+    ``repetition_penalty`` (HF's), OpenAI's ``presence_penalty`` / ``frequency_penalty`` work;
+    ``echo`` puts the prompt's text (a token-id prompt decoded) before the completion.
+  * Logprobs (the model's raw log-softmax, up to 20 alternatives): completions ``logprobs: k``, chat
+    ``logprobs: true`` + ``top_logprobs: k``; shapes in ``jaxserve.serving.logprobs``. Not yet with
+    ``echo`` (prompt logprobs): a 400.
   * Extensions (vLLM's names): ``ignore_eos``, ``stop_token_ids``, ``min_tokens`` (EOS banned and no
     stop rule applies before it; not with ``stop_token_ids``),
     ``include_stop_str_in_output``, ``return_token_ids`` (adds ``token_ids`` to each choice).
@@ -36,7 +38,7 @@ import time
 import uuid
 from typing import Any, Protocol
 
-from jaxserve.request import Request, SamplingError, SamplingParams
+from jaxserve.request import MAX_LOGPROBS, Request, SamplingError, SamplingParams
 from jaxserve.serving.chat import ChatError, check_messages, render_chat
 from jaxserve.serving.fields import (
     ApiError,
@@ -55,12 +57,11 @@ DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # fields of OpenAI's and vLLM's schemas that this server does not act on: fine at their default (or
 # null), refused otherwise (400 naming the field), so none is silently ignored
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "best_of": (1,), "echo": (False,), "logprobs": (False, 0), "suffix": ("",),
-    "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "top_logprobs": (0,), "tools": ([],),
+    "best_of": (1,), "echo": (False,), "suffix": ("",), "tools": ([],),
     "functions": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},),
     "parallel_tool_calls": (True, False), "function_call": ("none",), "store": (False,), "metadata": ({},),
     "service_tier": ("auto", "default"), "modalities": (["text"],),
-    "repetition_penalty": (1, 1.0), "length_penalty": (1, 1.0), "use_beam_search": (False,),
+    "length_penalty": (1, 1.0), "use_beam_search": (False,),
     "prompt_logprobs": (), "truncate_prompt_tokens": (), "allowed_token_ids": (), "bad_words": ([],),
     "skip_special_tokens": (True,), "spaces_between_special_tokens": (True,), "logits_processors": (),
     "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": (), "structured_outputs": (),
@@ -70,9 +71,11 @@ UNSUPPORTED: dict[str, tuple[Any, ...]] = {
 # fields this server acts on, per route (anything neither here nor above: 400 unknown field)
 COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids",
                            "ignore_eos", "include_stop_str_in_output", "stream", "stream_options",
-                           "return_token_ids", "n", "min_tokens", "min_p", "logit_bias"})
+                           "return_token_ids", "n", "min_tokens", "min_p", "logit_bias", "logprobs",
+                           "presence_penalty", "frequency_penalty", "repetition_penalty"})
 CHAT_FIELDS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "chat_template_kwargs"})
-ROUTE_FIELDS = {False: COMMON_FIELDS | {"prompt", "echo"}, True: COMMON_FIELDS | CHAT_FIELDS | {"max_completion_tokens"}}
+ROUTE_FIELDS = {False: COMMON_FIELDS | {"prompt", "echo"},
+                True: COMMON_FIELDS | CHAT_FIELDS | {"max_completion_tokens", "top_logprobs"}}
 
 
 # no token of a byte-level BPE vocabulary (OPT, GPT-2, Llama) is longer than this many bytes
@@ -186,8 +189,26 @@ def _one_prompt(p: Any, st: ServedModel, where: str) -> tuple[list[int], str | N
     raise bad(where, f"must be a string or a list of token ids, got {type(p).__name__}")
 
 
+def get_logprobs(body: dict[str, Any], chat: bool) -> int | None:
+    """How many alternatives per token (None: no logprobs). Completions: ``logprobs`` (an integer);
+    chat: ``logprobs`` (true/false) and ``top_logprobs`` (an integer, with logprobs true)."""
+    if not chat:
+        k = get_int(body, "logprobs", None, lo=0)
+    else:
+        k = get_int(body, "top_logprobs", None, lo=0)
+        if not get_bool(body, "logprobs", False):
+            if k is not None:
+                raise bad("top_logprobs", "needs logprobs: true")
+            return None
+        k = k or 0
+    if k is not None and k > MAX_LOGPROBS:
+        raise bad("top_logprobs" if chat else "logprobs", f"at most {MAX_LOGPROBS}, got {k}")
+    return k
+
+
 def parse_sampling(body: dict[str, Any], st: ServedModel, num_prompt: int, max_tokens_keys: tuple[str, ...],
-                   default_max_tokens: int | None, prompt_field: str = "prompt") -> SamplingParams:
+                   default_max_tokens: int | None, prompt_field: str = "prompt",
+                   logprobs: int | None = None) -> SamplingParams:
     room = st.max_model_len - num_prompt
     if room < 1:
         raise bad(prompt_field, f"has {num_prompt} tokens; this model's context is {st.max_model_len} tokens, so "
@@ -220,6 +241,10 @@ def parse_sampling(body: dict[str, Any], st: ServedModel, num_prompt: int, max_t
             min_tokens=min_tokens,
             min_p=get_num(body, "min_p", 0.0),
             logit_bias=logit_bias,
+            presence_penalty=get_num(body, "presence_penalty", 0.0),
+            frequency_penalty=get_num(body, "frequency_penalty", 0.0),
+            repetition_penalty=get_num(body, "repetition_penalty", 1.0),
+            logprobs=logprobs,
         )
     except SamplingError as e:  # ranges: "field: why, got value"
         raise bad(str(e).split(":", 1)[0], str(e).split(":", 1)[1].strip()) from e
@@ -230,7 +255,8 @@ def param_of(e: Exception) -> str | None:
     msg = str(e)
     m = re.match(r"(\w+):", msg)
     if m and m.group(1) in ("prompt", "stop", "max_tokens", "temperature", "top_p", "top_k", "seed",
-                            "stop_token_ids", "min_tokens", "min_p", "logit_bias"):
+                            "stop_token_ids", "min_tokens", "min_p", "logit_bias", "presence_penalty",
+                            "frequency_penalty", "repetition_penalty", "logprobs"):
         return m.group(1)
     if msg.startswith("prompt"):
         return "prompt"
@@ -253,6 +279,8 @@ class Job:
     index: int = 0  # its choice in the answer (a batch of prompts: the prompt's position)
     echo: str = ""  # completions with echo: the prompt's text, put before the generated text
     response_id: str = ""  # the answer's id (a batch shares one); "" -> the request's id
+    tokenizer: Any = None  # with logprobs: turns their token ids into text
+    text_offset: int = 0  # completions with logprobs: where the next token's text starts in the choice
 
     @property
     def answer_id(self) -> str:
@@ -279,10 +307,13 @@ def parse_jobs(body: dict[str, Any], st: ServedModel, *, chat: bool, arrival: fl
 
 def _job(body: dict[str, Any], st: ServedModel, ids: list[int], text: str | None, chat: bool, arrival: float,
          prompt_field: str) -> Job:
+    k = get_logprobs(body, chat)
     if chat:
-        sampling = parse_sampling(body, st, len(ids), ("max_completion_tokens", "max_tokens"), None, prompt_field)
+        sampling = parse_sampling(body, st, len(ids), ("max_completion_tokens", "max_tokens"), None, prompt_field, k)
     else:
-        sampling = parse_sampling(body, st, len(ids), ("max_tokens",), DEFAULT_MAX_TOKENS, prompt_field)
+        sampling = parse_sampling(body, st, len(ids), ("max_tokens",), DEFAULT_MAX_TOKENS, prompt_field, k)
+    if k is not None and st.tokenizer is None:
+        raise bad("top_logprobs" if chat else "logprobs", "needs a tokenizer to show tokens as text")
     stream = get_bool(body, "stream", False)
     opts = body.get("stream_options")
     include_usage = False
@@ -298,5 +329,9 @@ def _job(body: dict[str, Any], st: ServedModel, ids: list[int], text: str | None
     if not chat and get_bool(body, "echo", False):  # the prompt's text (token ids: decoded) before the output
         if text is None and st.tokenizer is None:
             raise bad("echo", "needs a tokenizer to turn the token-id prompt into text")
+        if k is not None:
+            raise bad("echo", "with logprobs (prompt logprobs) is not supported yet", code="unsupported_parameter")
         job.echo = text if text is not None else st.tokenizer.decode(ids)
+    if k is not None:
+        job.tokenizer, job.text_offset = st.tokenizer, len(job.echo)
     return job

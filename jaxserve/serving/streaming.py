@@ -28,9 +28,10 @@ from aiohttp import web
 
 from jaxserve.engine.frontend import Delta
 from jaxserve.errors import EngineUnavailable
-from jaxserve.request import FinishReason, SamplingError
+from jaxserve.request import FinishReason, SamplingError, TokenLogprobs
 from jaxserve.serving.connections import probe_half_closed
 from jaxserve.serving.fields import ApiError
+from jaxserve.serving.logprobs import chat_logprobs, completion_logprobs, text_length
 from jaxserve.serving.metrics import ServerMetrics
 from jaxserve.serving.orchestrator import Orchestrator, QueueFull
 from jaxserve.serving.protocol import Job, param_of
@@ -66,7 +67,7 @@ def chunk(job: Job, d: Delta, first: bool) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": job.index, "delta": delta}
     else:
         choice = {"index": job.index, "text": (job.echo if first else "") + d.text}
-    choice.update(logprobs=None, finish_reason=_reason(d.finish_reason))
+    choice.update(logprobs=_logprobs(job, d.token_ids, d.logprobs), finish_reason=_reason(d.finish_reason))
     if job.return_token_ids:
         choice["token_ids"] = d.token_ids
     out = {"id": job.answer_id, "object": "chat.completion.chunk" if job.chat else "text_completion",
@@ -82,12 +83,26 @@ def usage_chunk(job: Job, num_out: int) -> dict[str, Any]:
             "created": job.created, "model": job.model, "choices": [], "usage": usage(job, num_out)}
 
 
-def completion(job: Job, text: str, token_ids: list[int], reason: FinishReason | None) -> dict[str, Any]:
+def _logprobs(job: Job, token_ids: list[int], entries: list[TokenLogprobs] | None) -> dict[str, Any] | None:
+    """The choice's logprobs for these tokens (None unless asked); a completions stream's offsets run on."""
+    if job.request.sampling.logprobs is None or job.tokenizer is None:
+        return None
+    if entries is None or len(entries) != len(token_ids):  # an engine that gives none (a test double)
+        return None
+    if job.chat:
+        return chat_logprobs(job.tokenizer, token_ids, entries)
+    out = completion_logprobs(job.tokenizer, token_ids, entries, job.text_offset)
+    job.text_offset += text_length(job.tokenizer, token_ids)
+    return out
+
+
+def completion(job: Job, text: str, token_ids: list[int], reason: FinishReason | None,
+               logprobs: list[TokenLogprobs] | None = None) -> dict[str, Any]:
     if job.chat:
         choice: dict[str, Any] = {"index": job.index, "message": {"role": "assistant", "content": text}}
     else:
         choice = {"index": job.index, "text": job.echo + text}
-    choice.update(logprobs=None, finish_reason=_reason(reason))
+    choice.update(logprobs=_logprobs(job, token_ids, logprobs), finish_reason=_reason(reason))
     if job.return_token_ids:
         choice.update(token_ids=token_ids, prompt_token_ids=job.request.prompt_token_ids)
     return {"id": job.answer_id, "object": "chat.completion" if job.chat else "text_completion",
@@ -162,14 +177,32 @@ async def admit(http: web.Request, orchestrator: Orchestrator, metrics: ServerMe
         raise ApiError(500, ENGINE_ERROR, code="engine_error") from e
 
 
-class _Answer:
+class Collected:
+    """What one request's deltas added up to: text pieces, token ids, their logprobs, first-token time."""
+
+    def __init__(self) -> None:
+        self.text: list[str] = []
+        self.ids: list[int] = []
+        self.lps: list[TokenLogprobs] = []
+        self.first_token: float | None = None
+
+    def add(self, d: Delta) -> None:
+        self.text.append(d.text)
+        self.ids += d.token_ids
+        self.lps += d.logprobs or []
+        if self.first_token is None and d.token_ids:
+            self.first_token = time.perf_counter()
+
+    def completion(self, job: Job, reason: FinishReason | None) -> dict[str, Any]:
+        return completion(job, "".join(self.text), self.ids, reason, self.lps)
+
+
+class _Answer(Collected):
     """The answer to one admitted request as it is written: what was sent, when, and how it ended."""
 
     def __init__(self, http: web.Request, job: Job, agen: Any) -> None:
+        super().__init__()
         self.http, self.job, self.agen = http, job, agen
-        self.text: list[str] = []
-        self.ids: list[int] = []
-        self.first_token: float | None = None
         self.reason: str = "abort"  # unless the stream reaches its end
         self.cut = False  # ended by the server (shutdown), not by the request: an error, not a success
         self.resp: web.StreamResponse | None = None
@@ -217,10 +250,7 @@ class _Answer:
             if self.resp is not None:
                 await self.resp.write(sse(chunk(self.job, d, first)))
             first = False
-            self.text.append(d.text)
-            self.ids += d.token_ids
-            if self.first_token is None and d.token_ids:
-                self.first_token = time.perf_counter()
+            self.add(d)
             if d.finish_reason is not None:
                 self.reason = d.finish_reason.value
                 return d
@@ -234,7 +264,7 @@ class _Answer:
                 raise ApiError(500, ENGINE_ERROR, code="engine_error")
             if self.cut:
                 raise shutdown_error()
-            return web.json_response(completion(job, "".join(self.text), self.ids, last.finish_reason))
+            return web.json_response(self.completion(job, last.finish_reason))
         if self.reason == "error":
             await resp.write(sse(ApiError(500, ENGINE_ERROR, code="engine_error").body()))
         elif self.cut:  # an error event, then [DONE]: never a chunk with a finish reason OpenAI lacks

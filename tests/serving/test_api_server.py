@@ -37,6 +37,9 @@ class CharTokenizer:
     def decode(self, ids, skip_special_tokens=True):
         return "".join(chr(t) for t in ids if t != 2 or not skip_special_tokens)
 
+    def token_bytes(self, t):
+        return chr(t).encode()
+
     def detokenizer(self, prompt_ids):
         return _CharDetok()
 
@@ -236,7 +239,7 @@ BAD_FIELDS = [
     ({"stop": 5}, "stop"), ({"stop": ["a"] * 5}, "stop"), ({"stop": [""]}, "stop"), ({"stop": ["a", 3]}, "stop"),
     ({"stop_token_ids": [5000]}, "stop_token_ids"), ({"stop_token_ids": 5}, "stop_token_ids"),
     ({"n": 2}, "n"), ({"n": True}, "n"), ({"best_of": 3}, "best_of"), ({"echo": "yes"}, "echo"),
-    ({"logprobs": 5}, "logprobs"), ({"presence_penalty": 0.5}, "presence_penalty"),
+    ({"logprobs": 21}, "logprobs"), ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"stream": "yes"}, "stream"), ({"ignore_eos": 1}, "ignore_eos"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
     ({"stream": True, "stream_options": {"include_usage": "y"}}, "include_usage"),
@@ -244,7 +247,7 @@ BAD_FIELDS = [
     ({"prompt": [2, 1000]}, "prompt"), ({"prompt": [2, -1]}, "prompt"), ({"prompt": [2, True]}, "prompt"),
     ({"prompt": ["a", 5]}, "prompt"), ({"prompt": {"text": "a"}}, "prompt"), ({"prompt": 12}, "prompt"),
     # vLLM's fields this server does not act on, set to a non-default value; fields in no schema
-    ({"repetition_penalty": 1.2}, "repetition_penalty"), ({"min_tokens": -1}, "min_tokens"),
+    ({"repetition_penalty": -1}, "repetition_penalty"), ({"min_tokens": -1}, "min_tokens"),
     ({"min_tokens": 4}, "min_tokens"), ({"min_tokens": 2, "stop_token_ids": [5]}, "min_tokens"),
     ({"logit_bias": {"a": 1}}, "logit_bias"), ({"logit_bias": {"5000": 1}}, "logit_bias"),
     ({"logit_bias": {"5": 101}}, "logit_bias"), ({"logit_bias": [5]}, "logit_bias"),
