@@ -2,9 +2,9 @@
 
     make_attention(backend, mesh) -> attn_fn(q, k, v, k_pages, v_pages, positions, meta, scale)
 
-``native`` (what ``auto`` picks on CPU when ``jaxserve.native`` can build it) runs decodes through
-the C++ custom call ``jaxserve.native.paged_decode`` (float32 pages; other dtypes take the XLA
-path) and everything else through the XLA path; ``auto`` falls back to ``xla`` when the kernel
+``native`` (what ``auto`` picks on CPU when ``jaxserve.native`` can build it) runs decodes and
+packed prompts through the C++ custom calls ``jaxserve.native.paged_decode`` / ``packed_prefill``
+(float32; other dtypes take the XLA path) and prompt chunks after a cached prefix through XLA; ``auto`` falls back to ``xla`` when the kernel
 cannot be built (no compiler: one warning).
 
 ``pallas`` maps the two step kinds onto the kernels:
@@ -64,6 +64,15 @@ def _native_decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, g: Attn
     return native.paged_decode(q, k_pages, v_pages, g.block_tables, g.context_lens, scale)
 
 
+def _native_prefill(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Array, seg: jax.Array,
+                    scale: float) -> jax.Array:
+    from jaxserve import native
+
+    if q.dtype != jnp.float32:
+        return packed_attention_xla(q, k, v, positions, seg, scale)
+    return native.packed_prefill(q, k, v, seg, scale)
+
+
 def _kernel_local(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                   positions: jax.Array, meta: AttnMeta, scale: float, prefill: Any, decode: Any) -> jax.Array:
     """Packed prompts through ``prefill``, one-query groups through ``decode``, other groups through XLA."""
@@ -100,7 +109,7 @@ def make_attention(backend: str = "auto", mesh: Mesh | None = None) -> Any:
     if backend == "xla":
         return attention_xla
     if backend == "native":
-        local = functools.partial(_kernel_local, prefill=packed_attention_xla, decode=_native_decode)
+        local = functools.partial(_kernel_local, prefill=_native_prefill, decode=_native_decode)
     else:
         interpret = backend == "pallas-interpret"
         local = functools.partial(_kernel_local, prefill=functools.partial(_pallas_prefill, interpret=interpret),

@@ -65,8 +65,12 @@ class Buckets:
         # decode attention loops over each batch's longest real context, not the table's width, so
         # one width costs nothing: OPT-125m, batch 1 and 16 at context 100, a table of 8 vs 128
         # blocks: 22.9 vs 20.7 ms and 59.1 vs 57.8 ms per step; it saves 5 of 6 decode shapes at 2048
+        # decode rows also at 1.5x the powers of two from 48 on: a step's dense work grows with its
+        # padded rows, and a batch of 33-48 sequences padded to 64 wasted up to a third of it
+        pow2 = pow2_buckets(1, max_num_seqs)
+        decode = sorted({*pow2, *(3 * b // 2 for b in pow2 if 32 <= b and 3 * b // 2 < max_num_seqs)})
         return cls(
-            decode_batch=pow2_buckets(1, max_num_seqs),
+            decode_batch=tuple(decode),
             blocks=pow2_buckets(min(4, max_blocks), max_blocks),
             decode_blocks=max_blocks,
             prefill_tokens=tokens[-1:] if rare_prefill else tokens,

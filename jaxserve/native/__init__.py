@@ -1,12 +1,14 @@
 """Native CPU kernels, built on this machine the first time they are needed and registered with XLA.
 
-    paged_decode.cc --c++ -O3 -march=native (once per source, compiler, jaxlib and CPU)-->
-    <cache>/native/paged_decode-<key>.so --ctypes + jax.ffi.register_ffi_target-->
-    "jaxserve_paged_decode" (an XLA custom call on the CPU platform)
+    paged_decode.cc + packed_prefill.cc --c++ -O3 -march=native (once per sources, compiler, jaxlib, CPU)-->
+    <cache>/native/kernels-<key>.so --ctypes + jax.ffi.register_ffi_target-->
+    "jaxserve_paged_decode", "jaxserve_packed_prefill" (XLA custom calls on the CPU platform)
 
 ``paged_decode(q, k_pages, v_pages, block_tables, context_lens, scale)`` is the decode attention of
 ``jaxserve.model.attention.paged_decode_attention_xla`` (same inputs, same result to float32
 rounding) as one custom call that streams each sequence's pages once, at close to copy bandwidth.
+``packed_prefill(q, k, v, segment_ids, scale)`` is ``packed_attention_xla`` (prompts packed from
+position 0, causal within each) computing only each prompt's own causal triangle.
 
 The library is compiled with the C++ compiler found as ``$CXX`` or ``c++`` against the XLA FFI
 headers that jaxlib ships (``jax.ffi.include_dir()``), into ``$JAXSERVE_NATIVE_CACHE`` or
@@ -39,9 +41,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("paged_decode.cc")
-TARGET = "jaxserve_paged_decode"
-SYMBOL = "JaxservePagedDecode"
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("paged_decode.cc", "packed_prefill.cc"))
+HEADERS = (Path(__file__).with_name("fast_exp.h"),)
+TARGETS = {"jaxserve_paged_decode": "JaxservePagedDecode", "jaxserve_packed_prefill": "JaxservePackedPrefill"}
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-fPIC", "-shared", "-w")
 ENV_SWITCH = "JAXSERVE_NATIVE_KERNELS"
 ENV_CACHE = "JAXSERVE_NATIVE_CACHE"
@@ -79,7 +81,7 @@ def _key(cxx: str) -> str:
     import jaxlib
 
     h = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), jaxlib.__version__.encode(),
+    for part in (*(f.read_bytes() for f in (*SOURCES, *HEADERS)), " ".join(FLAGS).encode(), version.encode(), jaxlib.__version__.encode(),
                  platform.machine().encode(), _cpu_flags().encode()):
         h.update(part)
         h.update(b"\0")
@@ -91,7 +93,7 @@ def _build(cxx: str, out: Path) -> None:
     fd, tmp = tempfile.mkstemp(prefix=out.stem + ".", suffix=".tmp", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", str(SOURCE), "-o", tmp]
+        cmd = [cxx, *FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, SOURCES), "-o", tmp]
         r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
         if r.returncode != 0:
             raise RuntimeError(f"{cxx} exited {r.returncode}: {r.stderr.strip()[-500:]}")
@@ -108,13 +110,14 @@ def _load() -> tuple[bool, str]:
     if cxx is None:
         return False, "no C++ compiler ($CXX or c++) on PATH"
     try:
-        lib_path = cache_dir() / f"paged_decode-{_key(cxx)}.so"
+        lib_path = cache_dir() / f"kernels-{_key(cxx)}.so"
         if not lib_path.exists():
             t0 = time.perf_counter()
             _build(cxx, lib_path)
-            log.info("built the native CPU decode-attention kernel in %.1f s: %s", time.perf_counter() - t0, lib_path)
+            log.info("built the native CPU attention kernels in %.1f s: %s", time.perf_counter() - t0, lib_path)
         lib = ctypes.cdll.LoadLibrary(str(lib_path))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(getattr(lib, SYMBOL)), platform="cpu")
+        for target, symbol in TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
     except (OSError, RuntimeError, subprocess.SubprocessError, AttributeError) as e:
         return False, str(e)
     _state["lib"] = lib
@@ -128,7 +131,7 @@ def available() -> bool:
             ok, why = _load()
             _state["ok"], _state["why"] = ok, why
             if not ok and not why.startswith("$"):
-                log.warning("native CPU decode attention unavailable (%s); decode uses the slower XLA path "
+                log.warning("native CPU attention kernels unavailable (%s); attention uses the slower XLA path "
                             "(set $%s=off to skip the build)", why, ENV_SWITCH)
         return bool(_state["ok"])
 
@@ -158,6 +161,14 @@ def unavailable_reason() -> str:
 def paged_decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, block_tables: jax.Array,
                  context_lens: jax.Array, scale: float) -> jax.Array:
     """Decode attention of q [B, Hq, D] over pages [N, bs, Hkv, D] (float32): [B, Hq, D]."""
-    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    call = jax.ffi.ffi_call("jaxserve_paged_decode", jax.ShapeDtypeStruct(q.shape, jnp.float32))
     return call(q.astype(jnp.float32), k_pages, v_pages, block_tables.astype(jnp.int32),
                 context_lens.astype(jnp.int32), scale=np.float32(scale))
+
+
+def packed_prefill(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Array, scale: float) -> jax.Array:
+    """Causal attention of packed prompts over their own keys, q / k / v [T, H, D]: [T, H, D] float32
+    (rows with segment id -1 are zeros)."""
+    call = jax.ffi.ffi_call("jaxserve_packed_prefill", jax.ShapeDtypeStruct(q.shape, jnp.float32))
+    f32 = jnp.float32
+    return call(q.astype(f32), k.astype(f32), v.astype(f32), segment_ids.astype(jnp.int32), scale=np.float32(scale))

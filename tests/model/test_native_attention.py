@@ -121,3 +121,22 @@ def test_build_failure_falls_back_to_xla_with_one_warning(monkeypatch, tmp_path,
     monkeypatch.setattr(native, "_state", {})
     monkeypatch.setenv(native.ENV_SWITCH, "off")
     assert not native.available() and native.unavailable_reason() == "$JAXSERVE_NATIVE_KERNELS is off"
+
+
+@pytest.mark.parametrize("lens,pad,h,d", [([1], 15, 4, 64), ([17, 40, 3, 100], 0, 12, 64), ([300, 5], 11, 2, 128),
+                                          ([16, 16, 16], 16, 3, 32)])
+def test_packed_prefill_matches_the_xla_path(lens, pad, h, d):
+    """Prompts packed from position 0 (and padding, segment -1): each attends causally to its own tokens."""
+    from jaxserve.model.attention import packed_attention_xla
+
+    rng = np.random.default_rng(sum(lens))
+    t = sum(lens) + pad
+    q, k, v = (jnp.asarray(rng.standard_normal((t, h, d)).astype(np.float32)) for _ in range(3))
+    seg = np.concatenate([np.full(n, i) for i, n in enumerate(lens)] + [np.full(pad, -1)]).astype(np.int32)
+    pos = np.concatenate([np.arange(n) for n in lens] + [np.zeros(pad)]).astype(np.int32)
+    scale = d**-0.5
+    got = np.asarray(jax.jit(lambda *a: native.packed_prefill(*a, scale))(q, k, v, jnp.asarray(seg)))
+    want = np.asarray(packed_attention_xla(q, k, v, jnp.asarray(pos), jnp.asarray(seg), scale))
+    real = seg >= 0
+    np.testing.assert_allclose(got[real], want[real], atol=2e-6, rtol=1e-5)
+    assert not got[~real].any()
