@@ -3,8 +3,8 @@
     make_attention(backend, mesh) -> attn_fn(q, k, v, k_pages, v_pages, positions, meta, scale)
 
 ``native`` (what ``auto`` picks on CPU when ``jaxserve.native`` can build it) runs decodes and
-packed prompts through the C++ custom calls ``jaxserve.native.paged_decode`` / ``packed_prefill``
-(float32; other dtypes take the XLA path) and prompt chunks after a cached prefix through XLA; ``auto`` falls back to ``xla`` when the kernel
+packed prompts and prompt chunks after a cached prefix through the C++ custom calls of
+``jaxserve.native`` (float32; other dtypes take the XLA path); ``auto`` falls back to ``xla`` when the kernel
 cannot be built (no compiler: one warning).
 
 ``pallas`` maps the two step kinds onto the kernels:
@@ -73,9 +73,21 @@ def _native_prefill(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arr
     return native.packed_prefill(q, k, v, seg, scale)
 
 
+def _native_group(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, positions: jax.Array, g: AttnGroup,
+                  scale: float) -> jax.Array:
+    from jaxserve import native
+
+    if k_pages.dtype != jnp.float32:
+        return paged_group_attention_xla(q, k_pages, v_pages, positions, g, scale)
+    return native.paged_prefill(q, k_pages, v_pages, g.query_index, positions, g.block_tables, g.context_lens,
+                                scale)
+
+
 def _kernel_local(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
-                  positions: jax.Array, meta: AttnMeta, scale: float, prefill: Any, decode: Any) -> jax.Array:
-    """Packed prompts through ``prefill``, one-query groups through ``decode``, other groups through XLA."""
+                  positions: jax.Array, meta: AttnMeta, scale: float, prefill: Any, decode: Any,
+                  group: Any = paged_group_attention_xla) -> jax.Array:
+    """Packed prompts through ``prefill``, one-query groups through ``decode``, other groups through
+    ``group`` (XLA unless the native kernels serve)."""
     t = q.shape[0]
     if meta.segment_ids is not None:
         return prefill(q, k, v, positions, meta.segment_ids, scale)
@@ -85,7 +97,7 @@ def _kernel_local(q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, 
             rows = jnp.minimum(g.query_index[:, 0], t - 1)
             o = decode(q[rows], k_pages, v_pages, g, scale)[:, None]  # [B, 1, H, Dh]
         else:
-            o = paged_group_attention_xla(q, k_pages, v_pages, positions, g, scale)
+            o = group(q, k_pages, v_pages, positions, g, scale)
         out = out.at[g.query_index.reshape(-1)].set(o.reshape(-1, *o.shape[2:]).astype(jnp.float32), mode="drop")
     return out.astype(q.dtype)
 
@@ -109,11 +121,13 @@ def make_attention(backend: str = "auto", mesh: Mesh | None = None) -> Any:
     if backend == "xla":
         return attention_xla
     if backend == "native":
-        local = functools.partial(_kernel_local, prefill=_native_prefill, decode=_native_decode)
+        local = functools.partial(_kernel_local, prefill=_native_prefill, decode=_native_decode,
+                                  group=_native_group)
     else:
         interpret = backend == "pallas-interpret"
         local = functools.partial(_kernel_local, prefill=functools.partial(_pallas_prefill, interpret=interpret),
                                   decode=functools.partial(_pallas_decode, interpret=interpret))
+    local.reads_real_context = backend == "native"
     if mesh is None or mesh.shape.get("tp", 1) == 1:
         return local
     heads = PartitionSpec(None, "tp", None)
@@ -126,4 +140,12 @@ def make_attention(backend: str = "auto", mesh: Mesh | None = None) -> Any:
                           check_vma=False)
         return f(q, k, v, k_pages, v_pages, positions, meta)
 
+    sharded.reads_real_context = local.reads_real_context  # type: ignore[attr-defined]
     return sharded
+
+
+def reads_real_context(executor: Any) -> bool:
+    """Whether every attention call of ``executor`` reads only each sequence's real context (the native
+    CPU kernels), so prompt-chunk calls need no block-table width buckets."""
+    fns = getattr(executor, "stage_attn", None) or [getattr(executor, "attn_fn", None)]
+    return all(getattr(f, "reads_real_context", False) for f in fns)

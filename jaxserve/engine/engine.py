@@ -32,6 +32,7 @@ import jax
 
 from jaxserve.compile_cache import program_count
 from jaxserve.config import ConfigError, EngineConfig, ModelConfig
+from jaxserve.engine.attention_backends import reads_real_context
 from jaxserve.engine.block_manager import NULL_BLOCK, BlockManager
 from jaxserve.engine.executor import ModelExecutor, kv_bytes_per_block
 from jaxserve.engine.kv_budget import plan_kv
@@ -91,7 +92,8 @@ class LLMEngine:
                                    max_num_batched_tokens=batched, max_model_len=self.max_model_len)
         self.runner = Runner(self.executor, self.blocks.tables, Buckets.for_limits(
             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
-            max_num_batched_tokens=batched, block_size=config.block_size, rare_prefill=config.mode == "decode"))
+            max_num_batched_tokens=batched, block_size=config.block_size, rare_prefill=config.mode == "decode",
+            one_group_width=reads_real_context(self.executor)))
         self.transport: KVTransport = transport or LocalTransport()
         self.transfer_peers: list[LLMEngine] = []  # prefill role: the in-process decode instances
         self.warm_lock = threading.Lock()  # held while warming up; peers' hand-off warm-ups take it too

@@ -45,6 +45,18 @@ from jaxserve.model.sampling import SamplingArrays
 from jaxserve.warmup_progress import ProgressFn
 
 
+def decode_buckets(max_num_seqs: int) -> tuple[int, ...]:
+    """Decode row counts: 1, 2, 4, 8, then every 8 up to 128 (vLLM's CUDA-graph sizes), every 32 above:
+    a step's dense work grows with its padded rows, and powers of two padded a batch of 33-64 to 64
+    (up to half the work wasted; OPT-125m offline run: 34.2 -> 29.1 s of decode with 48 added alone)."""
+    out, b = [], 1
+    while True:
+        out.append(b)
+        if b >= max_num_seqs:
+            return tuple(out)
+        b = b * 2 if b < 8 else b + (8 if b < 128 else 32)
+
+
 @dataclasses.dataclass(frozen=True)
 class Buckets:
     decode_batch: tuple[int, ...]
@@ -56,22 +68,20 @@ class Buckets:
 
     @classmethod
     def for_limits(cls, *, max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int,
-                   block_size: int, rare_prefill: bool = False) -> Buckets:
+                   block_size: int, rare_prefill: bool = False, one_group_width: bool = False) -> Buckets:
         """``rare_prefill``: packed prefill only recomputes preempted sequences (a decode instance), so
         every such call is padded to the one largest token bucket: one layer program instead of one
-        per bucket (the demo's decode instance: 14 shapes to warm up instead of 29)."""
+        per bucket (the demo's decode instance: 14 shapes to warm up instead of 29).
+        ``one_group_width``: the attention reads only each sequence's real context in prompt-chunk
+        calls too (the native CPU kernels), so those use one block-table width, as decodes do."""
         max_blocks = blocks_needed(max_model_len, block_size)
         tokens = pow2_buckets(16, max_num_batched_tokens)
         # decode attention loops over each batch's longest real context, not the table's width, so
         # one width costs nothing: OPT-125m, batch 1 and 16 at context 100, a table of 8 vs 128
         # blocks: 22.9 vs 20.7 ms and 59.1 vs 57.8 ms per step; it saves 5 of 6 decode shapes at 2048
-        # decode rows also at 1.5x the powers of two from 48 on: a step's dense work grows with its
-        # padded rows, and a batch of 33-48 sequences padded to 64 wasted up to a third of it
-        pow2 = pow2_buckets(1, max_num_seqs)
-        decode = sorted({*pow2, *(3 * b // 2 for b in pow2 if 32 <= b and 3 * b // 2 < max_num_seqs)})
         return cls(
-            decode_batch=tuple(decode),
-            blocks=pow2_buckets(min(4, max_blocks), max_blocks),
+            decode_batch=decode_buckets(max_num_seqs),
+            blocks=(max_blocks,) if one_group_width else pow2_buckets(min(4, max_blocks), max_blocks),
             decode_blocks=max_blocks,
             prefill_tokens=tokens[-1:] if rare_prefill else tokens,
             prefill_rows=(*(r for r in (1, 4, 16, 64, 256) if r < max_num_seqs), max_num_seqs),

@@ -205,7 +205,7 @@ def convert_hf_tensors(tensors: dict[str, np.ndarray], cfg: ModelConfig,
         if tuple(converted.shape) != want:
             raise CheckpointError(f"{where}: tensor {raw_name!r} has shape {tuple(arr.shape)}; the config "
                                   f"needs {want} after conversion")
-        _set(params, path, np.ascontiguousarray(converted.astype(dtype)))
+        _set(params, path, np.ascontiguousarray(converted.astype(dtype, copy=False)))  # no copy when it fits
     if missing:
         more = f" (and {len(missing) - 5} more)" if len(missing) > 5 else ""
         raise CheckpointError(f"{source}: missing tensors {missing[:5]}{more}")

@@ -1,14 +1,17 @@
 """Native CPU kernels, built on this machine the first time they are needed and registered with XLA.
 
-    paged_decode.cc + packed_prefill.cc --c++ -O3 -march=native (once per sources, compiler, jaxlib, CPU)-->
+    paged_decode.cc + packed_prefill.cc + paged_prefill.cc --c++ -O3 -march=native (once per sources, compiler, jaxlib, CPU)-->
     <cache>/native/kernels-<key>.so --ctypes + jax.ffi.register_ffi_target-->
-    "jaxserve_paged_decode", "jaxserve_packed_prefill" (XLA custom calls on the CPU platform)
+    "jaxserve_paged_decode", "jaxserve_packed_prefill", "jaxserve_paged_prefill" (XLA CPU custom calls)
 
 ``paged_decode(q, k_pages, v_pages, block_tables, context_lens, scale)`` is the decode attention of
 ``jaxserve.model.attention.paged_decode_attention_xla`` (same inputs, same result to float32
 rounding) as one custom call that streams each sequence's pages once, at close to copy bandwidth.
 ``packed_prefill(q, k, v, segment_ids, scale)`` is ``packed_attention_xla`` (prompts packed from
 position 0, causal within each) computing only each prompt's own causal triangle.
+``paged_prefill(q, k_pages, v_pages, group, positions, scale)`` is ``paged_group_attention_xla`` for
+groups of several queries per sequence (prompt chunks after a cached prefix), reading only each
+sequence's real context: one block-table width serves every call.
 
 The library is compiled with the C++ compiler found as ``$CXX`` or ``c++`` against the XLA FFI
 headers that jaxlib ships (``jax.ffi.include_dir()``), into ``$JAXSERVE_NATIVE_CACHE`` or
@@ -41,9 +44,10 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(n) for n in ("paged_decode.cc", "packed_prefill.cc"))
-HEADERS = (Path(__file__).with_name("fast_exp.h"),)
-TARGETS = {"jaxserve_paged_decode": "JaxservePagedDecode", "jaxserve_packed_prefill": "JaxservePackedPrefill"}
+SOURCES = tuple(Path(__file__).with_name(n) for n in ("paged_decode.cc", "packed_prefill.cc", "paged_prefill.cc"))
+HEADERS = tuple(Path(__file__).with_name(n) for n in ("fast_exp.h", "attend_tile.h", "pool_for.h"))
+TARGETS = {"jaxserve_paged_decode": "JaxservePagedDecode", "jaxserve_packed_prefill": "JaxservePackedPrefill",
+           "jaxserve_paged_prefill": "JaxservePagedPrefill"}
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-fPIC", "-shared", "-w")
 ENV_SWITCH = "JAXSERVE_NATIVE_KERNELS"
 ENV_CACHE = "JAXSERVE_NATIVE_CACHE"
@@ -172,3 +176,14 @@ def packed_prefill(q: jax.Array, k: jax.Array, v: jax.Array, segment_ids: jax.Ar
     call = jax.ffi.ffi_call("jaxserve_packed_prefill", jax.ShapeDtypeStruct(q.shape, jnp.float32))
     f32 = jnp.float32
     return call(q.astype(f32), k.astype(f32), v.astype(f32), segment_ids.astype(jnp.int32), scale=np.float32(scale))
+
+
+def paged_prefill(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, query_index: jax.Array,
+                  positions: jax.Array, block_tables: jax.Array, context_lens: jax.Array, scale: float) -> jax.Array:
+    """Queries ``query_index`` [B, Q] of q [T, Hq, D] over their sequences' pages, causal by position:
+    [B, Q, Hq, D] float32 (padding queries, index T, are zeros)."""
+    b, qn = query_index.shape
+    call = jax.ffi.ffi_call("jaxserve_paged_prefill", jax.ShapeDtypeStruct((b, qn, *q.shape[1:]), jnp.float32))
+    i32 = jnp.int32
+    return call(q.astype(jnp.float32), k_pages, v_pages, query_index.astype(i32), positions.astype(i32),
+                block_tables.astype(i32), context_lens.astype(i32), scale=np.float32(scale))

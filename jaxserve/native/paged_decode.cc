@@ -9,22 +9,19 @@
 // reading each block's K then V rows once, so K/V stream from memory at close to copy bandwidth
 // (the XLA formulation gathers pages and transposes them for two batched mat-vecs: ~4x slower).
 // Grouped-query attention: query head h reads KV head h / (Hq / Hkv).
-// Items are handed out through an atomic counter; the calling thread works too, so the call
-// completes even when the pool runs none of the helper tasks. Block ids are clamped into [0, N)
+// Items run on XLA's intra-op threads (pool_for.h). Block ids are clamped into [0, N)
 // and context lengths to MB * bs: a bad table entry reads the null block, never outside the pages.
 // A row with no context (padding) returns zeros.
 #include <algorithm>
-#include <atomic>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "pool_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using jaxserve_native::parallel_for;
 
 namespace {
 
@@ -104,28 +101,6 @@ void one_item(const Problem& p, int64_t item, std::vector<float>& buf) {
   }
 }
 
-struct Shared {
-  Problem p;
-  int64_t total = 0;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  std::mutex mu;
-  std::condition_variable cv;
-};
-
-void drain(Shared& sh) {
-  thread_local std::vector<float> buf;
-  int64_t finished = 0;
-  for (int64_t i; (i = sh.next.fetch_add(1)) < sh.total;) {
-    one_item(sh.p, i, buf);
-    ++finished;
-  }
-  if (finished && sh.done.fetch_add(finished) + finished == sh.total) {
-    std::lock_guard<std::mutex> lock(sh.mu);
-    sh.cv.notify_all();
-  }
-}
-
 ffi::Error PagedDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                        ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::S32> tables, ffi::Buffer<ffi::S32> ctx,
                        float scale, ffi::ResultBuffer<ffi::F32> out) {
@@ -136,18 +111,11 @@ ffi::Error PagedDecode(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffe
     if (kd[i] != vd[i]) return ffi::Error::InvalidArgument("paged_decode: k and v pages differ in shape");
   if (kd[3] != qd[2] || kd[2] == 0 || qd[1] % kd[2] != 0 || td[0] != qd[0] || ctx.dimensions()[0] != qd[0])
     return ffi::Error::InvalidArgument("paged_decode: q, pages, tables and lens disagree in shape");
-  auto sh = std::make_shared<Shared>();
-  sh->p = Problem{q.typed_data(), k.typed_data(), v.typed_data(), tables.typed_data(), ctx.typed_data(),
-                  out->typed_data(), qd[0], qd[1], kd[2], qd[2], kd[1], td[1], kd[0], scale, 1};
+  Problem p{q.typed_data(), k.typed_data(), v.typed_data(), tables.typed_data(), ctx.typed_data(),
+            out->typed_data(), qd[0], qd[1], kd[2], qd[2], kd[1], td[1], kd[0], scale, 1};
   const int64_t threads = std::max<int64_t>(1, pool.num_threads());
-  while (sh->p.B * sh->p.runs < 4 * threads && sh->p.Hkv % (sh->p.runs * 2) == 0) sh->p.runs *= 2;
-  sh->total = sh->p.B * sh->p.runs;
-  if (sh->total == 0) return ffi::Error::Success();
-  const int64_t helpers = std::min<int64_t>(threads, sh->total) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([sh] { drain(*sh); });
-  drain(*sh);
-  std::unique_lock<std::mutex> lock(sh->mu);
-  sh->cv.wait(lock, [&] { return sh->done.load() == sh->total; });
+  while (p.B * p.runs < 4 * threads && p.Hkv % (p.runs * 2) == 0) p.runs *= 2;
+  parallel_for(pool, p.B * p.runs, [&](int64_t item, std::vector<float>& buf) { one_item(p, item, buf); });
   return ffi::Error::Success();
 }
 

@@ -140,3 +140,53 @@ def test_packed_prefill_matches_the_xla_path(lens, pad, h, d):
     real = seg >= 0
     np.testing.assert_allclose(got[real], want[real], atol=2e-6, rtol=1e-5)
     assert not got[~real].any()
+
+
+def test_packed_prefill_grouped_query_heads_match_dense():
+    """Llama-style grouped-query heads (8 query heads over 2 KV heads) in the packed kernel."""
+    rng = np.random.default_rng(11)
+    lens, hq, hkv, d = [37, 70], 8, 2, 64
+    t = sum(lens)
+    q = rng.standard_normal((t, hq, d)).astype(np.float32)
+    k, v = (rng.standard_normal((t, hkv, d)).astype(np.float32) for _ in range(2))
+    seg = np.concatenate([np.full(n, i) for i, n in enumerate(lens)]).astype(np.int32)
+    got = np.asarray(native.packed_prefill(jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), jnp.asarray(seg), 0.125))
+    start = 0
+    for n in lens:
+        for i in range(n):
+            for h in range(hq):
+                s = k[start:start + i + 1, h // (hq // hkv)].astype(np.float64) @ q[start + i, h] * 0.125
+                p = np.exp(s - s.max())
+                want = (p / p.sum()) @ v[start:start + i + 1, h // (hq // hkv)]
+                np.testing.assert_allclose(got[start + i, h], want, atol=2e-6, rtol=1e-5)
+        start += n
+
+
+@pytest.mark.parametrize("chunks,bs", [([(40, 9), (0, 17), (130, 64)], 16), ([(5, 3)], 8), ([(16, 16), (31, 1)], 16)])
+def test_paged_prefill_matches_the_xla_group_path(chunks, bs):
+    """Prompt chunks after a cached prefix ((cached tokens, new tokens) per sequence), against
+    paged_group_attention_xla; padding queries and a wider block table than needed."""
+    from jaxserve.model.attention import paged_group_attention_xla
+
+    rng = np.random.default_rng(len(chunks) * bs)
+    h, d = 4, 64
+    ends = [c + n for c, n in chunks]
+    _, k, v, tables, ctx = _case(rng, len(chunks), h, h, d, bs, ends, mb=max(-(-e // bs) for e in ends) + 2)
+    t = sum(n for _, n in chunks) + 5  # 5 padding tokens
+    qn = max(n for _, n in chunks) + 3  # padding queries per sequence
+    q = jnp.asarray(rng.standard_normal((t, h, d)).astype(np.float32))
+    qidx = np.full((len(chunks), qn), t, np.int32)
+    positions = np.zeros(t, np.int32)
+    row = 0
+    for b, (cached, n) in enumerate(chunks):
+        qidx[b, :n] = np.arange(row, row + n)
+        positions[row:row + n] = np.arange(cached, cached + n)
+        row += n
+    group = AttnGroup(jnp.asarray(qidx), jnp.asarray(tables), jnp.asarray(ctx))
+    want = np.asarray(paged_group_attention_xla(q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(positions), group, 0.125))
+    got = np.asarray(jax.jit(lambda *a: native.paged_prefill(*a, 0.125))(
+        q, jnp.asarray(k), jnp.asarray(v), group.query_index, jnp.asarray(positions), group.block_tables,
+        group.context_lens))
+    real = qidx < t
+    np.testing.assert_allclose(got[real], want[real], atol=2e-6, rtol=1e-5)
+    assert not got[~real].any()
