@@ -198,6 +198,7 @@ class EngineConfig:
     tp: int = 1
     pp: int = 1
     attention: str = "auto"  # auto (Pallas on GPU, native kernel else XLA on CPU) | xla | native | pallas | pallas-interpret
+    prefix_caching: bool = True  # automatic prefix caching (colocated, chunked and prefill instances)
 
     def __post_init__(self) -> None:
         if self.attention not in ("auto", "xla", "native", "pallas", "pallas-interpret"):
@@ -231,7 +232,7 @@ class EngineConfig:
 
 ROLES = ("prefill", "decode", "colocated")
 _INSTANCE_ENGINE_KEYS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_gb",
-                         "num_blocks", "attention")
+                         "num_blocks", "attention", "prefix_caching")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -107,6 +107,9 @@ def _add_http_flags(p: argparse.ArgumentParser) -> None:
                         "against DNS rebinding; any otherwise)")
     p.add_argument("--metrics-auth", action="store_true",
                    help="with an API key, /metrics needs it too")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="turn off automatic prefix caching (on by default: a prompt whose leading blocks match "
+                        "cached KV skips computing them)")
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"],
                    help="jaxserve's log records at this level and above go to stderr")
     p.add_argument("--access-log", action="store_true",
@@ -155,6 +158,8 @@ def engine_defaults(args: argparse.Namespace) -> dict[str, Any]:
         v = getattr(args, name)
         if v is not None:
             kw[name] = v
+    if args.no_prefix_caching:
+        kw["prefix_caching"] = False
     return kw
 
 

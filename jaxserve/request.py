@@ -147,6 +147,7 @@ class Request:
     output_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
     finish_reason: FinishReason | None = None
     events: list[LifecycleEvent] = dataclasses.field(default_factory=list)
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:

@@ -55,6 +55,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "--max-num-seqs sequences of --max-model-len tokens can use)")
     p.add_argument("--max-model-len", type=int, default=None, help="context limit (default: the model's)")
     p.add_argument("--max-num-seqs", type=int, default=None, help="sequences decoded together (default: 64)")
+    p.add_argument("--no-prefix-caching", action="store_true",
+                   help="turn off automatic prefix caching (prompts sharing leading blocks reuse their KV)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--warmup", action="store_true",
                    help="compile every shape the engine can run before generating, with progress on stderr; "
@@ -155,6 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     show_logs()  # the KV pool's size, and why
     engine_kw = {k: getattr(args, k) for k in ("kv_cache_gb", "max_model_len", "max_num_seqs", "mode", "config")
                  if getattr(args, k) is not None}
+    if args.no_prefix_caching:
+        engine_kw["prefix_caching"] = False
     cache = enable_compilation_cache(args.compilation_cache)  # before anything compiles; logs where
     native.build_in_background()  # the CPU decode kernel builds while the model loads
     try:

@@ -86,7 +86,9 @@ class LLMEngine:
         log.info("%s: %s", name, self.kv_plan.describe())
         self.executor = executor or make_executor(cfg, params, devices, config.tp, config.pp, config.attention)
         self.executor.init_kv(self.kv_plan.num_blocks, config.block_size)
-        self.blocks = BlockManager(self.kv_plan.num_blocks, config.block_size)
+        # prefix caching where prompts are computed (a decode instance only receives KV)
+        self.blocks = BlockManager(self.kv_plan.num_blocks, config.block_size,
+                                   caching=config.prefix_caching and config.mode != "decode")
         self.policy = POLICY_FOR_MODE[config.mode]
         self.scheduler = Scheduler(self.blocks, policy=self.policy, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=batched, max_model_len=self.max_model_len)
@@ -118,7 +120,7 @@ class LLMEngine:
         s = self.scheduler
         return InstanceStats(self.name, self.blocks.num_free, self.blocks.num_used, self.num_queued_tokens,
                              len(s.running), len(s.waiting) + len(self.ready), self.has_unfinished(),
-                             self.num_steps)
+                             self.num_steps, self.blocks.query_tokens, self.blocks.hit_tokens)
 
     def warmup(self, progress: ProgressFn | None = None) -> int:
         """Compile every step shape and, for a prefill or decode instance, its hand-off gather / scatter
@@ -127,7 +129,8 @@ class LLMEngine:
         it hears ``done == total`` once everything, peers included, is compiled. Serving afterwards
         builds no new program."""
         global _warm_baseline
-        chunks, decode = self.policy == "chunked", self.policy != "prefill-only"
+        # prompt chunks after a cached prefix run the chunk shapes too
+        chunks, decode = self.policy == "chunked" or self.blocks.caching, self.policy != "prefill-only"
         handoffs = (block_buckets(self.executor, self.max_model_len)
                     if self.config.mode in ("prefill", "decode") else ())
         total = len(self.runner.buckets.shapes(decode=decode, prefill=True, chunks=chunks)) + len(handoffs)

@@ -21,6 +21,9 @@ Policies:
   nothing decodes here.
 When a decode needs a block and none is free, the most recently admitted running
 sequence is preempted (recompute) and goes back to the front of the queue.
+With prefix caching (``BlockManager(caching=True)``) a sequence admitted from the queue first
+takes the cached blocks of its longest cached prefix (never its last token) and its prompt chunk
+starts after them; after every step the blocks its computed tokens fill are registered.
 """
 
 from __future__ import annotations
@@ -169,13 +172,26 @@ class Scheduler:
         return out
 
     def _admit_chunk(self, seq: Sequence, budget: int, chunk: bool) -> ScheduledChunk | None:
-        remaining = seq.num_tokens - seq.num_computed
+        bm = self.blocks
+        cached: list[int] = []
+        if seq.num_computed == 0 and seq.id not in bm.tables:  # a fresh (or preempted) sequence: its cached prefix
+            # at least the last token is computed; a prefill-only instance keeps 2, so the rest is never a
+            # 1-token chunk (that runs as a decode-shaped call, which such an instance does not compile)
+            cached = bm.lookup(seq.token_ids, seq.num_tokens - (2 if self.policy == "prefill-only" else 1))
+        start = len(cached) * bm.block_size
+        remaining = seq.num_tokens - max(seq.num_computed, start)
         n = min(remaining, budget) if chunk else remaining
         if n <= 0 or n > budget:
             return None
-        if not self.blocks.can_allocate(self.blocks.extra_blocks_for(seq.id, seq.num_computed + n)):
+        have = len(bm.tables.get(seq.id, cached))
+        need = blocks_needed(max(seq.num_computed, start) + n, bm.block_size) - have
+        if need > bm.num_free - bm.evictable_among(cached):
             return None
-        self.blocks.grow(seq.id, seq.num_computed + n)
+        if cached:
+            bm.share(seq.id, cached, seq.token_ids)
+            seq.num_computed = start
+            seq.request.num_cached_tokens = start
+        bm.grow(seq.id, seq.num_computed + n)
         return ScheduledChunk(seq, seq.num_computed, n)
 
     def _schedule_decodes(self, preempted: list[Sequence], only_prefilled: bool) -> list[ScheduledChunk]:
@@ -219,6 +235,7 @@ class Scheduler:
     def on_step_done(self, chunks: list[ScheduledChunk]) -> None:
         for c in chunks:
             c.seq.num_computed = c.start + c.num_tokens
+            self.blocks.register(c.seq.id, c.seq.token_ids, c.seq.num_computed)  # full blocks: cacheable now
 
     def finish(self, seq: Sequence) -> None:
         """Remove a finished sequence and free its blocks at once."""

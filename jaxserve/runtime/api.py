@@ -70,6 +70,8 @@ class InstanceStats:
     waiting: int  # queued for prefill, or prefilled and waiting to be pulled
     has_unfinished: bool = False
     steps: int = 0
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since start
+    prefix_cache_hits: int = 0  # of which found cached
 
 
 @dataclasses.dataclass
@@ -82,6 +84,7 @@ class RequestUpdate:
     finish_reason: FinishReason | None
     seed: int | None = None
     new_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # with sampling.logprobs
+    num_cached_tokens: int = 0  # prompt tokens the instance took from its prefix cache
 
     def apply(self, request: Request, clock_offset: float = 0.0) -> None:
         """Bring the router's record up to date; event times minus ``clock_offset`` (the instance's
@@ -92,6 +95,7 @@ class RequestUpdate:
             request.events.extend(self.events)
         request.output_token_ids.extend(self.new_token_ids)
         request.output_logprobs.extend(self.new_logprobs)
+        request.num_cached_tokens = max(request.num_cached_tokens, self.num_cached_tokens)
         if self.finish_reason is not None and request.finish_reason is None:
             request.finish_reason = self.finish_reason
         if request.sampling.seed is None and self.seed is not None:

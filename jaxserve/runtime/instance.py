@@ -268,7 +268,7 @@ class LocalInstance:
             if len(req.events) == ne and len(req.output_token_ids) == nt and req.finish_reason is None:
                 continue
             self._emit(RequestUpdate(rid, req.events[ne:], req.output_token_ids[nt:], req.finish_reason,
-                                     req.sampling.seed, req.output_logprobs[nt:]))
+                                     req.sampling.seed, req.output_logprobs[nt:], req.num_cached_tokens))
             if req.finish_reason is not None:
                 del self._tracked[rid]
             else:

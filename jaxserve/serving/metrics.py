@@ -22,6 +22,8 @@ Names follow vLLM's (``vllm:`` -> ``jaxserve:``) so its dashboards fit:
     jaxserve:request_inference_time_seconds   histogram  prefill + decode time
     jaxserve:request_prompt_tokens / request_generation_tokens   histograms (1-2-5 buckets)
     jaxserve:num_preemptions_total            counter    PREEMPTED events of finished requests
+    jaxserve:prefix_cache_queries_total / prefix_cache_hits_total   counters, prompt tokens looked up
+        in the instances' prefix caches / found there (vLLM's prefix_cache_queries / _hits)
     jaxserve:num_requests_running / num_requests_waiting   gauges: the total (no ``instance``
         label) and one series per instance (``instance="prefill-0"``); a scraper that adds its
         own ``instance`` label keeps ours as ``exported_instance``
@@ -228,25 +230,37 @@ class ServerMetrics:
             out.extend(h.lines(family(name, "histogram", help_), base))
         n = family("num_preemptions_total", "counter", "Times a running request was preempted (recomputed).")
         out.append(f"{n}{_labels(base)} {self.preemptions}")
-
-        gauges = instance_gauges(instances)
-        if num_in_flight is not None:
-            n = family("num_requests_in_flight", "gauge", "Requests the server is streaming now.")
-            out.append(f"{n}{_labels(base)} {int(num_in_flight)}")
-        for key, name, help_ in (("running", "num_requests_running", "Requests in a running batch."),
-                                 ("waiting", "num_requests_waiting",
-                                  "Requests queued for prefill, or prefilled and waiting for a decode instance.")):
-            have = [g for g in gauges if key in g]
-            n = family(name, "gauge", help_ + " Without an instance label: the total.")
-            if have:
-                out.append(f"{n}{_labels(base)} {sum(g[key] for g in have)}")
-            for g in have:
-                out.append(f"{n}{_labels({**base, 'instance': g['name']})} {g[key]}")
-        have = [g for g in gauges if g.get("capacity")]
-        n = family("kv_cache_usage_perc", "gauge", "KV cache blocks in use, 0..1. Without an instance label: total.")
-        if have:
-            total = sum(g["held"] for g in have) / sum(g["capacity"] for g in have)
-            out.append(f"{n}{_labels(base)} {_num(total)}")
-        for g in have:
-            out.append(f"{n}{_labels({**base, 'instance': g['name']})} {_num(g['held'] / g['capacity'])}")
+        _instance_lines(out, family, base, instances, num_in_flight)
         return "\n".join(out) + "\n"
+
+
+def _instance_lines(out: list[str], family: Any, base: dict[str, str], instances: Sequence[InstanceStats],
+                    num_in_flight: int | None) -> None:
+    """The per-instance series: prefix-cache counters, request gauges, KV usage (totals and per instance)."""
+    for key, name, help_ in (("prefix_cache_queries", "prefix_cache_queries_total",
+                              "Prompt tokens looked up in the prefix cache."),
+                             ("prefix_cache_hits", "prefix_cache_hits_total",
+                              "Prompt tokens found in the prefix cache (their prefill skipped).")):
+        n = family(name, "counter", help_)
+        out.append(f"{n}{_labels(base)} {sum(getattr(i, key) for i in instances)}")
+
+    gauges = instance_gauges(instances)
+    if num_in_flight is not None:
+        n = family("num_requests_in_flight", "gauge", "Requests the server is streaming now.")
+        out.append(f"{n}{_labels(base)} {int(num_in_flight)}")
+    for key, name, help_ in (("running", "num_requests_running", "Requests in a running batch."),
+                             ("waiting", "num_requests_waiting",
+                              "Requests queued for prefill, or prefilled and waiting for a decode instance.")):
+        have = [g for g in gauges if key in g]
+        n = family(name, "gauge", help_ + " Without an instance label: the total.")
+        if have:
+            out.append(f"{n}{_labels(base)} {sum(g[key] for g in have)}")
+        for g in have:
+            out.append(f"{n}{_labels({**base, 'instance': g['name']})} {g[key]}")
+    have = [g for g in gauges if g.get("capacity")]
+    n = family("kv_cache_usage_perc", "gauge", "KV cache blocks in use, 0..1. Without an instance label: total.")
+    if have:
+        total = sum(g["held"] for g in have) / sum(g["capacity"] for g in have)
+        out.append(f"{n}{_labels(base)} {_num(total)}")
+    for g in have:
+        out.append(f"{n}{_labels({**base, 'instance': g['name']})} {_num(g['held'] / g['capacity'])}")
