@@ -69,6 +69,7 @@ class ServerState:
     max_body_bytes: int
     body_timeout_s: float = 30.0  # to receive a request's body (408 after)
     chat_template: Any = None  # the model's own (jaxserve.serving.chat_template.ChatTemplate), if it ships one
+    chat_stop_ids: tuple[int, ...] = ()  # its end-of-turn tokens: chat requests stop there by default
     metrics_need_key: bool = False  # /metrics behind the API key too
     workload: WorkloadWindow = dataclasses.field(default_factory=WorkloadWindow)
     parser: ThreadPoolExecutor = dataclasses.field(  # JSON + tokenization, one request at a time
@@ -255,7 +256,8 @@ def create_app(orchestrator: Orchestrator, tokenizer: Any, *, model_name: str, m
                              is_ready, metrics if metrics is not None else ServerMetrics(model_name, max_model_len),
                              max_body_bytes,
                              body_timeout_s=body_timeout_s, metrics_need_key=metrics_need_key,
-                             chat_template=_chat_template(tokenizer))
+                             chat_template=(template := _chat_template(tokenizer)),
+                             chat_stop_ids=template.end_of_turn_ids(tokenizer) if template is not None else ())
     app.router.add_post("/v1/completions", completions)
     app.router.add_post("/v1/chat/completions", chat_completions)
     app.router.add_get("/v1/models", models)

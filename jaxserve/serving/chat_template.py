@@ -8,7 +8,8 @@
       ``bos_token``, ``eos_token``, ... as variables)
 
 A template that raises (``raise_exception``, or any jinja error) becomes a ``ChatError`` naming
-``messages``: the client gets a 400, never a 500. Models without a template use the fixed one in
+``messages``: the client gets a 400, never a 500. ``end_of_turn_ids``: the template's end-of-turn
+tokens (``<|im_end|>``, ``<|eot_id|>``, ...), which chat requests stop at unless ``ignore_eos``. Models without a template use the fixed one in
 ``jaxserve.serving.chat``.
 """
 
@@ -36,6 +37,10 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+# what chat templates end an assistant turn with: ChatML (Qwen, many fine-tunes), Llama-3, Phi-3, Gemma
+END_OF_TURN_MARKERS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>")
+
+
 class ChatTemplate:
     """One compiled template and the special tokens it may refer to."""
 
@@ -54,6 +59,18 @@ class ChatTemplate:
         except jinja2.TemplateError as e:
             raise ValueError(f"the model's chat template does not compile: {e}") from e
         self.special_tokens = dict(special_tokens or {})
+        self.source = source
+
+    def end_of_turn_ids(self, tokenizer: Any) -> tuple[int, ...]:
+        """Tokens that end an assistant turn in this template, which chat requests stop at by default: the
+        well-known end-of-turn markers the template writes and the vocabulary holds (the model's EOS stops
+        anyway)."""
+        out = []
+        for marker in END_OF_TURN_MARKERS:
+            i = tokenizer.token_to_id(marker) if marker in self.source else None
+            if i is not None and i != getattr(tokenizer, "eos_token_id", None) and i not in out:
+                out.append(i)
+        return tuple(out)
 
     def render(self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True,
                continue_final_message: bool = False, variables: dict[str, Any] | None = None) -> str:

@@ -22,6 +22,8 @@ Choices (documented, as vLLM does them):
   * ``logit_bias`` ({"token id": bias in [-100, 100]}, at most 64 entries), vLLM's ``min_p`` and
     ``repetition_penalty`` (HF's), OpenAI's ``presence_penalty`` / ``frequency_penalty`` work;
     ``echo`` puts the prompt's text (a token-id prompt decoded) before the completion.
+  * Chat requests stop at the model's template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``,
+    ...: ``ChatTemplate.end_of_turn_ids``) as at EOS, unless ``ignore_eos``.
   * Logprobs (the model's raw log-softmax, up to 20 alternatives): completions ``logprobs: k``, chat
     ``logprobs: true`` + ``top_logprobs: k``; shapes in ``jaxserve.serving.logprobs``. Not yet with
     ``echo`` (prompt logprobs): a 400.
@@ -312,6 +314,9 @@ def _job(body: dict[str, Any], st: ServedModel, ids: list[int], text: str | None
         sampling = parse_sampling(body, st, len(ids), ("max_completion_tokens", "max_tokens"), None, prompt_field, k)
     else:
         sampling = parse_sampling(body, st, len(ids), ("max_tokens",), DEFAULT_MAX_TOKENS, prompt_field, k)
+    eot = tuple(i for i in getattr(st, "chat_stop_ids", ()) if i not in sampling.stop_token_ids) if chat else ()
+    if eot and not sampling.ignore_eos:  # the template's end of turn ends the answer, as EOS does
+        sampling = dataclasses.replace(sampling, stop_token_ids=sampling.stop_token_ids + eot)
     if k is not None and st.tokenizer is None:
         raise bad("top_logprobs" if chat else "logprobs", "needs a tokenizer to show tokens as text")
     stream = get_bool(body, "stream", False)

@@ -118,3 +118,36 @@ def test_the_fixed_template_refuses_what_it_cannot_do():
             assert st == 400 and r["error"]["param"] == key, (key, r)
 
     serve(fn)
+
+
+def test_chat_stops_at_the_templates_end_of_turn(folders, tmp_path):
+    """A ChatML template's <|im_end|> (in the vocabulary) is a stop token of every chat request unless
+    ignore_eos; completions requests are not affected."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from jaxserve.serving.protocol import parse_jobs
+
+    d = tmp_path / "chatml-eot"
+    d.mkdir()
+    for f in folders["chatml"].iterdir():
+        (d / f.name).write_bytes(f.read_bytes())
+    hf = HFTokenizer.from_file(str(d / "tokenizer.json"))
+    hf.add_special_tokens(["<|im_end|>"])
+    hf.save(str(d / "tokenizer.json"))
+    tok = Tokenizer.from_dir(d)
+    eot = tok.token_to_id("<|im_end|>")
+    template = ChatTemplate(tok.chat_template, tok.special_tokens)
+    assert template.end_of_turn_ids(tok) == (eot,)
+    assert ChatTemplate(LLAMA2, tok.special_tokens).end_of_turn_ids(tok) == ()  # Llama-2 ends turns with EOS
+
+    class St:
+        tokenizer, model_name, max_model_len, vocab_size = tok, "m", 512, tok.vocab_size
+        chat_template, chat_stop_ids = template, (eot,)
+
+    msgs = [{"role": "user", "content": "hi"}]
+    job = parse_jobs({"messages": msgs, "stop_token_ids": [5]}, St(), chat=True, arrival=0.0)[0]
+    assert job.request.sampling.stop_token_ids == (5, eot)
+    job = parse_jobs({"messages": msgs, "ignore_eos": True}, St(), chat=True, arrival=0.0)[0]
+    assert job.request.sampling.stop_token_ids == ()
+    job = parse_jobs({"prompt": "hi"}, St(), chat=False, arrival=0.0)[0]
+    assert job.request.sampling.stop_token_ids == ()
