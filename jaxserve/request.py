@@ -45,6 +45,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # subtracted per earlier occurrence in the generated tokens (OpenAI's)
     repetition_penalty: float = 1.0  # HF's: logits of prompt and generated tokens divided (>0) / multiplied (<0)
     logprobs: int | None = None  # None: none; k: each token's logprob and the k most likely (<= MAX_LOGPROBS)
+    prompt_logprobs: int | None = None  # as logprobs, for every prompt token (echo + logprobs); the first: None
 
     def __post_init__(self) -> None:
         def bad(field: str, why: str) -> SamplingError:
@@ -69,8 +70,10 @@ class SamplingParams:
                 raise bad(f, "must be a number in [-2, 2]")
         if not _is_num(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 10.0:
             raise bad("repetition_penalty", "must be a number in (0, 10]")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or not 0 <= self.logprobs <= MAX_LOGPROBS):
-            raise bad("logprobs", f"must be an integer in [0, {MAX_LOGPROBS}]")
+        for f in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, f)
+            if v is not None and (not _is_int(v) or not 0 <= v <= MAX_LOGPROBS):
+                raise bad(f, f"must be an integer in [0, {MAX_LOGPROBS}]")
         pairs = tuple(dict(self.logit_bias).items())
         if len(pairs) > MAX_LOGIT_BIAS or not all(
                 _is_int(t) and t >= 0 and _is_num(b) and -100.0 <= b <= 100.0 for t, b in pairs):
@@ -148,6 +151,8 @@ class Request:
     finish_reason: FinishReason | None = None
     events: list[LifecycleEvent] = dataclasses.field(default_factory=list)
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (not computed)
+    # with sampling.prompt_logprobs: one per prompt token (None for the first), filled as the prompt is computed
+    prompt_logprobs: list[TokenLogprobs | None] = dataclasses.field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.prompt_token_ids:
@@ -169,6 +174,11 @@ class Request:
     @property
     def all_token_ids(self) -> list[int]:
         return self.prompt_token_ids + self.output_token_ids
+
+    @property
+    def scoring_prompt(self) -> bool:
+        """Its prompt still needs logprobs: computed in pieces with logits at every position, no cache."""
+        return self.sampling.prompt_logprobs is not None and len(self.prompt_logprobs) < self.num_prompt_tokens
 
     @property
     def finished(self) -> bool:

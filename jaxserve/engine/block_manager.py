@@ -143,9 +143,12 @@ class BlockManager:
                 break
             out.append(b)
             parent = hash(key)
-        self.query_tokens += limit
-        self.hit_tokens += len(out) * self.block_size
         return out
+
+    def record_lookup(self, query_tokens: int, hit_tokens: int) -> None:
+        """Count one admitted sequence's lookup (the metrics' prefix_cache_queries / hits)."""
+        self.query_tokens += query_tokens
+        self.hit_tokens += hit_tokens
 
     def evictable_among(self, blocks: Sequence[int]) -> int:
         """How many of ``blocks`` nobody holds (sharing them takes them out of the free count)."""

@@ -90,12 +90,14 @@ class LLMEngine:
         self.blocks = BlockManager(self.kv_plan.num_blocks, config.block_size,
                                    caching=config.prefix_caching and config.mode != "decode")
         self.policy = POLICY_FOR_MODE[config.mode]
-        self.scheduler = Scheduler(self.blocks, policy=self.policy, max_num_seqs=config.max_num_seqs,
-                                   max_num_batched_tokens=batched, max_model_len=self.max_model_len)
-        self.runner = Runner(self.executor, self.blocks.tables, Buckets.for_limits(
+        buckets = Buckets.for_limits(
             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
             max_num_batched_tokens=batched, block_size=config.block_size, rare_prefill=config.mode == "decode",
-            one_group_width=reads_real_context(self.executor)))
+            one_group_width=reads_real_context(self.executor))
+        self.scheduler = Scheduler(self.blocks, policy=self.policy, max_num_seqs=config.max_num_seqs,
+                                   max_num_batched_tokens=batched, max_model_len=self.max_model_len,
+                                   score_chunk=buckets.score_rows)
+        self.runner = Runner(self.executor, self.blocks.tables, buckets)
         self.transport: KVTransport = transport or LocalTransport()
         self.transfer_peers: list[LLMEngine] = []  # prefill role: the in-process decode instances
         self.warm_lock = threading.Lock()  # held while warming up; peers' hand-off warm-ups take it too
@@ -120,7 +122,8 @@ class LLMEngine:
         s = self.scheduler
         return InstanceStats(self.name, self.blocks.num_free, self.blocks.num_used, self.num_queued_tokens,
                              len(s.running), len(s.waiting) + len(self.ready), self.has_unfinished(),
-                             self.num_steps, self.blocks.query_tokens, self.blocks.hit_tokens)
+                             self.num_steps, self.blocks.query_tokens, self.blocks.hit_tokens,
+                             self.config.block_size, self.blocks.caching)
 
     def warmup(self, progress: ProgressFn | None = None) -> int:
         """Compile every step shape and, for a prefill or decode instance, its hand-off gather / scatter
@@ -133,14 +136,15 @@ class LLMEngine:
         chunks, decode = self.policy == "chunked" or self.blocks.caching, self.policy != "prefill-only"
         handoffs = (block_buckets(self.executor, self.max_model_len)
                     if self.config.mode in ("prefill", "decode") else ())
-        total = len(self.runner.buckets.shapes(decode=decode, prefill=True, chunks=chunks)) + len(handoffs)
+        score = self.config.mode != "decode"  # prompts are computed here: they may be scored for logprobs
+        total = len(self.runner.buckets.shapes(decode=decode, prefill=True, chunks=chunks, score=score)) + len(handoffs)
 
         def report(done: int, _: int = 0) -> None:
             if progress is not None and done < total:  # the end is reported below, after the peers
                 progress(done, total)
 
         with self.warm_lock:
-            n = self.runner.warmup(decode=decode, prefill=True, chunks=chunks, progress=report)
+            n = self.runner.warmup(decode=decode, prefill=True, chunks=chunks, score=score, progress=report)
             for i, b in enumerate(handoffs, n + 1):  # the hand-off's gather / scatter
                 blocks = self.executor.gather_blocks([NULL_BLOCK] * b)
                 if self.config.mode == "decode":  # writes the null block onto itself

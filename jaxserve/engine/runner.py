@@ -29,6 +29,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxserve.engine.block_manager import blocks_needed
 from jaxserve.engine.scheduler import ScheduledChunk
@@ -41,7 +42,8 @@ from jaxserve.model.inputs import (
     dummy_step_inputs,
     pow2_buckets,
 )
-from jaxserve.model.sampling import SamplingArrays
+from jaxserve.model.sampling import SamplingArrays, score_prompt_rows
+from jaxserve.request import SamplingParams
 from jaxserve.warmup_progress import ProgressFn
 
 
@@ -65,6 +67,7 @@ class Buckets:
     prefill_tokens: tuple[int, ...]
     prefill_rows: tuple[int, ...]
     chunk_tokens: tuple[int, ...]
+    score_rows: int = 64  # prompt tokens per call of a prompt scored for its logprobs (logits at every one)
 
     @classmethod
     def for_limits(cls, *, max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int,
@@ -86,6 +89,7 @@ class Buckets:
             prefill_tokens=tokens[-1:] if rare_prefill else tokens,
             prefill_rows=(*(r for r in (1, 4, 16, 64, 256) if r < max_num_seqs), max_num_seqs),
             chunk_tokens=tokens,
+            score_rows=min(64, tokens[-1]),
         )
 
     def packed_shape(self, tokens: int, rows: int) -> StepShape:
@@ -98,7 +102,12 @@ class Buckets:
         b = bucket_for(batch, self.decode_batch, "decode batch")
         return StepShape(b, b, False, ((b, 1, self.decode_blocks),))
 
-    def shapes(self, *, decode: bool, prefill: bool, chunks: bool) -> list[StepShape]:
+    def score_shape(self, num_blocks: int) -> StepShape:
+        """A scored prompt piece: ``score_rows`` tokens (padded), a logits row for each."""
+        r = self.score_rows
+        return StepShape(r, r, False, ((1, r, bucket_for(num_blocks, self.blocks, "blocks per sequence")),))
+
+    def shapes(self, *, decode: bool, prefill: bool, chunks: bool, score: bool = False) -> list[StepShape]:
         out = []
         if prefill:  # a call padded to t tokens has at most t prompts: rows up to the first bucket >= t
             out += [StepShape(t, r, True) for t in self.prefill_tokens for r in self.prefill_rows
@@ -107,6 +116,8 @@ class Buckets:
             out += [self.decode_shape(b) for b in self.decode_batch]
         if chunks:
             out += [StepShape(q, 1, False, ((1, q, mb),)) for q in self.chunk_tokens for mb in self.blocks]
+        if score:
+            out += [self.score_shape(mb) for mb in self.blocks]
         return out
 
 
@@ -119,10 +130,12 @@ class Runner:
 
     def run(self, chunks: Sequence[ScheduledChunk]) -> dict[str, int]:
         """Execute one scheduled step; returns the token sampled for each chunk that completes a prompt/decode."""
+        scored = [c for c in chunks if c.seq.request.scoring_prompt]
+        chunks = [c for c in chunks if not c.seq.request.scoring_prompt]
         decodes = [c for c in chunks if c.is_decode]
         packed = [c for c in chunks if c.start == 0]
         conts = [c for c in chunks if c.start > 0 and not c.is_decode]
-        out: dict[str, int] = {}
+        out: dict[str, int] = {c.seq.id: t for c in scored if (t := self._scored(c)) is not None}
         b = self.buckets
         if packed:
             out.update(self._packed(packed))
@@ -133,6 +146,36 @@ class Runner:
             mb = bucket_for(len(self.tables[c.seq.id]), b.blocks, "blocks per sequence")
             out.update(self._call([([c], StepShape(q, 1, False, ((1, q, mb),)))]))
         return out
+
+    def _scored(self, c: ScheduledChunk) -> int | None:
+        """A piece of a prompt scored for its logprobs: logits at each of its positions give the next prompt
+        token's logprob (appended to ``request.prompt_logprobs``); the piece that ends the prompt samples
+        the first token from its last row. Returns that token, or None mid-prompt."""
+        req, n, r = c.seq.request, c.num_tokens, self.buckets.score_rows
+        tokens = c.seq.token_ids
+        chunk = SeqChunk(tokens[c.start:c.start + n], c.start, self.tables[c.seq.id], all_logits=True)
+        shape = self.buckets.score_shape(len(self.tables[c.seq.id]))
+        logits = self.executor.execute(build_step_inputs([[chunk]], shape, self.block_size))
+        targets = np.zeros(r, np.int32)
+        nxt = tokens[c.start + 1:min(c.start + n + 1, req.num_prompt_tokens)]
+        targets[:len(nxt)] = nxt
+        lp, ids, top = score_prompt_rows(logits, targets)
+        if c.start == 0:
+            req.prompt_logprobs.append(None)  # the first token has no logprob
+        k = req.sampling.prompt_logprobs or 0
+        for i in range(len(nxt)):
+            req.prompt_logprobs.append((float(lp[i]), tuple(zip(ids[i, :k].tolist(), top[i, :k].tolist(), strict=True))))
+        if not c.samples:
+            return None
+        pad = SamplingParams()  # greedy rows before the one that samples
+        hist = [(req.all_token_ids, req.num_prompt_tokens)] if req.sampling.penalized else None
+        arrays = SamplingArrays.from_params([pad] * (n - 1) + [req.sampling], [0] * (n - 1) + [c.seq.seed],
+                                            [0] * (n - 1) + [len(req.output_token_ids)], r, self.executor.cfg.eos_token_id,
+                                            [([], 0)] * (n - 1) + hist if hist else None)
+        picked = self.executor.sample(logits, arrays)
+        if req.sampling.logprobs is not None:
+            req.output_logprobs.append(picked.token_logprobs(n - 1, req.sampling.logprobs))
+        return int(picked.tokens[n - 1])
 
     def _packed(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
         """The packed prefill call: one micro-batch, or ``executor.microbatches`` of them through pp stages."""
@@ -168,10 +211,12 @@ class Runner:
                     reqs[i].output_logprobs.append(picked.token_logprobs(i, reqs[i].sampling.logprobs))
         return out
 
-    def warmup(self, *, decode: bool, prefill: bool, chunks: bool, progress: ProgressFn | None = None) -> int:
+    def warmup(self, *, decode: bool, prefill: bool, chunks: bool, score: bool = False,
+               progress: ProgressFn | None = None) -> int:
         """Compile every step shape (and the samplers for every row count) this engine can produce;
         returns how many shapes. ``progress(done, total)`` is called before the first and after each."""
-        shapes = self.buckets.shapes(decode=decode, prefill=prefill, chunks=chunks)
+        shapes = self.buckets.shapes(decode=decode, prefill=prefill, chunks=chunks, score=score)
+        scoring = set(self.buckets.shapes(decode=False, prefill=False, chunks=False, score=score))
         report = progress or (lambda done, total: None)
         report(0, len(shapes))
         sampled: set[int] = set()
@@ -183,6 +228,8 @@ class Runner:
                 self.executor.sample(logits, greedy)
                 self.executor.sample(logits, dataclasses.replace(greedy, temperature=greedy.temperature + 1.0))
                 self.executor.sample(logits, dataclasses.replace(greedy, logprobs=True))  # sample_full
+            if s in scoring:
+                score_prompt_rows(logits, np.zeros(s.logits_rows, np.int32))
             report(i, len(shapes))
         jax.block_until_ready(self.executor.kv)
         return len(shapes)

@@ -110,7 +110,7 @@ def check_fits(request: Request, *, max_model_len: int, block_size: int, capacit
 
 class Scheduler:
     def __init__(self, blocks: BlockManager, *, policy: str = "prefill-first", max_num_seqs: int = 64,
-                 max_num_batched_tokens: int = 2048, max_model_len: int = 2048) -> None:
+                 max_num_batched_tokens: int = 2048, max_model_len: int = 2048, score_chunk: int = 16) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
         if policy != "chunked" and max_num_batched_tokens < max_model_len:
@@ -121,6 +121,7 @@ class Scheduler:
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.max_model_len = max_model_len
+        self.score_chunk = score_chunk  # prompt tokens per step of a prompt scored for its logprobs
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.num_preemptions = 0
@@ -142,18 +143,18 @@ class Scheduler:
     def schedule(self) -> SchedulerOutput:
         preempted: list[Sequence] = []
         if self.policy == "chunked":
-            decodes = self._schedule_decodes(preempted, only_prefilled=True)
+            decodes = self._schedule_decodes(preempted)
             budget = self.max_num_batched_tokens - len(decodes)
             return SchedulerOutput(decodes + self._schedule_prompts(budget, chunk=True), preempted)
         prompts = self._schedule_prompts(self.max_num_batched_tokens, chunk=False)
         if prompts or self.policy == "prefill-only":
             return SchedulerOutput(prompts, preempted)
-        return SchedulerOutput(self._schedule_decodes(preempted, only_prefilled=False), preempted)
+        return SchedulerOutput(self._schedule_decodes(preempted), preempted)
 
     def _schedule_prompts(self, budget: int, chunk: bool) -> list[ScheduledChunk]:
         out: list[ScheduledChunk] = []
-        # running sequences still in their prompt (chunked mode) continue first
-        candidates = [s for s in self.running if s.num_computed < s.num_tokens - 1] if chunk else []
+        # running sequences still in their prompt (chunked mode, or a prompt scored in pieces) continue first
+        candidates = [s for s in self.running if s.num_computed < s.num_tokens - 1]
         for seq in candidates:
             c = self._admit_chunk(seq, budget, chunk)
             if c is None:
@@ -174,12 +175,17 @@ class Scheduler:
     def _admit_chunk(self, seq: Sequence, budget: int, chunk: bool) -> ScheduledChunk | None:
         bm = self.blocks
         cached: list[int] = []
-        if seq.num_computed == 0 and seq.id not in bm.tables:  # a fresh (or preempted) sequence: its cached prefix
-            # at least the last token is computed; a prefill-only instance keeps 2, so the rest is never a
-            # 1-token chunk (that runs as a decode-shaped call, which such an instance does not compile)
-            cached = bm.lookup(seq.token_ids, seq.num_tokens - (2 if self.policy == "prefill-only" else 1))
+        fresh = seq.num_computed == 0 and seq.id not in bm.tables  # a new (or preempted) sequence: its cached prefix
+        # at least the last token is computed; a prefill-only instance keeps 2, so the rest is never a
+        # 1-token chunk (that runs as a decode-shaped call, which such an instance does not compile)
+        limit = seq.num_tokens - (2 if self.policy == "prefill-only" else 1)
+        scoring = seq.request.scoring_prompt  # logits at every prompt position: no cache, in pieces
+        if fresh and not scoring:
+            cached = bm.lookup(seq.token_ids, limit)
         start = len(cached) * bm.block_size
         remaining = seq.num_tokens - max(seq.num_computed, start)
+        if scoring:
+            remaining = min(remaining, self.score_chunk)
         n = min(remaining, budget) if chunk else remaining
         if n <= 0 or n > budget:
             return None
@@ -187,6 +193,8 @@ class Scheduler:
         need = blocks_needed(max(seq.num_computed, start) + n, bm.block_size) - have
         if need > bm.num_free - bm.evictable_among(cached):
             return None
+        if fresh and bm.caching and not scoring:
+            bm.record_lookup(max(0, limit), start)
         if cached:
             bm.share(seq.id, cached, seq.token_ids)
             seq.num_computed = start
@@ -194,10 +202,9 @@ class Scheduler:
         bm.grow(seq.id, seq.num_computed + n)
         return ScheduledChunk(seq, seq.num_computed, n)
 
-    def _schedule_decodes(self, preempted: list[Sequence], only_prefilled: bool) -> list[ScheduledChunk]:
+    def _schedule_decodes(self, preempted: list[Sequence]) -> list[ScheduledChunk]:
+        """Every running sequence past its prompt decodes one token (a mid-prompt one waits its turn)."""
         queue = deque(s for s in self.running if s.num_computed == s.num_tokens - 1)
-        if not only_prefilled:
-            assert len(queue) == len(self.running), "prefill-first: a running sequence is mid-prompt"
         out: list[ScheduledChunk] = []
         while queue:
             seq = queue.popleft()
@@ -222,6 +229,8 @@ class Scheduler:
         return None
 
     def _preempt(self, seq: Sequence, preempted: list[Sequence]) -> None:
+        if seq.request.scoring_prompt:  # its prompt is scored again from the start
+            seq.request.prompt_logprobs.clear()
         self.blocks.free(seq.id)
         self.running.remove(seq)
         seq.num_computed = 0

@@ -1,7 +1,10 @@
-"""The built-in demo model: a tiny random-weight OPT plus a small trained tokenizer.
+"""The built-in demo model, named ``jaxserve-demo-opt`` everywhere it shows up.
 
-It lets the main job run on a fresh machine with no download. It produces
-gibberish by design: it is named ``jaxserve-demo-opt`` everywhere it shows up.
+It lets the main job run on a fresh machine with no download. Shipped in the package
+(``demo_weights/``): a ~2.5M-parameter OPT trained once by ``scripts/train_demo_model.py`` on the
+standard library's docstrings, which answers in English-like words. Without that folder (a
+source tree where it was not trained), a tiny random-weight OPT plus a small trained tokenizer,
+which produces gibberish:
 
     DEMO_CONFIG + numpy RNG(seed) --export_hf--> ~/.cache/jaxserve/<name>/ (config.json, model.safetensors)
     demo_data.train_demo_tokenizer() ---------->              "               (tokenizer.json, ...)
@@ -61,8 +64,14 @@ def build_demo_model(out_dir: str | Path) -> Path:
     return out
 
 
+PACKAGED = Path(__file__).with_name("demo_weights")  # scripts/train_demo_model.py writes it; shipped in the package
+
+
 def ensure_demo_model() -> Path:
-    """Path of the demo model folder, building it on first use."""
+    """Path of the demo model folder: the trained one shipped in the package, else the random one (built on
+    first use)."""
+    if (PACKAGED / "model.safetensors").is_file() and (PACKAGED / "tokenizer.json").is_file():
+        return PACKAGED
     final = cache_dir() / f"{DEMO_NAME}-v{DEMO_VERSION}"
     if (final / "model.safetensors").is_file() and (final / "tokenizer.json").is_file():
         return final

@@ -30,6 +30,7 @@ class SeqChunk:
     token_ids: Sequence[int]
     start_pos: int  # absolute position of token_ids[0]
     block_table: Sequence[int]  # physical blocks covering positions [0, start_pos + len(token_ids))
+    all_logits: bool = False  # logits rows for every token (prompt logprobs), not just the last
 
     @property
     def end_pos(self) -> int:
@@ -77,7 +78,7 @@ def build_step_inputs(groups: Sequence[Sequence[SeqChunk]], shape: StepShape, bl
     t_cap, r_cap = shape.num_tokens, shape.logits_rows
     chunks = [c for g in groups for c in g]
     t_real = sum(len(c.token_ids) for c in chunks)
-    if t_real > t_cap or len(chunks) > r_cap:
+    if t_real > t_cap or sum(len(c.token_ids) if c.all_logits else 1 for c in chunks) > r_cap:
         raise ValueError(f"step of {len(chunks)} seqs / {t_real} tokens exceeds shape {shape}")
     if shape.packed and (len(groups) > 1 or any(c.start_pos for c in chunks)):
         raise ValueError("a packed step takes one group of chunks that start at position 0")
@@ -89,7 +90,7 @@ def build_step_inputs(groups: Sequence[Sequence[SeqChunk]], shape: StepShape, bl
     seg = np.full(t_cap, -1, np.int32)
     logits_index = np.zeros(r_cap, np.int32)
     attn_groups = []
-    t = row = 0
+    t = row = ci = 0
     for gi, g in enumerate(groups):
         if not shape.packed:
             bg, qg, mbg = shape.groups[gi]
@@ -109,16 +110,21 @@ def build_step_inputs(groups: Sequence[Sequence[SeqChunk]], shape: StepShape, bl
             positions[t:t + n] = pos
             slots[t:t + n] = table[pos // block_size] * block_size + pos % block_size
             if shape.packed:
-                seg[t:t + n] = row
+                seg[t:t + n] = ci
             else:
                 if n > qg or need > mbg:
                     raise ValueError(f"chunk {b}: {n} tokens / {need} blocks exceed group shape {(bg, qg, mbg)}")
                 qidx[b, :n] = np.arange(t, t + n)
                 tables[b, :need] = table
                 ctx[b] = c.end_pos
-            logits_index[row] = t + n - 1
+            if c.all_logits:
+                logits_index[row:row + n] = np.arange(t, t + n)
+                row += n
+            else:
+                logits_index[row] = t + n - 1
+                row += 1
             t += n
-            row += 1
+            ci += 1
         if not shape.packed:
             attn_groups.append(AttnGroup(qidx, tables, ctx))
     if shape.packed:

@@ -72,6 +72,8 @@ class InstanceStats:
     steps: int = 0
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache, since start
     prefix_cache_hits: int = 0  # of which found cached
+    block_size: int = 0  # its KV cache's configuration (the metrics' cache_config_info); 0: not reported
+    prefix_caching: bool = False
 
 
 @dataclasses.dataclass
@@ -85,6 +87,7 @@ class RequestUpdate:
     seed: int | None = None
     new_logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)  # with sampling.logprobs
     num_cached_tokens: int = 0  # prompt tokens the instance took from its prefix cache
+    prompt_logprobs: list[TokenLogprobs | None] | None = None  # with the first token, when asked for
 
     def apply(self, request: Request, clock_offset: float = 0.0) -> None:
         """Bring the router's record up to date; event times minus ``clock_offset`` (the instance's
@@ -96,6 +99,8 @@ class RequestUpdate:
         request.output_token_ids.extend(self.new_token_ids)
         request.output_logprobs.extend(self.new_logprobs)
         request.num_cached_tokens = max(request.num_cached_tokens, self.num_cached_tokens)
+        if self.prompt_logprobs:
+            request.prompt_logprobs = list(self.prompt_logprobs)
         if self.finish_reason is not None and request.finish_reason is None:
             request.finish_reason = self.finish_reason
         if request.sampling.seed is None and self.seed is not None:
@@ -191,4 +196,5 @@ def copy_request(request: Request) -> Request:
     """A request an instance may mutate: its own lists, nothing shared with the router's record."""
     return dataclasses.replace(request, prompt_token_ids=list(request.prompt_token_ids),
                                output_token_ids=list(request.output_token_ids), events=list(request.events),
-                               output_logprobs=list(request.output_logprobs))
+                               output_logprobs=list(request.output_logprobs),
+                               prompt_logprobs=list(request.prompt_logprobs))

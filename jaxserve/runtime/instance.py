@@ -267,8 +267,10 @@ class LocalInstance:
         for rid, (req, ne, nt) in list(self._tracked.items()):
             if len(req.events) == ne and len(req.output_token_ids) == nt and req.finish_reason is None:
                 continue
+            first = nt == 0 and req.output_token_ids  # the prompt's logprobs are complete with the first token
             self._emit(RequestUpdate(rid, req.events[ne:], req.output_token_ids[nt:], req.finish_reason,
-                                     req.sampling.seed, req.output_logprobs[nt:], req.num_cached_tokens))
+                                     req.sampling.seed, req.output_logprobs[nt:], req.num_cached_tokens,
+                                     list(req.prompt_logprobs) if first and req.prompt_logprobs else None))
             if req.finish_reason is not None:
                 del self._tracked[rid]
             else:

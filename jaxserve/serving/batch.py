@@ -1,8 +1,9 @@
-"""A completions request with several prompts: one engine request per prompt, one answer with a choice each.
+"""Several engine requests answered as one: a list of prompts, and/or ``n`` / ``best_of`` samples of each.
 
-    [Job per prompt] --admit each (the orchestrator's queue counts every one)-->
+    [Job per prompt and sample] --admit each (the orchestrator's queue counts every one; a prompt's
+      later samples once its first has its first token, so they find its blocks in the prefix cache)-->
       not streaming: each collected to its end concurrently --> one completion object, choices in
-          prompt order (``index``), usage summed
+          ``index`` order (best_of: each prompt's n best, ``samples.pick_best``), usage summed
       streaming: every prompt's deltas as they come, each chunk's choice ``index`` its prompt,
           then the summed usage chunk (``stream_options.include_usage``) and one ``[DONE]``
     any prompt refused (400 / 503) or failing --> the others are aborted; the answer is that error
@@ -22,6 +23,7 @@ from jaxserve.serving.fields import ApiError
 from jaxserve.serving.metrics import ServerMetrics
 from jaxserve.serving.orchestrator import Orchestrator
 from jaxserve.serving.protocol import Job
+from jaxserve.serving.samples import pick_best
 from jaxserve.serving.streaming import (
     ENGINE_ERROR,
     SSE_DONE,
@@ -42,9 +44,11 @@ from jaxserve.serving.workload import WorkloadWindow
 class _Run(Collected):
     """One prompt of the batch: its deltas, and how it ended."""
 
-    def __init__(self, job: Job) -> None:
+    def __init__(self, job: Job, after: asyncio.Event | None = None) -> None:
         super().__init__()
         self.job = job
+        self.after = after  # admitted once this is set (its prompt's first sample has its first token)
+        self.started = asyncio.Event()
         self.reason = "abort"
         self.agen: Any = None
         self.admitted = False
@@ -52,7 +56,17 @@ class _Run(Collected):
     async def go(self, http: web.Request, orch: Orchestrator, metrics: ServerMetrics,
                  out: asyncio.Queue[tuple[_Run, Any, bool]] | None) -> None:
         """Admit and run to the end; each delta goes to ``out`` (streaming) as (run, delta, first)."""
+        try:
+            if self.after is not None:
+                await self.after.wait()
+            await self._go(http, orch, metrics, out)
+        finally:
+            self.started.set()  # never leave a sibling waiting
+
+    async def _go(self, http: web.Request, orch: Orchestrator, metrics: ServerMetrics,
+                  out: asyncio.Queue[tuple[_Run, Any, bool]] | None) -> None:
         self.agen, d = await admit(http, orch, metrics, self.job)
+        self.started.set()
         if d is None:
             raise ConnectionResetError("client disconnected")
         self.admitted = True
@@ -85,13 +99,18 @@ class _Run(Collected):
 
 async def run_batch(http: web.Request, jobs: list[Job], orch: Orchestrator, metrics: ServerMetrics,
                     workload: WorkloadWindow) -> web.StreamResponse:
-    runs = [_Run(j) for j in jobs]
+    leaders: dict[int, _Run] = {}
+    runs = []
+    for j in jobs:
+        runs.append(_Run(j, leaders[j.group].started if j.group in leaders else None))
+        leaders.setdefault(j.group, runs[-1])
     queue: asyncio.Queue[tuple[_Run, Any, bool]] | None = asyncio.Queue() if jobs[0].stream else None
     tasks = [asyncio.ensure_future(r.go(http, orch, metrics, queue)) for r in runs]
     try:
         if queue is None:
             await _all(tasks)
-            choices = [r.completion(r.job, FinishReason(r.reason))["choices"][0] for r in runs]
+            best = sorted(pick_best(runs), key=lambda r: r.job.index)
+            choices = [r.completion(r.job, FinishReason(r.reason))["choices"][0] for r in best]
             head = completion(runs[0].job, "", [], None)
             n_in = sum(j.request.num_prompt_tokens for j in jobs)
             n_out = sum(len(r.ids) for r in runs)

@@ -5,7 +5,7 @@
       --chat_logprobs-->       {"content": [{"token", "logprob", "bytes", "top_logprobs": [...]}]}
 
 A token's text is its bytes (``Tokenizer.token_bytes``) decoded as UTF-8 with U+FFFD for a partial
-character, as vLLM shows it; ``bytes`` carries the exact bytes (chat). A completions
+character, as vLLM shows it (special tokens, which the answer's text skips, as ""); ``bytes`` carries the exact bytes (chat). A completions
 ``top_logprobs`` object holds the ``logprobs`` most likely tokens and the sampled one (vLLM's
 choice: the sampled token is always there, so a client can read its rank); tokens with the same
 text share a key. Prompt logprobs (``echo`` with ``logprobs``) come first, the first token's null.
@@ -19,8 +19,15 @@ from typing import Any
 from jaxserve.request import TokenLogprobs
 
 
+def token_bytes(tokenizer: Any, token_id: int) -> bytes:
+    """A token's bytes in the answer: special tokens (BOS, EOS, padding), which its text skips, have none."""
+    if token_id in {getattr(tokenizer, f, None) for f in ("bos_token_id", "eos_token_id", "pad_token_id")}:
+        return b""
+    return tokenizer.token_bytes(token_id)
+
+
 def token_text(tokenizer: Any, token_id: int) -> str:
-    return tokenizer.token_bytes(token_id).decode("utf-8", errors="replace")
+    return token_bytes(tokenizer, token_id).decode("utf-8", errors="replace")
 
 
 def completion_logprobs(tokenizer: Any, token_ids: Sequence[int], entries: Sequence[TokenLogprobs | None],
@@ -49,7 +56,7 @@ def chat_logprobs(tokenizer: Any, token_ids: Sequence[int], entries: Sequence[To
     """Chat's object: ``{"content": [...]}``, one item per generated token."""
 
     def item(i: int, lp: float) -> dict[str, Any]:
-        return {"token": token_text(tokenizer, i), "logprob": lp, "bytes": list(tokenizer.token_bytes(i))}
+        return {"token": token_text(tokenizer, i), "logprob": lp, "bytes": list(token_bytes(tokenizer, i))}
 
     return {"content": [{**item(t, lp), "top_logprobs": [item(i, v) for i, v in top]}
                         for t, (lp, top) in zip(token_ids, entries, strict=True)]}

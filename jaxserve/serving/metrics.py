@@ -24,6 +24,7 @@ Names follow vLLM's (``vllm:`` -> ``jaxserve:``) so its dashboards fit:
     jaxserve:num_preemptions_total            counter    PREEMPTED events of finished requests
     jaxserve:prefix_cache_queries_total / prefix_cache_hits_total   counters, prompt tokens looked up
         in the instances' prefix caches / found there (vLLM's prefix_cache_queries / _hits)
+    jaxserve:cache_config_info{instance, block_size, num_gpu_blocks, enable_prefix_caching}   gauge 1
     jaxserve:num_requests_running / num_requests_waiting   gauges: the total (no ``instance``
         label) and one series per instance (``instance="prefill-0"``); a scraper that adds its
         own ``instance`` label keeps ours as ``exported_instance``
@@ -237,6 +238,14 @@ class ServerMetrics:
 def _instance_lines(out: list[str], family: Any, base: dict[str, str], instances: Sequence[InstanceStats],
                     num_in_flight: int | None) -> None:
     """The per-instance series: prefix-cache counters, request gauges, KV usage (totals and per instance)."""
+    reported = [i for i in instances if i.block_size]
+    if reported:
+        n = family("cache_config_info", "gauge", "KV cache configuration of each instance (the labels; value 1).")
+        for i in reported:
+            labels = {**base, "instance": i.name, "block_size": str(i.block_size),
+                      "num_gpu_blocks": str(i.free_blocks + i.held_blocks),
+                      "enable_prefix_caching": str(i.prefix_caching)}
+            out.append(f"{n}{_labels(labels)} 1")
     for key, name, help_ in (("prefix_cache_queries", "prefix_cache_queries_total",
                               "Prompt tokens looked up in the prefix cache."),
                              ("prefix_cache_hits", "prefix_cache_hits_total",

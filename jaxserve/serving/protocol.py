@@ -17,16 +17,18 @@ Choices (documented, as vLLM does them):
   * ``model`` may be omitted (the one served model); any other name is 404.
   * ``top_k`` above the vocabulary means "off" and is sent as 0.
   * Not supported, 400 naming the field if set to anything but its default (``UNSUPPORTED``):
-    ``n``/``best_of`` != 1, ``suffix``, ``tools``, vLLM's guided decoding, ... A field in no
+    ``suffix``, ``tools``, vLLM's guided decoding, ... A field in no
     schema is a 400 too (as OpenAI answers "unrecognized request argument"); ``user`` is accepted.
   * ``logit_bias`` ({"token id": bias in [-100, 100]}, at most 64 entries), vLLM's ``min_p`` and
     ``repetition_penalty`` (HF's), OpenAI's ``presence_penalty`` / ``frequency_penalty`` work;
     ``echo`` puts the prompt's text (a token-id prompt decoded) before the completion.
+  * ``n`` (and completions' ``best_of``): several samples per prompt, ``jaxserve.serving.samples``.
   * Chat requests stop at the model's template's end-of-turn token (``<|im_end|>``, ``<|eot_id|>``,
     ...: ``ChatTemplate.end_of_turn_ids``) as at EOS, unless ``ignore_eos``.
   * Logprobs (the model's raw log-softmax, up to 20 alternatives): completions ``logprobs: k``, chat
-    ``logprobs: true`` + ``top_logprobs: k``; shapes in ``jaxserve.serving.logprobs``. Not yet with
-    ``echo`` (prompt logprobs): a 400.
+    ``logprobs: true`` + ``top_logprobs: k``; shapes in ``jaxserve.serving.logprobs``. With ``echo``
+    the prompt's tokens and logprobs come first (the first token's null): the engine scores the prompt
+    (``SamplingParams.prompt_logprobs``; no prefix cache for it, 64 tokens a step).
   * Extensions (vLLM's names): ``ignore_eos``, ``stop_token_ids``, ``min_tokens`` (EOS banned and no
     stop rule applies before it; not with ``stop_token_ids``),
     ``include_stop_str_in_output``, ``return_token_ids`` (adds ``token_ids`` to each choice).
@@ -51,15 +53,15 @@ from jaxserve.serving.fields import (
     get_logit_bias,
     get_num,
     get_stop,
-    is_int,
     show,
 )
+from jaxserve.serving.samples import fan_out, get_samples
 
 DEFAULT_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 # fields of OpenAI's and vLLM's schemas that this server does not act on: fine at their default (or
 # null), refused otherwise (400 naming the field), so none is silently ignored
 UNSUPPORTED: dict[str, tuple[Any, ...]] = {
-    "best_of": (1,), "echo": (False,), "suffix": ("",), "tools": ([],),
+    "echo": (False,), "suffix": ("",), "tools": ([],),
     "functions": ([],), "tool_choice": ("none",), "response_format": ({"type": "text"},),
     "parallel_tool_calls": (True, False), "function_call": ("none",), "store": (False,), "metadata": ({},),
     "service_tier": ("auto", "default"), "modalities": (["text"],),
@@ -76,7 +78,7 @@ COMMON_FIELDS = frozenset({"model", "max_tokens", "temperature", "top_p", "top_k
                            "return_token_ids", "n", "min_tokens", "min_p", "logit_bias", "logprobs",
                            "presence_penalty", "frequency_penalty", "repetition_penalty"})
 CHAT_FIELDS = frozenset({"messages", "add_generation_prompt", "continue_final_message", "chat_template_kwargs"})
-ROUTE_FIELDS = {False: COMMON_FIELDS | {"prompt", "echo"},
+ROUTE_FIELDS = {False: COMMON_FIELDS | {"prompt", "echo", "best_of"},
                 True: COMMON_FIELDS | CHAT_FIELDS | {"max_completion_tokens", "top_logprobs"}}
 
 
@@ -115,9 +117,6 @@ def check_unsupported(body: dict[str, Any], chat: bool = False) -> None:
         allowed = UNSUPPORTED[key]
         if allowed is not None and v is not None and not any(v == ok and type(v) is type(ok) for ok in allowed):
             raise bad(key, f"not supported by this server (got {show(v)})", code="unsupported_parameter")
-    n = body.get("n")
-    if n is not None and (not is_int(n) or n != 1):
-        raise bad("n", f"only n=1 is supported, got {show(n)}", code="unsupported_parameter")
 
 
 def encode_text(text: str, st: ServedModel, param: str, add_bos: bool = True) -> list[int]:
@@ -281,6 +280,10 @@ class Job:
     index: int = 0  # its choice in the answer (a batch of prompts: the prompt's position)
     echo: str = ""  # completions with echo: the prompt's text, put before the generated text
     response_id: str = ""  # the answer's id (a batch shares one); "" -> the request's id
+    group: int = 0  # its prompt's position (n / best_of: samples of one prompt share it)
+    n: int = 1  # choices its prompt answers with
+    hide_logprobs: bool = False  # logprobs kept only to rank best_of samples: not shown
+    echo_logprobs: bool = False  # echo with logprobs: the prompt's tokens and logprobs come first
     tokenizer: Any = None  # with logprobs: turns their token ids into text
     text_offset: int = 0  # completions with logprobs: where the next token's text starts in the choice
 
@@ -293,6 +296,7 @@ def parse_jobs(body: dict[str, Any], st: ServedModel, *, chat: bool, arrival: fl
     """One job per prompt (completions may carry a batch of them; chat has one conversation)."""
     check_model(body, st)
     check_unsupported(body, chat)
+    n, best_of = get_samples(body, chat)
     if chat:
         text, add_bos = chat_prompt(body, st)
         prompts = [(encode_text(text, st, "messages", add_bos), text)]
@@ -301,9 +305,11 @@ def parse_jobs(body: dict[str, Any], st: ServedModel, *, chat: bool, arrival: fl
     jobs = [_job(body, st, ids, text, chat, arrival, "messages" if chat else where)
             for ids, text, where in ((i, t, f"prompt[{k}]" if len(prompts) > 1 else "prompt")
                                      for k, (i, t) in enumerate(prompts))]
-    if len(jobs) > 1:
-        for k, j in enumerate(jobs):
-            j.index, j.response_id = k, jobs[0].request.request_id
+    answer_id = jobs[0].request.request_id
+    jobs = [s for k, j in enumerate(jobs) for s in fan_out(j, n, best_of, k)]
+    if len(jobs) > 1:  # one answer: the first prompt's id
+        for j in jobs:
+            j.response_id = answer_id
     return jobs
 
 
@@ -334,9 +340,10 @@ def _job(body: dict[str, Any], st: ServedModel, ids: list[int], text: str | None
     if not chat and get_bool(body, "echo", False):  # the prompt's text (token ids: decoded) before the output
         if text is None and st.tokenizer is None:
             raise bad("echo", "needs a tokenizer to turn the token-id prompt into text")
-        if k is not None:
-            raise bad("echo", "with logprobs (prompt logprobs) is not supported yet", code="unsupported_parameter")
         job.echo = text if text is not None else st.tokenizer.decode(ids)
+        if k is not None:  # the prompt's logprobs too (how evaluation harnesses score a text)
+            job.request.sampling = dataclasses.replace(job.request.sampling, prompt_logprobs=k)
+            job.echo_logprobs = True
     if k is not None:
-        job.tokenizer, job.text_offset = st.tokenizer, len(job.echo)
+        job.tokenizer, job.text_offset = st.tokenizer, 0 if job.echo_logprobs else len(job.echo)
     return job

@@ -67,7 +67,7 @@ def chunk(job: Job, d: Delta, first: bool) -> dict[str, Any]:
         choice: dict[str, Any] = {"index": job.index, "delta": delta}
     else:
         choice = {"index": job.index, "text": (job.echo if first else "") + d.text}
-    choice.update(logprobs=_logprobs(job, d.token_ids, d.logprobs), finish_reason=_reason(d.finish_reason))
+    choice.update(logprobs=_logprobs(job, d.token_ids, d.logprobs, first), finish_reason=_reason(d.finish_reason))
     if job.return_token_ids:
         choice["token_ids"] = d.token_ids
     out = {"id": job.answer_id, "object": "chat.completion.chunk" if job.chat else "text_completion",
@@ -83,15 +83,23 @@ def usage_chunk(job: Job, num_out: int) -> dict[str, Any]:
             "created": job.created, "model": job.model, "choices": [], "usage": usage(job, num_out)}
 
 
-def _logprobs(job: Job, token_ids: list[int], entries: list[TokenLogprobs] | None) -> dict[str, Any] | None:
-    """The choice's logprobs for these tokens (None unless asked); a completions stream's offsets run on."""
-    if job.request.sampling.logprobs is None or job.tokenizer is None:
+def _logprobs(job: Job, token_ids: list[int], entries: list[TokenLogprobs] | None,
+              first: bool = True) -> dict[str, Any] | None:
+    """The choice's logprobs for these tokens (None unless asked); a completions stream's offsets run on.
+    With echo + logprobs the first answer part carries the prompt's tokens and logprobs before them."""
+    if job.request.sampling.logprobs is None or job.tokenizer is None or job.hide_logprobs:
         return None
     if entries is None or len(entries) != len(token_ids):  # an engine that gives none (a test double)
         return None
     if job.chat:
         return chat_logprobs(job.tokenizer, token_ids, entries)
-    out = completion_logprobs(job.tokenizer, token_ids, entries, job.text_offset)
+    all_entries: list[TokenLogprobs | None] = list(entries)
+    if first and job.echo_logprobs:
+        prompt = job.request.prompt_token_ids
+        got = job.request.prompt_logprobs
+        token_ids = [*prompt, *token_ids]
+        all_entries = [*(got if len(got) == len(prompt) else [None] * len(prompt)), *all_entries]
+    out = completion_logprobs(job.tokenizer, token_ids, all_entries, job.text_offset)
     job.text_offset += text_length(job.tokenizer, token_ids)
     return out
 
@@ -102,7 +110,7 @@ def completion(job: Job, text: str, token_ids: list[int], reason: FinishReason |
         choice: dict[str, Any] = {"index": job.index, "message": {"role": "assistant", "content": text}}
     else:
         choice = {"index": job.index, "text": job.echo + text}
-    choice.update(logprobs=_logprobs(job, token_ids, logprobs), finish_reason=_reason(reason))
+    choice.update(logprobs=_logprobs(job, token_ids, logprobs), finish_reason=_reason(reason))  # one part
     if job.return_token_ids:
         choice.update(token_ids=token_ids, prompt_token_ids=job.request.prompt_token_ids)
     return {"id": job.answer_id, "object": "chat.completion" if job.chat else "text_completion",

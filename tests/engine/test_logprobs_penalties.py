@@ -106,3 +106,28 @@ def test_logprobs_and_penalties_through_disaggregation(tiny):
     assert len(b.output_logprobs) == 10
     for (lp1, top1), (lp2, top2) in zip(a.output_logprobs, b.output_logprobs, strict=True):
         assert abs(lp1 - lp2) < 1e-5 and [t for t, _ in top1] == [t for t, _ in top2]
+
+
+@pytest.mark.parametrize("mode", ["colocated", "chunked"])
+def test_prompt_logprobs_in_pieces_equal_hf(tiny, mode):
+    """A 150-token prompt scored in 64-token pieces (logits at every position, no prefix cache) beside an
+    ordinary request in the same steps: every prompt logprob is HF's log-softmax, the generated tokens are
+    HF's greedy ones, nothing compiles after warm-up, no block is held after."""
+    from tests.model_fixtures import hf_greedy
+
+    _, model, cfg, _, _ = tiny
+    prompt = [2, *np.random.default_rng(1).integers(4, cfg.vocab_size, 149).tolist()]
+    engine = _engine(tiny, mode=mode, max_model_len=256)
+    engine.warmup()
+    scored = Request("s", prompt, SamplingParams(max_tokens=4, ignore_eos=True, prompt_logprobs=3, logprobs=1))
+    other = Request("o", PROMPT, SamplingParams(max_tokens=6, ignore_eos=True))
+    outs = run_requests(engine, [scored, other])
+    assert outs[0].token_ids == hf_greedy(model, prompt, 4) and outs[1].token_ids == hf_greedy(model, PROMPT, 6)
+    rows = _hf_logsoftmax(model, prompt)
+    assert len(scored.prompt_logprobs) == len(prompt) and scored.prompt_logprobs[0] is None
+    for j in range(1, len(prompt)):
+        lp, top = scored.prompt_logprobs[j]
+        assert abs(lp - rows[j - 1][prompt[j]]) < 1e-4, j
+        assert [t for t, _ in top] == list(np.argsort(-rows[j - 1], kind="stable")[:3])
+    assert len(scored.output_logprobs) == 4
+    assert engine.compilations_since_warmup == 0 and engine.num_held_blocks == 0

@@ -75,13 +75,15 @@ def test_shared_prefix_is_computed_once_with_the_same_tokens(tiny, mode):
     assert [r.num_cached_tokens for r in rest] == [64, 64, 32]  # whole blocks, never the last token
     assert want[0] == hf_greedy(model, prompts[0], 6)
     assert eng.num_held_blocks == 0 and eng.compilations_since_warmup == 0
-    assert eng.blocks.hit_tokens == 160
+    assert eng.blocks.hit_tokens == 160 and eng.blocks.query_tokens == 3 * 73 + 39  # each admission once
     eng.blocks.check_invariants()
     from jaxserve.serving.metrics import ServerMetrics
 
     text = ServerMetrics("m").render([eng.stats()])
     assert 'jaxserve:prefix_cache_hits_total{model_name="m"} 160' in text
     assert f'jaxserve:prefix_cache_queries_total{{model_name="m"}} {eng.blocks.query_tokens}' in text
+    assert (f'jaxserve:cache_config_info{{model_name="m",instance="engine-0",block_size="16",num_gpu_blocks='
+            f'"{eng.blocks.capacity}",enable_prefix_caching="True"}} 1') in text
 
 
 def test_prefill_instance_caches_for_a_disaggregated_pair(tiny):

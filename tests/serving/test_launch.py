@@ -110,6 +110,44 @@ def test_openai_client_completions_and_chat(server, workload, tiny, tmp_path):
     assert "".join(ch.choices[0].delta.content or "" for ch in cs if ch.choices) == c.choices[0].message.content
 
 
+def test_openai_client_sampling_parameters(server):
+    """Issue 16's parameters through the official client against the real launcher, each with an
+    observable effect (exactness against HF is in tests/engine and tests/serving/test_logprobs_api.py)."""
+    from openai import OpenAI
+
+    url, _ = server
+    client = OpenAI(base_url=url, api_key="unused", max_retries=0, timeout=120)
+    kw = {"model": "tiny-opt", "prompt": "The weather today", "max_tokens": 5}
+    greedy = {**kw, "temperature": 0, "extra_body": {"ignore_eos": True}}
+    r = client.completions.create(**greedy, logprobs=2, echo=False)
+    lp = r.choices[0].logprobs
+    assert len(lp.token_logprobs) == 5 and all(1 <= len(t) <= 3 for t in lp.top_logprobs)
+    assert all(max(t.values()) == v for t, v in zip(lp.top_logprobs, lp.token_logprobs, strict=True))  # greedy
+    e = client.completions.create(**greedy, echo=True)
+    assert e.choices[0].text == "The weather today" + r.choices[0].text
+    c = client.chat.completions.create(model="tiny-opt", messages=[{"role": "user", "content": "Hi"}], max_tokens=3,
+                                       temperature=0, logprobs=True, top_logprobs=2)
+    assert [len(i.top_logprobs) for i in c.choices[0].logprobs.content] == [2] * len(c.choices[0].logprobs.content)
+    sampled = {**kw, "temperature": 1.0, "extra_body": {"ignore_eos": True, "top_k": 50, "min_p": 0.01}}
+    n3 = client.completions.create(**sampled, n=3, seed=5)
+    assert sorted(ch.index for ch in n3.choices) == [0, 1, 2]
+    for ch in n3.choices:
+        one = client.completions.create(**sampled, seed=5 + ch.index)
+        assert one.choices[0].text == ch.text
+    best = client.completions.create(**sampled, best_of=2, seed=9)
+    assert len(best.choices) == 1 and best.usage.completion_tokens == 10
+    biased = client.completions.create(**{**greedy, "extra_body": {"ignore_eos": True, "return_token_ids": True}},
+                                       logit_bias={"300": 100})
+    assert biased.choices[0].model_extra["token_ids"] == [300] * 5
+    pen = client.completions.create(**{**greedy, "extra_body": {"ignore_eos": True, "repetition_penalty": 1.3,
+                                                                "min_tokens": 2}},
+                                    presence_penalty=1.0, frequency_penalty=0.5)
+    assert pen.usage.completion_tokens == 5
+    chunks = list(client.completions.create(**greedy, stream=True, stream_options={"include_usage": True}))
+    assert chunks[-1].usage.completion_tokens == 5 and "".join(ch.choices[0].text for ch in chunks if ch.choices) \
+        == r.choices[0].text
+
+
 def test_errors_through_the_client(server):
     import openai
     from openai import OpenAI

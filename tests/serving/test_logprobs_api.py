@@ -35,7 +35,7 @@ def test_completion_logprobs_equal_hf_and_stream_equals_nonstream(real):
             assert abs(lp["token_logprobs"][i] - rows[len(prompt) - 1 + i][t]) < 1e-4
             top = lp["top_logprobs"][i]
             assert 1 <= len(top) <= 4 and max(top.values()) == lp["token_logprobs"][i]  # greedy: its own top
-            assert lp["tokens"][i] == tok.token_bytes(t).decode("utf-8", "replace")
+            assert lp["tokens"][i] == ("" if t == tok.eos_token_id else tok.token_bytes(t).decode("utf-8", "replace"))
         assert lp["text_offset"][0] == 0 and lp["text_offset"] == sorted(lp["text_offset"])
         assert "".join(lp["tokens"]) == ch["text"]
         resp = await client.post("/v1/completions", json={**base, "stream": True})
@@ -76,13 +76,40 @@ def test_chat_logprobs_and_top_logprobs(real):
     serve(fn, engine=eng, tokenizer=tok, vocab_size=real[3].vocab_size)
 
 
+def test_echo_with_logprobs_scores_the_prompt_as_hf(real):
+    """What evaluation harnesses send: echo + logprobs (+ max_tokens 1): the prompt's tokens with their
+    logprobs (the first null) equal HF's log-softmax, then the generated token; streamed the same."""
+    eng, tok, model, cfg = real
+    import numpy as np
+
+    ids = [2, *np.random.default_rng(5).integers(4, cfg.vocab_size, 40).tolist()]  # 41 tokens: a piece of 64
+
+    async def fn(client, _eng, _orch):
+        base = {"prompt": ids, "max_tokens": 2, "temperature": 0, "ignore_eos": True, "echo": True, "logprobs": 2}
+        st, r = await post(client, "/v1/completions", base)
+        assert st == 200, r
+        lp = r["choices"][0]["logprobs"]
+        assert len(lp["token_logprobs"]) == len(ids) + 2 and lp["token_logprobs"][0] is None
+        rows = _hf_rows(model, ids)
+        for j in range(1, len(ids)):
+            assert abs(lp["token_logprobs"][j] - rows[j - 1][ids[j]]) < 1e-4, j
+            assert len(lp["top_logprobs"][j]) <= 3
+        assert "".join(lp["tokens"]) == r["choices"][0]["text"] and lp["text_offset"][0] == 0
+        resp = await client.post("/v1/completions", json={**base, "stream": True})
+        ev = await read_sse(resp)
+        streamed = [x for c in ev[:-1] for x in c["choices"][0]["logprobs"]["token_logprobs"]]
+        assert streamed == lp["token_logprobs"]
+
+    serve(fn, engine=eng, tokenizer=tok, vocab_size=cfg.vocab_size)
+    assert all(v == 0 for v in eng.held_blocks().values())
+
+
 def test_bad_logprobs_and_penalty_values_are_400s(real):
     eng, tok, _, _ = real
     chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
     cases = [("/v1/completions", {"prompt": "a", "logprobs": 21}, "logprobs"),
              ("/v1/completions", {"prompt": "a", "logprobs": True}, "logprobs"),
              ("/v1/completions", {"prompt": "a", "logprobs": -1}, "logprobs"),
-             ("/v1/completions", {"prompt": "a", "logprobs": 1, "echo": True}, "echo"),
              ("/v1/chat/completions", {**chat, "top_logprobs": 2}, "top_logprobs"),
              ("/v1/chat/completions", {**chat, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
              ("/v1/completions", {"prompt": "a", "presence_penalty": 2.5}, "presence_penalty"),
