@@ -93,7 +93,7 @@ class LLMEngine:
         buckets = Buckets.for_limits(
             max_num_seqs=config.max_num_seqs, max_model_len=self.max_model_len,
             max_num_batched_tokens=batched, block_size=config.block_size, rare_prefill=config.mode == "decode",
-            one_group_width=reads_real_context(self.executor))
+            one_group_width=reads_real_context(self.executor), rare_chunks=self.policy != "chunked")
         self.scheduler = Scheduler(self.blocks, policy=self.policy, max_num_seqs=config.max_num_seqs,
                                    max_num_batched_tokens=batched, max_model_len=self.max_model_len,
                                    score_chunk=buckets.score_rows)

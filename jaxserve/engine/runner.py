@@ -43,8 +43,12 @@ from jaxserve.model.inputs import (
     pow2_buckets,
 )
 from jaxserve.model.sampling import SamplingArrays, score_prompt_rows
-from jaxserve.request import SamplingParams
 from jaxserve.warmup_progress import ProgressFn
+
+
+def _every_4x(tokens: tuple[int, ...]) -> tuple[int, ...]:
+    """Powers of two from 64 stepping by 4x, and the largest (score pieces need 64)."""
+    return tuple(sorted({t for t in tokens if t >= 64 and (t.bit_length() - 7) % 2 == 0} | {tokens[-1], min(64, tokens[-1])}))
 
 
 def decode_buckets(max_num_seqs: int) -> tuple[int, ...]:
@@ -71,12 +75,16 @@ class Buckets:
 
     @classmethod
     def for_limits(cls, *, max_num_seqs: int, max_model_len: int, max_num_batched_tokens: int,
-                   block_size: int, rare_prefill: bool = False, one_group_width: bool = False) -> Buckets:
+                   block_size: int, rare_prefill: bool = False, one_group_width: bool = False,
+                   rare_chunks: bool = False) -> Buckets:
         """``rare_prefill``: packed prefill only recomputes preempted sequences (a decode instance), so
         every such call is padded to the one largest token bucket: one layer program instead of one
         per bucket (the demo's decode instance: 14 shapes to warm up instead of 29).
         ``one_group_width``: the attention reads only each sequence's real context in prompt-chunk
-        calls too (the native CPU kernels), so those use one block-table width, as decodes do."""
+        calls too (the native CPU kernels), so those use one block-table width, as decodes do.
+        ``rare_chunks``: prompt chunks are only what follows a cached prefix and scored prompt pieces
+        (not chunked prefill), so their token buckets step by 4x from 64: 3 shapes instead of 6 for the
+        demo's prefill instance (a 5-token rest padded to 64 costs next to nothing)."""
         max_blocks = blocks_needed(max_model_len, block_size)
         tokens = pow2_buckets(16, max_num_batched_tokens)
         # decode attention loops over each batch's longest real context, not the table's width, so
@@ -88,7 +96,7 @@ class Buckets:
             decode_blocks=max_blocks,
             prefill_tokens=tokens[-1:] if rare_prefill else tokens,
             prefill_rows=(*(r for r in (1, 4, 16, 64, 256) if r < max_num_seqs), max_num_seqs),
-            chunk_tokens=tokens,
+            chunk_tokens=_every_4x(tokens) if rare_chunks else tokens,
             score_rows=min(64, tokens[-1]),
         )
 
@@ -159,7 +167,7 @@ class Runner:
         targets = np.zeros(r, np.int32)
         nxt = tokens[c.start + 1:min(c.start + n + 1, req.num_prompt_tokens)]
         targets[:len(nxt)] = nxt
-        lp, ids, top = score_prompt_rows(logits, targets)
+        lp, ids, top, last_row = score_prompt_rows(logits, targets, n - 1)
         if c.start == 0:
             req.prompt_logprobs.append(None)  # the first token has no logprob
         k = req.sampling.prompt_logprobs or 0
@@ -167,15 +175,13 @@ class Runner:
             req.prompt_logprobs.append((float(lp[i]), tuple(zip(ids[i, :k].tolist(), top[i, :k].tolist(), strict=True))))
         if not c.samples:
             return None
-        pad = SamplingParams()  # greedy rows before the one that samples
         hist = [(req.all_token_ids, req.num_prompt_tokens)] if req.sampling.penalized else None
-        arrays = SamplingArrays.from_params([pad] * (n - 1) + [req.sampling], [0] * (n - 1) + [c.seq.seed],
-                                            [0] * (n - 1) + [len(req.output_token_ids)], r, self.executor.cfg.eos_token_id,
-                                            [([], 0)] * (n - 1) + hist if hist else None)
-        picked = self.executor.sample(logits, arrays)
+        arrays = SamplingArrays.from_params([req.sampling], [c.seq.seed], [len(req.output_token_ids)], 1,
+                                            self.executor.cfg.eos_token_id, hist)
+        picked = self.executor.sample(last_row, arrays)
         if req.sampling.logprobs is not None:
-            req.output_logprobs.append(picked.token_logprobs(n - 1, req.sampling.logprobs))
-        return int(picked.tokens[n - 1])
+            req.output_logprobs.append(picked.token_logprobs(0, req.sampling.logprobs))
+        return int(picked.tokens[0])
 
     def _packed(self, chunks: list[ScheduledChunk]) -> dict[str, int]:
         """The packed prefill call: one micro-batch, or ``executor.microbatches`` of them through pp stages."""
@@ -222,14 +228,15 @@ class Runner:
         sampled: set[int] = set()
         for i, s in enumerate(shapes, 1):
             logits = self.executor.execute(dummy_step_inputs(s, self.block_size))
-            if s.logits_rows not in sampled:  # its samplers right away, so that the progress counts them
+            if s.logits_rows not in sampled and s not in scoring:  # its samplers now (the progress counts them);
+                # a scored piece samples its last row through the 1-row samplers
                 sampled.add(s.logits_rows)
                 greedy = SamplingArrays.from_params([], [], [], s.logits_rows)
                 self.executor.sample(logits, greedy)
                 self.executor.sample(logits, dataclasses.replace(greedy, temperature=greedy.temperature + 1.0))
                 self.executor.sample(logits, dataclasses.replace(greedy, logprobs=True))  # sample_full
             if s in scoring:
-                score_prompt_rows(logits, np.zeros(s.logits_rows, np.int32))
+                score_prompt_rows(logits, np.zeros(s.logits_rows, np.int32), 0)
             report(i, len(shapes))
         jax.block_until_ready(self.executor.kv)
         return len(shapes)

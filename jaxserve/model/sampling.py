@@ -202,21 +202,26 @@ def sample_full(logits: jax.Array, counts: jax.Array, seen: jax.Array, penalties
 
 
 @jax.jit
-def score_rows(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+def score_rows(logits: jax.Array, targets: jax.Array, last: jax.Array
+               ) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
     """Prompt logprobs: raw float32 log-softmax of each row at its target token, and each row's
-    ``MAX_LOGPROBS`` most likely: (logprob [R], top ids [R, K], top logprobs [R, K])."""
+    ``MAX_LOGPROBS`` most likely: (logprob [R], top ids [R, K], top logprobs [R, K]); and row ``last``
+    as [1, V] (the piece's last position, which samples: with the 1-row samplers every engine has)."""
     raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
     top_lp, top_ids = jax.lax.top_k(raw, MAX_LOGPROBS)
-    return jnp.take_along_axis(raw, targets[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
+    lp = jnp.take_along_axis(raw, targets[:, None], axis=-1)[:, 0]
+    return lp, top_ids.astype(jnp.int32), top_lp, jax.lax.dynamic_slice_in_dim(logits, last, 1, axis=0)
 
 
-def score_prompt_rows(logits: jax.Array, targets: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def score_prompt_rows(logits: jax.Array, targets: np.ndarray, last: int
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray, jax.Array]:
     """Host entry of ``score_rows``: targets placed beside the logits (replicated on their mesh)."""
     sh = logits.sharding
     place = jax.sharding.NamedSharding(sh.mesh, jax.sharding.PartitionSpec()) if isinstance(
         sh, jax.sharding.NamedSharding) else sh
-    lp, ids, top = score_rows(logits, jax.device_put(np.asarray(targets, np.int32), place))
-    return np.asarray(lp), np.asarray(ids), np.asarray(top)
+    t, i = jax.device_put((np.asarray(targets, np.int32), np.int32(last)), place)
+    lp, ids, top, row = score_rows(logits, t, i)
+    return np.asarray(lp), np.asarray(ids), np.asarray(top), row
 
 
 def _counts(arrays: SamplingArrays, batch: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
