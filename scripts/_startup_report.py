@@ -96,8 +96,8 @@ def render_compile(r: dict[str, Any]) -> list[str]:
 
 def render_launch(r: dict[str, Any]) -> list[str]:
     lines = ["### `python -m jaxserve.launch` (demo model, defaults) to ready", "",
-             "$JAXSERVE_CACHE and the compilation cache start empty: the cold start also builds the demo model "
-             "(weights and tokenizer). Default deployment: one prefill and one decode instance in one process. Time from "
+             "$JAXSERVE_CACHE and the compilation cache start empty: the cold start also builds the native CPU kernels "
+             "(the demo model is shipped trained). Default deployment: one prefill and one decode instance in one process. Time from "
              "process start to the line `jaxserve: ready`; then SIGINT.", "",
              "| start | to ready | target | warm-up line | peak RSS |", "|---|---|---|---|---|"]
     for key, tgt in (("cold", "ready_cold"), ("second", "ready_second")):

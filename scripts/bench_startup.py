@@ -17,7 +17,7 @@ Everything runs on this machine, on 127.0.0.1, with nothing downloaded. What flo
     2. compile: a fresh process per depth (12, 48 layers of OPT-125m width), cache off,
        LLMEngine.warmup() --> seconds per shape and per compiled program, ratio deep / shallow
     3. launcher: `python -m jaxserve.launch --port P --compilation-cache WORK/xla-launch` (demo model,
-       $JAXSERVE_CACHE = WORK/home, so the cold start also builds the demo model) until the line
+       $JAXSERVE_CACHE = WORK/home, so the cold start also builds the native kernels) until the line
        "jaxserve: ready", then SIGINT; twice (cold, second start)
     --> a markdown section, printed and written between markers into docs/performance.md
 
