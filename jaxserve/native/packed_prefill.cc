@@ -82,11 +82,7 @@ ffi::Error PackedPrefill(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buf
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxservePackedPrefill, PackedPrefill,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                              jaxserve_native::bind_qkv()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Attr<float>("scale")
                                   .Ret<ffi::Buffer<ffi::F32>>());

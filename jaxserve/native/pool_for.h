@@ -50,4 +50,10 @@ inline void parallel_for(xla::ffi::ThreadPool& pool, int64_t total,
   work->cv.wait(lock, [&] { return work->done.load() == work->total; });
 }
 
+// The binding every kernel starts with: XLA's thread pool, then q, k, v (float32 buffers).
+inline auto bind_qkv() {
+  using F32 = xla::ffi::Buffer<xla::ffi::F32>;
+  return xla::ffi::Ffi::Bind().Ctx<xla::ffi::ThreadPool>().Arg<F32>().Arg<F32>().Arg<F32>();
+}
+
 }  // namespace jaxserve_native

@@ -75,6 +75,16 @@ def serve(fn, engine=None, tokenizer=CHARS, max_queue=8, **kw):
         orch.stop()
 
 
+def expect_400s(cases, **serve_kw):
+    """Each (path, body, field) is answered 400 naming ``field``."""
+    async def fn(client, _eng, _orch):
+        for path, body, field in cases:
+            st, r = await post(client, path, body)
+            assert st == 400 and r["error"]["param"] == field, (body, r)
+
+    serve(fn, **serve_kw)
+
+
 async def read_sse(resp, limit=None):
     """Parsed ``data:`` payloads ("[DONE]" kept as a string); stops after ``limit`` of them."""
     out = []

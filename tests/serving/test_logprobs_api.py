@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.serving.test_api_server import MODEL, post, read_sse, serve
+from tests.serving.test_api_server import MODEL, expect_400s, post, read_sse, serve
 
 
 def _hf_rows(model, ids):
@@ -116,12 +116,7 @@ def test_bad_logprobs_and_penalty_values_are_400s(real):
              ("/v1/completions", {"prompt": "a", "frequency_penalty": "x"}, "frequency_penalty"),
              ("/v1/chat/completions", {**chat, "repetition_penalty": 0}, "repetition_penalty")]
 
-    async def fn(client, _eng, _orch):
-        for path, body, field in cases:
-            st, r = await post(client, path, body)
-            assert st == 400 and r["error"]["param"] == field, (body, r)
-
-    serve(fn, engine=eng, tokenizer=tok, vocab_size=real[3].vocab_size)
+    expect_400s(cases, engine=eng, tokenizer=tok, vocab_size=real[3].vocab_size)
 
 
 def test_penalties_change_greedy_output_over_http(real):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tests.serving.test_api_server import post, read_sse, serve
+from tests.serving.test_api_server import expect_400s, post, read_sse, serve
 
 
 def _hits(eng):
@@ -75,9 +75,4 @@ def test_bad_n_and_best_of_are_400s(real):
              ("/v1/completions", {"prompt": "a", "n": "2"}, "n"),
              ("/v1/chat/completions", {**chat, "best_of": 2}, "best_of")]
 
-    async def fn(client, _eng, _orch):
-        for path, body, field in cases:
-            st, r = await post(client, path, body)
-            assert st == 400 and r["error"]["param"] == field, (body, r)
-
-    serve(fn, engine=eng, tokenizer=tok, vocab_size=cfg.vocab_size)
+    expect_400s(cases, engine=eng, tokenizer=tok, vocab_size=cfg.vocab_size)
