@@ -9,18 +9,23 @@ Block 0 is reserved as the null block (padding writes go there) and is never
 handed out. Freed blocks are handed out again first, so the pages a CPU host keeps
 resident follow the most blocks in use at once, not every block ever used.
 
-Automatic prefix caching (``caching=True``): a full block is keyed by (the hash of its parent's
-key, its tokens), a chain, so a key stands for every token up to the block's end. Blocks whose
+Automatic prefix caching (``caching=True``): a full block is keyed by the SHA-256 of (its parent's
+key, its tokens), a chain, so a key stands for every token up to the block's end (a cryptographic
+digest: a client cannot craft a prompt whose key collides with another's, as with Python's hash). Blocks whose
 tokens have KV are registered under their key; a new sequence shares the cached blocks of its
 longest cached prefix (ref counts), and its prefill starts after them. A block no sequence holds
 any more keeps its KV and key in an LRU of evictable blocks: it counts as free, is handed out only
-when no plain free block is left (oldest first), and loses its key then. No jax import here.
+when no plain free block is left (oldest first; a released sequence's last block first, so a prefix
+loses its tail before its head), and loses its key then. No jax import here.
 """
 
 from __future__ import annotations
 
+import hashlib
 from collections import OrderedDict, deque
 from collections.abc import Hashable, Sequence
+
+import numpy as np
 
 NULL_BLOCK = 0
 
@@ -45,10 +50,10 @@ class BlockManager:
         self._ref = [0] * num_blocks
         self.tables: dict[Hashable, list[int]] = {}
         self.caching = caching
-        self._by_key: dict[tuple[int, tuple[int, ...]], int] = {}  # cache key -> block
-        self._key_of: dict[int, tuple[int, tuple[int, ...]]] = {}  # block -> its cache key
+        self._by_key: dict[bytes, int] = {}  # cache key (digest) -> block
+        self._key_of: dict[int, bytes] = {}  # block -> its cache key
         self._evictable: OrderedDict[int, None] = OrderedDict()  # cached, held by nobody; oldest first
-        self.hashes: dict[Hashable, list[int]] = {}  # per sequence: hashes of its registered full blocks
+        self.hashes: dict[Hashable, list[bytes]] = {}  # per sequence: keys of its registered full blocks
         self.query_tokens = 0  # prefix-cache lookups, in prompt tokens (vLLM's prefix_cache_queries)
         self.hit_tokens = 0  # of which found cached (prefix_cache_hits)
 
@@ -115,34 +120,36 @@ class BlockManager:
         if not table:
             return 0
         released = []
-        for b in table:
+        for b in reversed(table):  # the tail of a prefix becomes evictable before its head
             self._ref[b] -= 1
             if self._ref[b] == 0:
                 if b in self._key_of:
                     self._evictable[b] = None  # keeps its KV for a later hit; newest last
                 else:
                     released.append(b)
+        released.reverse()
         self._free.extendleft(reversed(released))  # reused first: their pages are already resident
         return len(released)
 
     # ---- prefix caching ----------------------------------------------------------------------
-    def _key(self, parent: int, tokens: Sequence[int], i: int) -> tuple[int, tuple[int, ...]]:
+    def _key(self, parent: bytes, tokens: Sequence[int], i: int) -> bytes:
         bs = self.block_size
-        return parent, tuple(tokens[i * bs:(i + 1) * bs])
+        block = np.asarray(tokens[i * bs:(i + 1) * bs], np.int64).tobytes()
+        return hashlib.sha256(parent + block).digest()
 
     def lookup(self, tokens: Sequence[int], limit: int) -> list[int]:
         """Cached blocks holding the longest prefix of ``tokens`` in whole blocks, at most ``limit`` tokens."""
         if not self.caching:
             return []
         out: list[int] = []
-        parent = 0
+        parent = b""
         for i in range(limit // self.block_size):
             key = self._key(parent, tokens, i)
             b = self._by_key.get(key)
             if b is None:
                 break
             out.append(b)
-            parent = hash(key)
+            parent = key
         return out
 
     def record_lookup(self, query_tokens: int, hit_tokens: int) -> None:
@@ -158,11 +165,11 @@ class BlockManager:
         """Give ``seq`` (holding nothing yet) the cached ``blocks`` of its prefix ``tokens``."""
         if seq in self.tables:
             raise ValueError(f"sequence {seq!r} already holds blocks")
-        hashes, parent = [], 0
+        hashes, parent = [], b""
         for i, b in enumerate(blocks):
             self._evictable.pop(b, None)
             self._ref[b] += 1
-            parent = hash(self._key(parent, tokens, i))
+            parent = self._key(parent, tokens, i)
             hashes.append(parent)
         self.tables[seq] = list(blocks)
         self.hashes[seq] = hashes
@@ -174,8 +181,8 @@ class BlockManager:
             return
         table, hashes = self.tables[seq], self.hashes.setdefault(seq, [])
         for i in range(len(hashes), min(num_computed // self.block_size, len(table))):
-            key = self._key(hashes[-1] if hashes else 0, tokens, i)
-            hashes.append(hash(key))
+            key = self._key(hashes[-1] if hashes else b"", tokens, i)
+            hashes.append(key)
             b = table[i]
             if key not in self._by_key and b not in self._key_of:
                 self._by_key[key] = b

@@ -291,8 +291,9 @@ class LLMEngine:
         self.num_steps += 1
         for c in out.chunks:
             req = c.seq.request
-            if c.start == 0 and not req.event_times(Event.PREFILL_BEGAN):
-                req.stamp(Event.PREFILL_BEGAN, instance=self.name)
+            if not req.output_token_ids:  # its prompt (from its first token, or after a cached prefix)
+                if not req.event_times(Event.PREFILL_BEGAN):
+                    req.stamp(Event.PREFILL_BEGAN, instance=self.name)
             elif c.is_decode and not req.event_times(Event.DECODE_BEGAN):
                 req.stamp(Event.DECODE_BEGAN, instance=self.name)
         tokens = self.runner.run(out.chunks)

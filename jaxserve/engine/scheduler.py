@@ -190,7 +190,10 @@ class Scheduler:
         if n <= 0 or n > budget:
             return None
         have = len(bm.tables.get(seq.id, cached))
-        need = blocks_needed(max(seq.num_computed, start) + n, bm.block_size) - have
+        # a prompt scored in pieces takes its whole prompt's blocks at once: a piece never waits for blocks
+        # (two half-scored prompts could otherwise hold them all, with nothing to decode or preempt)
+        grow_to = seq.num_tokens if scoring else max(seq.num_computed, start) + n
+        need = blocks_needed(grow_to, bm.block_size) - have
         if need > bm.num_free - bm.evictable_among(cached):
             return None
         if fresh and bm.caching and not scoring:
@@ -198,8 +201,9 @@ class Scheduler:
         if cached:
             bm.share(seq.id, cached, seq.token_ids)
             seq.num_computed = start
-            seq.request.num_cached_tokens = start
-        bm.grow(seq.id, seq.num_computed + n)
+            seq.request.num_cached_tokens = max(seq.request.num_cached_tokens,
+                                                min(start, seq.request.num_prompt_tokens))
+        bm.grow(seq.id, max(grow_to, seq.num_computed + n))
         return ScheduledChunk(seq, seq.num_computed, n)
 
     def _schedule_decodes(self, preempted: list[Sequence]) -> list[ScheduledChunk]:

@@ -224,6 +224,20 @@ def score_prompt_rows(logits: jax.Array, targets: np.ndarray, last: int
     return np.asarray(lp), np.asarray(ids), np.asarray(top), row
 
 
+_NEUTRAL: dict[tuple[int, int, Any], tuple[jax.Array, jax.Array, jax.Array]] = {}
+
+
+def _neutral(batch: int, vocab: int, place: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """Penalty inputs that change nothing (zero counts, nothing seen, presence 0, frequency 0, repetition 1),
+    on device: a logprobs-only step does not build and copy two [B, V] arrays."""
+    key = (batch, vocab, place)
+    if key not in _NEUTRAL:
+        host = (np.zeros((batch, vocab), np.float32), np.zeros((batch, vocab), np.bool_),
+                np.tile(np.float32([0, 0, 1]), (batch, 1)))
+        _NEUTRAL[key] = jax.device_put(host, place) if place is not None else tuple(jax.device_put(host))
+    return _NEUTRAL[key]
+
+
 def _counts(arrays: SamplingArrays, batch: int, vocab: int) -> tuple[np.ndarray, np.ndarray]:
     """Dense per-row occurrence counts of generated tokens and a seen mask (prompt or generated)."""
     counts = np.zeros((batch, vocab), np.float32)
@@ -244,12 +258,15 @@ def sample_tokens(logits: jax.Array, arrays: SamplingArrays, place: Any = None) 
     or device), for logits committed to a mesh."""
     if arrays.full:
         b, v = logits.shape
-        pen = arrays.penalties if arrays.penalties is not None else np.tile(np.float32([0, 0, 1]), (b, 1))
-        counts, seen = _counts(arrays, b, v)
-        args = (counts, seen, pen, *arrays.fields())
-        if place is not None:
-            args = jax.device_put(args, place)
-        return Sampled(*(np.asarray(x) for x in sample_full(logits, *args)))
+        if arrays.penalties is not None:
+            counts, seen = _counts(arrays, b, v)
+            pen = (counts, seen, arrays.penalties)
+        else:  # logprobs only: neutral penalty inputs, made once per shape and placement, kept on device
+            pen = _neutral(b, v, place)
+        fields = arrays.fields() if place is None else jax.device_put(arrays.fields(), place)
+        if arrays.penalties is not None and place is not None:
+            pen = jax.device_put(pen, place)
+        return Sampled(*(np.asarray(x) for x in sample_full(logits, *pen, *fields)))
     if arrays.all_greedy:
         return Sampled(np.asarray(greedy(logits)))
     fields = arrays.fields() if place is None else jax.device_put(arrays.fields(), place)

@@ -23,7 +23,7 @@ from jaxserve.serving.fields import ApiError
 from jaxserve.serving.metrics import ServerMetrics
 from jaxserve.serving.orchestrator import Orchestrator
 from jaxserve.serving.protocol import Job
-from jaxserve.serving.samples import pick_best
+from jaxserve.serving.samples import pick_best, prompt_tokens
 from jaxserve.serving.streaming import (
     ENGINE_ERROR,
     SSE_DONE,
@@ -112,7 +112,7 @@ async def run_batch(http: web.Request, jobs: list[Job], orch: Orchestrator, metr
             best = sorted(pick_best(runs), key=lambda r: r.job.index)
             choices = [r.completion(r.job, FinishReason(r.reason))["choices"][0] for r in best]
             head = completion(runs[0].job, "", [], None)
-            n_in = sum(j.request.num_prompt_tokens for j in jobs)
+            n_in = prompt_tokens(jobs)
             n_out = sum(len(r.ids) for r in runs)
             return web.json_response({**head, "choices": choices, "usage": {
                 "prompt_tokens": n_in, "completion_tokens": n_out, "total_tokens": n_in + n_out}})
@@ -173,7 +173,7 @@ async def _stream(http: web.Request, runs: list[_Run], tasks: list[asyncio.Futur
         raise ApiError(500, ENGINE_ERROR, code="engine_error")
     if runs[0].job.include_usage and all(r.reason in ("stop", "length") for r in runs):
         u = usage_chunk(runs[0].job, sum(len(r.ids) for r in runs))
-        n_in = sum(r.job.request.num_prompt_tokens for r in runs)
+        n_in = prompt_tokens([r.job for r in runs])
         u["usage"] = {"prompt_tokens": n_in, "completion_tokens": u["usage"]["completion_tokens"],
                       "total_tokens": n_in + u["usage"]["completion_tokens"]}
         await resp.write(sse(u))

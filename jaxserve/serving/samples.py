@@ -9,7 +9,8 @@
       token, so the prompt's full blocks come from the prefix cache: computed once
     --pick_best--> per prompt the n samples with the highest cumulative logprob, re-indexed
 
-Usage counts every sample generated, best_of's discarded ones included (they were computed).
+Usage counts every sample generated, best_of's discarded ones included (they were computed), and
+each prompt once (``prompt_tokens``).
 """
 
 from __future__ import annotations
@@ -54,6 +55,11 @@ def fan_out(job: Any, n: int, best_of: int, prompt_index: int) -> list[Any]:
         out.append(dataclasses.replace(job, request=child, index=prompt_index * n + j,
                                        hide_logprobs=sp.logprobs is None and lp is not None))
     return out
+
+
+def prompt_tokens(jobs: Sequence[Any]) -> int:
+    """An answer's prompt tokens: each prompt once, however many samples it has (as OpenAI counts)."""
+    return sum({j.group: j.request.num_prompt_tokens for j in jobs}.values())
 
 
 def cumulative_logprob(lps: Sequence[tuple[float, Any]]) -> float:

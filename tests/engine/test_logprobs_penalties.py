@@ -131,3 +131,17 @@ def test_prompt_logprobs_in_pieces_equal_hf(tiny, mode):
         assert [t for t, _ in top] == list(np.argsort(-rows[j - 1], kind="stable")[:3])
     assert len(scored.output_logprobs) == 4
     assert engine.compilations_since_warmup == 0 and engine.num_held_blocks == 0
+
+
+def test_scored_prompts_that_cannot_both_fit_run_one_after_the_other(tiny):
+    """Two prompts scored in pieces whose blocks fit one at a time (a review found they could hold half
+    the pool each and stall forever): the first takes its whole prompt's blocks at once, the second waits."""
+    _, _, cfg, _, _ = tiny
+    rng = np.random.default_rng(2)
+    prompts = [[2, *rng.integers(4, cfg.vocab_size, 149).tolist()] for _ in range(2)]
+    engine = _engine(tiny, max_model_len=256, num_blocks=16)  # 15 usable; each request needs 10
+    reqs = [Request(f"s{i}", p, SamplingParams(max_tokens=4, ignore_eos=True, prompt_logprobs=0))
+            for i, p in enumerate(prompts)]
+    outs = run_requests(engine, reqs)
+    assert [len(o.token_ids) for o in outs] == [4, 4]
+    assert [len(r.prompt_logprobs) for r in reqs] == [150, 150] and engine.num_held_blocks == 0

@@ -38,8 +38,10 @@ def test_lookup_share_register_and_evict():
     bm.check_invariants()
     bm.grow("c", 4 * 3)  # 3 blocks: the 3 plain free ones first, the cache survives
     assert bm.lookup(toks, 10) == a_blocks[:2]
-    bm.grow("d", 4)  # now the oldest cached block goes (and its key with it)
-    assert bm.num_cached == 1 and bm.lookup(toks, 10) == []
+    bm.grow("d", 4)  # now the oldest cached block goes (and its key with it): the prefix's tail first
+    assert bm.num_cached == 1 and bm.lookup(toks, 10) == a_blocks[:1]
+    bm.grow("e", 4)
+    assert bm.num_cached == 0 and bm.lookup(toks, 10) == []
     bm.check_invariants()
 
 

@@ -29,7 +29,7 @@ def test_n_samples_share_one_prefill_and_equal_their_seeds(real):
         assert st == 200, r
         assert _hits(eng) - before == 3 * 32  # samples 1-3 found the first's 2 full blocks (prefill-only keeps 2)
         assert [c["index"] for c in r["choices"]] == [0, 1, 2, 3]
-        assert r["usage"]["completion_tokens"] == 20 and r["usage"]["prompt_tokens"] == 4 * 40
+        assert r["usage"]["completion_tokens"] == 20 and r["usage"]["prompt_tokens"] == 40  # the prompt once
         for j, c in enumerate(r["choices"]):
             st, one = await post(client, "/v1/completions", {**base, "seed": 7 + j})
             assert c["token_ids"] == one["choices"][0]["token_ids"], j
@@ -76,3 +76,19 @@ def test_bad_n_and_best_of_are_400s(real):
              ("/v1/chat/completions", {**chat, "best_of": 2}, "best_of")]
 
     expect_400s(cases, engine=eng, tokenizer=tok, vocab_size=cfg.vocab_size)
+
+
+def test_chat_n_gives_a_message_per_sample(real):
+    eng, tok, _, cfg = real
+
+    async def fn(client, _eng, _orch):
+        body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 1.0, "seed": 11,
+                "n": 2, "ignore_eos": True}
+        st, r = await post(client, "/v1/chat/completions", body)
+        assert st == 200, r
+        assert [c["index"] for c in r["choices"]] == [0, 1] and r["usage"]["completion_tokens"] == 8
+        for j, c in enumerate(r["choices"]):
+            _, one = await post(client, "/v1/chat/completions", {**body, "n": 1, "seed": 11 + j})
+            assert c["message"]["content"] == one["choices"][0]["message"]["content"]
+
+    serve(fn, engine=eng, tokenizer=tok, vocab_size=cfg.vocab_size)
