@@ -248,7 +248,8 @@ BAD_FIELDS = [
     ({"seed": -1}, "seed"), ({"seed": 2**64}, "seed"), ({"seed": "1"}, "seed"), ({"seed": 1.5}, "seed"),
     ({"stop": 5}, "stop"), ({"stop": ["a"] * 5}, "stop"), ({"stop": [""]}, "stop"), ({"stop": ["a", 3]}, "stop"),
     ({"stop_token_ids": [5000]}, "stop_token_ids"), ({"stop_token_ids": 5}, "stop_token_ids"),
-    ({"n": 2}, "n"), ({"n": True}, "n"), ({"best_of": 3}, "best_of"), ({"echo": "yes"}, "echo"),
+    ({"n": 0}, "n"), ({"n": True}, "n"), ({"best_of": 0}, "best_of"), ({"n": 3, "best_of": 2}, "best_of"),
+    ({"echo": "yes"}, "echo"),
     ({"logprobs": 21}, "logprobs"), ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"stream": "yes"}, "stream"), ({"ignore_eos": 1}, "ignore_eos"),
     ({"stream_options": {"include_usage": True}}, "stream_options"),
@@ -500,7 +501,7 @@ def test_metrics_endpoint_counts_move():
         for n in (1, 3, 5):
             st, _ = await post(client, "/v1/completions", {"prompt": "ab", "max_tokens": n})
             assert st == 200
-        await post(client, "/v1/completions", {"prompt": "ab", "n": 3})
+        await post(client, "/v1/completions", {"prompt": "ab", "n": 0})
         resp = await client.get("/metrics")
         assert resp.status == 200 and resp.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         m = parse_prometheus(await resp.text())

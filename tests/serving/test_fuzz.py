@@ -201,11 +201,17 @@ def check_answer(status: int, headers: dict[str, str], payload: object, route: s
     assert u["total_tokens"] == u["prompt_tokens"] + u["completion_tokens"]
 
 
-def num_choices(headers: dict[str, str], payload: object) -> int:
-    """Requests a 200 answer stands for (a batch of prompts: one each)."""
+def num_choices(headers: dict[str, str], payload: object, body: bytes = b"") -> int:
+    """Requests a 200 answer stands for (a batch of prompts and n samples: one each; best_of: best_of per
+    n choices, the others were generated and dropped)."""
     if headers["Content-Type"].startswith("text/event-stream"):
         return len({c["choices"][0]["index"] for c in payload[:-1] if c["choices"]})
-    return len(payload["choices"])
+    try:
+        sent = json.loads(body)
+        n, best_of = sent.get("n") or 1, sent.get("best_of") or sent.get("n") or 1
+    except (ValueError, AttributeError):
+        n = best_of = 1
+    return len(payload["choices"]) * best_of // n
 
 
 def test_fuzzed_requests_get_4xx_or_a_completion_and_leave_nothing_behind(real):
@@ -239,7 +245,7 @@ def test_fuzzed_requests_get_4xx_or_a_completion_and_leave_nothing_behind(real):
                 seen["200 streamed"] = seen.get("200 streamed", 0) + 1
             check_answer(status, headers, payload, route)
             if status == 200:
-                seen["requests finished"] = seen.get("requests finished", 0) + num_choices(headers, payload)
+                seen["requests finished"] = seen.get("requests finished", 0) + num_choices(headers, payload, body)
             if want is not None:
                 assert (status, payload["error"][want[1]]) == (want[0], want[2]), (route, body[:80], payload)
 
