@@ -48,9 +48,9 @@ def resolve_cache_dir(spec: str | os.PathLike[str] | None = None) -> Path | None
     if spec is None:
         spec = os.environ.get(ENV_VAR) or os.environ.get("JAX_COMPILATION_CACHE_DIR")
     if spec is None:
-        from jaxserve.model.demo import cache_dir
+        from jaxserve.paths import cache_root
 
-        return cache_dir() / "xla"
+        return cache_root() / "xla"
     text = os.fspath(spec).strip()
     if text.lower() in (OFF, ""):
         return None

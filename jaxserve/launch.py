@@ -327,7 +327,7 @@ def main(argv: list[str] | None = None) -> int:
 
     args = parse_args(argv)
     show_logs(getattr(logging, args.log_level.upper()))  # e.g. each instance's KV pool size, and why
-    native.build_in_background()  # the CPU decode kernel builds while the model loads
+    native.build_in_background()  # the CPU kernels build (~4 s, once) while jax imports and the model loads
     try:
         deployment = deployment_from_args(args)
         ensure_host_devices(deployment.num_devices)

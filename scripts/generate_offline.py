@@ -138,10 +138,12 @@ def ensure_cpu_devices(config: str | None) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from jaxserve import native
+
+    native.build_in_background()  # the CPU kernels build (~4 s, once) while jax imports and the model loads
     ensure_cpu_devices(args.config)
     from tqdm import tqdm
 
-    from jaxserve import native
     from jaxserve.compile_cache import enable_compilation_cache, setting
     from jaxserve.llm import LLM
     from jaxserve.logs import show_logs
@@ -160,7 +162,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_prefix_caching:
         engine_kw["prefix_caching"] = False
     cache = enable_compilation_cache(args.compilation_cache)  # before anything compiles; logs where
-    native.build_in_background()  # the CPU decode kernel builds while the model loads
     try:
         llm = LLM(args.model, dtype=args.dtype, warmup=args.warmup, compilation_cache=setting(cache), **engine_kw)
     except (ValueError, OSError) as e:

@@ -112,7 +112,7 @@ def make_attention(backend: str = "auto", mesh: Mesh | None = None) -> Any:
     if backend in ("auto", "native") and not on_gpu:
         from jaxserve import native
 
-        if native.available():
+        if native.expected():  # a build in progress is waited for at the first trace, not here
             backend = "native"
         elif backend == "native":
             raise ValueError(f"the native attention kernel is unavailable: {native.unavailable_reason()}")

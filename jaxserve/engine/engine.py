@@ -144,13 +144,16 @@ class LLMEngine:
                 progress(done, total)
 
         with self.warm_lock:
-            n = self.runner.warmup(decode=decode, prefill=True, chunks=chunks, score=score, progress=report)
-            for i, b in enumerate(handoffs, n + 1):  # the hand-off's gather / scatter
+            # the hand-off's gather / scatter first: they need no attention kernel, which may still be building
+            report(0)
+            for i, b in enumerate(handoffs, 1):
                 blocks = self.executor.gather_blocks([NULL_BLOCK] * b)
                 if self.config.mode == "decode":  # writes the null block onto itself
                     self.executor.scatter_blocks([NULL_BLOCK] * b, blocks)
                 jax.block_until_ready(blocks)
                 report(i)
+            self.runner.warmup(decode=decode, prefill=True, chunks=chunks, score=score,
+                               progress=lambda done, _: done and report(done + len(handoffs)))
         for peer in self.transfer_peers:  # writes into the peer's pages: not while it warms up itself
             with peer.warm_lock:
                 self.transport.warmup(self.executor, peer.executor, self.max_model_len)

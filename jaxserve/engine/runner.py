@@ -234,7 +234,6 @@ class Runner:
                 greedy = SamplingArrays.from_params([], [], [], s.logits_rows)
                 self.executor.sample(logits, greedy)
                 self.executor.sample(logits, dataclasses.replace(greedy, temperature=greedy.temperature + 1.0))
-                self.executor.sample(logits, dataclasses.replace(greedy, logprobs=True))  # sample_full
             if s in scoring:
                 score_prompt_rows(logits, np.zeros(s.logits_rows, np.int32), 0)
             report(i, len(shapes))

@@ -15,7 +15,6 @@ loading path as a real checkpoint. It is written once (atomically) and reused.
 
 from __future__ import annotations
 
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -26,6 +25,7 @@ import numpy as np
 from jaxserve.config import ModelConfig
 from jaxserve.model.loader import export_hf
 from jaxserve.model.opt import Params, is_shape_tuple, param_shapes
+from jaxserve.paths import cache_root
 
 DEMO_NAME = "jaxserve-demo-opt"
 DEMO_VERSION = 1
@@ -51,7 +51,7 @@ def random_params_numpy(cfg: ModelConfig, seed: int = 0, std: float = 0.02) -> P
 
 
 def cache_dir() -> Path:
-    return Path(os.environ.get("JAXSERVE_CACHE", Path.home() / ".cache" / "jaxserve"))
+    return cache_root()
 
 
 def build_demo_model(out_dir: str | Path) -> Path:

@@ -4,19 +4,19 @@
     + per-row arrays: temperature [B], top_k [B], top_p [B], seed_lo/seed_hi [B] uint32, step [B],
       ban [B] int32 (a token the row may not pick: EOS before its ``min_tokens``; -1 none),
       min_p [B] float32, bias_ids / bias_vals [B, MAX_LOGIT_BIAS] (``logit_bias``; id -1: none)
-    --sample()--> token ids [B] int32
-    + with penalties or logprobs (``sample_full``, one more program per row count):
-      counts [B, V] float32 (each token's occurrences among the row's generated tokens),
+    + counts [B, V] float32 (each token's occurrences among the row's generated tokens),
       seen [B, V] bool (in the prompt or generated), presence / frequency / repetition [B]
-    --sample_full()--> Sampled(tokens [B], logprob [B], top_ids [B, 20], top_logprobs [B, 20])
+      (neutral, kept on device, when no row has a penalty), want_logprobs (bool)
+    --sample_full(), the one sampling program per row count (``greedy`` when no row samples)-->
+      Sampled(tokens [B], logprob [B], top_ids [B, 20], top_logprobs [B, 20])
 
 Order, as HF's generate applies its processors and warpers: ``logit_bias`` added to the raw logits,
 the banned token removed, the repetition penalty (HF's: a seen token's logit divided by it when
 positive, multiplied when negative), presence and frequency penalties (OpenAI's: minus
 ``presence`` once and ``frequency`` per occurrence among the generated tokens), then
 temperature, top-k, top-p and min-p (tokens whose probability is below ``min_p`` times the top
-token's). Greedy rows take the argmax after the bias, the ban and the penalties. Logprobs are the
-model's own: float32 log-softmax of the raw logits (vLLM's default), for the picked token and the
+token's; ``jaxserve.model.token_filters``: exact thresholds, no sort). Greedy rows take the argmax
+after the bias, the ban and the penalties. Logprobs are the model's own: float32 log-softmax of the raw logits (vLLM's default), for the picked token and the
 ``MAX_LOGPROBS`` most likely.
 
 A row's randomness depends only on its own seed and how many tokens it has
@@ -37,6 +37,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxserve.model.token_filters import gumbel, keep_mask
 from jaxserve.request import MAX_LOGIT_BIAS, MAX_LOGPROBS, SamplingParams, TokenLogprobs
 
 
@@ -122,11 +123,6 @@ def new_seed() -> int:
     return secrets.randbits(63)
 
 
-def _row_key(seed_lo: jax.Array, seed_hi: jax.Array, step: jax.Array) -> jax.Array:
-    key = jax.random.fold_in(jax.random.key(seed_lo), seed_hi)
-    return jax.random.fold_in(key, step)
-
-
 @jax.jit
 def greedy(logits: jax.Array) -> jax.Array:
     """argmax over the vocabulary: [B, V] -> [B] int32."""
@@ -144,19 +140,10 @@ def _pick(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: ja
     if penalize is not None:
         logits = penalize(logits)
     greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    t = jnp.where(temperature > 0, temperature, 1.0)
-    order = jnp.argsort(-logits, axis=-1, stable=True)  # [B, V] best first
-    sorted_logits = jnp.take_along_axis(logits, order, axis=-1) / t[:, None]
-    rank = jnp.arange(v, dtype=jnp.int32)[None, :]
-    keep = jnp.where(top_k[:, None] > 0, rank < top_k[:, None], True)
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-    before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly before each token
-    keep = keep & ((before < top_p[:, None]) | (rank == 0))
-    keep = keep & (sorted_logits - sorted_logits[:, :1] >= jnp.log(min_p)[:, None])  # p / p_top >= min_p
-    masked = jnp.where(keep, sorted_logits, -jnp.inf)
-    keys = jax.vmap(_row_key)(seed_lo, seed_hi, step)
-    pick = jax.vmap(lambda k, row: jax.random.categorical(k, row))(keys, masked)  # [B] rank
-    sampled = jnp.take_along_axis(order, pick[:, None], axis=-1)[:, 0].astype(jnp.int32)
+    x = logits / jnp.where(temperature > 0, temperature, 1.0)[:, None]
+    keep = keep_mask(x, top_k, top_p, min_p)
+    noise = gumbel(seed_lo, seed_hi, step, v)
+    sampled = jnp.argmax(jnp.where(keep, x + noise, -jnp.inf), axis=-1).astype(jnp.int32)
     return jnp.where((temperature > 0) & (top_k != 1), sampled, greedy_tok)
 
 
@@ -185,11 +172,11 @@ class Sampled(NamedTuple):
 
 
 @jax.jit
-def sample_full(logits: jax.Array, counts: jax.Array, seen: jax.Array, penalties: jax.Array,
+def sample_full(logits: jax.Array, counts: jax.Array, seen: jax.Array, penalties: jax.Array, want_logprobs: jax.Array,
                 *fields: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array, jax.Array]:
-    """``sample`` with the penalties (``penalties`` [B, 3]: presence, frequency, repetition) and the
-    raw logprobs: (tokens [B], logprob [B], top ids [B, K], top logprobs [B, K])."""
-    raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    """``sample`` with the penalties (``penalties`` [B, 3]: presence, frequency, repetition) and, when
+    ``want_logprobs`` (a bool scalar), the raw logprobs: (tokens [B], logprob [B], top ids [B, K],
+    top logprobs [B, K]; zeros without ``want_logprobs``). The one sampling program per row count."""
 
     def penalize(x: jax.Array) -> jax.Array:
         rep = penalties[:, 2:3]
@@ -197,8 +184,18 @@ def sample_full(logits: jax.Array, counts: jax.Array, seen: jax.Array, penalties
         return x - penalties[:, 1:2] * counts - penalties[:, 0:1] * (counts > 0)
 
     tokens = _pick(logits, *fields, penalize=penalize)
-    top_lp, top_ids = jax.lax.top_k(raw, MAX_LOGPROBS)
-    return tokens, jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
+    b = logits.shape[0]
+
+    def logprobs() -> tuple[jax.Array, jax.Array, jax.Array]:
+        raw = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+        top_lp, top_ids = jax.lax.top_k(raw, MAX_LOGPROBS)
+        return jnp.take_along_axis(raw, tokens[:, None], axis=-1)[:, 0], top_ids.astype(jnp.int32), top_lp
+
+    def skipped() -> tuple[jax.Array, jax.Array, jax.Array]:
+        return (jnp.zeros(b, jnp.float32), jnp.zeros((b, MAX_LOGPROBS), jnp.int32),
+                jnp.zeros((b, MAX_LOGPROBS), jnp.float32))
+
+    return (tokens, *jax.lax.cond(want_logprobs, logprobs, skipped))
 
 
 @jax.jit
@@ -244,7 +241,7 @@ def _counts(arrays: SamplingArrays, batch: int, vocab: int) -> tuple[np.ndarray,
     seen = np.zeros((batch, vocab), np.bool_)
     for row, (tokens, prompt_len) in enumerate(arrays.history):
         ids = np.asarray(tokens, np.int64)
-        ids = ids[(ids >= 0) & (ids < vocab)] if len(ids) else ids
+        ids = ids[(ids >= 0) & (ids < vocab)]
         seen[row, ids] = True
         out = np.asarray(tokens[prompt_len:], np.int64)
         out = out[(out >= 0) & (out < vocab)]
@@ -253,21 +250,24 @@ def _counts(arrays: SamplingArrays, batch: int, vocab: int) -> tuple[np.ndarray,
 
 
 def sample_tokens(logits: jax.Array, arrays: SamplingArrays, place: Any = None) -> Sampled:
-    """Host entry: greedy fast path when every row is greedy, ``sample_full`` when a row has penalties
-    or wants logprobs, else ``sample``. ``place``: where the per-row arrays go (the logits' sharding
-    or device), for logits committed to a mesh."""
-    if arrays.full:
-        b, v = logits.shape
-        if arrays.penalties is not None:
-            counts, seen = _counts(arrays, b, v)
-            pen = (counts, seen, arrays.penalties)
-        else:  # logprobs only: neutral penalty inputs, made once per shape and placement, kept on device
-            pen = _neutral(b, v, place)
-        fields = arrays.fields() if place is None else jax.device_put(arrays.fields(), place)
-        if arrays.penalties is not None and place is not None:
-            pen = jax.device_put(pen, place)
-        return Sampled(*(np.asarray(x) for x in sample_full(logits, *pen, *fields)))
-    if arrays.all_greedy:
+    """Host entry: ``greedy`` when every row is greedy and nothing needs logprobs, else ``sample_full``
+    (penalty inputs built on the host when a row has penalties, else neutral ones kept on device).
+    ``place``: where the per-row arrays go (the logits' sharding or device), for logits committed
+    to a mesh."""
+    if arrays.all_greedy and not arrays.full:
         return Sampled(np.asarray(greedy(logits)))
-    fields = arrays.fields() if place is None else jax.device_put(arrays.fields(), place)
-    return Sampled(np.asarray(sample(logits, *fields)))
+    b, v = logits.shape
+    if arrays.penalties is not None:
+        pen = (*_counts(arrays, b, v), arrays.penalties)
+        if place is not None:
+            pen = jax.device_put(pen, place)
+    else:  # neutral penalty inputs, made once per shape and placement, kept on device
+        pen = _neutral(b, v, place)
+    want = np.bool_(arrays.logprobs)
+    fields = (want, *arrays.fields())
+    if place is not None:
+        fields = jax.device_put(fields, place)
+    out = sample_full(logits, *pen, *fields)
+    if not arrays.logprobs:
+        return Sampled(np.asarray(out[0]))
+    return Sampled(*(np.asarray(x) for x in out))

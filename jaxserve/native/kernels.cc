@@ -3,3 +3,4 @@
 #include "paged_decode.cc"
 #include "packed_prefill.cc"
 #include "paged_prefill.cc"
+#include "token_filters.cc"

@@ -23,7 +23,7 @@ from jaxserve.engine.pipeline import split_layers, stage_params
 from jaxserve.model.demo import random_params_numpy
 from jaxserve.model.inputs import StepShape, dummy_step_inputs
 from jaxserve.model.opt import init_kv_cache
-from jaxserve.model.sampling import greedy, sample
+from jaxserve.model.sampling import greedy, sample_full
 from jaxserve.parallel.sharding import kv_sharding, make_mesh, param_shardings, replicated
 
 CFG = ModelConfig(name="lower", vocab_size=256, hidden_size=64, num_hidden_layers=4, ffn_dim=128,
@@ -82,7 +82,8 @@ def test_embed_head_samplers_and_handoffs_lower_for_cuda(placed):
     rows = (jnp.ones(4), jnp.zeros(4, jnp.int32), jnp.ones(4), jnp.zeros(4, jnp.uint32), jnp.zeros(4, jnp.uint32),
             jnp.zeros(4, jnp.int32), jnp.full(4, -1, jnp.int32), jnp.zeros(4), jnp.full((4, 64), -1, jnp.int32),
             jnp.zeros((4, 64)))
-    lower_for_cuda(sample, logits, *rows)
+    pen = (jnp.zeros((4, CFG.vocab_size)), jnp.zeros((4, CFG.vocab_size), jnp.bool_), jnp.ones((4, 3)))
+    lower_for_cuda(sample_full, logits, *pen, jnp.bool_(True), *rows)
     idx = jnp.arange(4, dtype=jnp.int32)
     lower_for_cuda(gather_pages, kv, idx)
     blocks = [(k[:4], v[:4]) for k, v in kv]
