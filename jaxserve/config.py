@@ -185,7 +185,8 @@ class EngineConfig:
     ``mode``: ``colocated`` (prefill-first continuous batching), ``chunked``
     (Sarathi-style chunked prefill), ``prefill`` / ``decode`` (disaggregated roles).
     KV capacity: ``num_blocks`` if given, else ``kv_cache_gb`` of KV, else enough for
-    ``max_num_seqs`` full-length sequences (capped by device memory where known).
+    ``max_num_seqs`` full-length sequences, or ``workload_blocks`` when fewer (an offline batch's
+    requests at once), capped by device memory where known.
     """
 
     mode: str = "colocated"
@@ -195,6 +196,7 @@ class EngineConfig:
     max_model_len: int | None = None  # default: the model's max positions
     kv_cache_gb: float | None = None
     num_blocks: int | None = None
+    workload_blocks: int | None = None  # the most KV blocks the workload can use at once (offline: known)
     tp: int = 1
     pp: int = 1
     attention: str = "auto"  # auto (Pallas on GPU, native kernel else XLA on CPU) | xla | native | pallas | pallas-interpret
@@ -211,7 +213,7 @@ class EngineConfig:
                 raise ConfigError(f"{f} must be a positive integer, got {v!r}")
         if self.block_size & (self.block_size - 1):
             raise ConfigError(f"block_size must be a power of two, got {self.block_size}")
-        for f in ("max_num_batched_tokens", "max_model_len", "num_blocks"):
+        for f in ("max_num_batched_tokens", "max_model_len", "num_blocks", "workload_blocks"):
             v = getattr(self, f)
             if v is not None and (not isinstance(v, int) or v <= 0):
                 raise ConfigError(f"{f} must be a positive integer, got {v!r}")
@@ -232,7 +234,7 @@ class EngineConfig:
 
 ROLES = ("prefill", "decode", "colocated")
 _INSTANCE_ENGINE_KEYS = ("block_size", "max_num_seqs", "max_num_batched_tokens", "max_model_len", "kv_cache_gb",
-                         "num_blocks", "attention", "prefix_caching")
+                         "num_blocks", "workload_blocks", "attention", "prefix_caching")
 
 
 @dataclasses.dataclass(frozen=True)

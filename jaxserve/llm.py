@@ -19,7 +19,7 @@ from jaxserve.config import DeploymentConfig, EngineConfig
 from jaxserve.engine.build import build_engine
 from jaxserve.engine.engine import LLMEngine
 from jaxserve.engine.frontend import run_requests
-from jaxserve.model.checkpoint import load_model
+from jaxserve.model.checkpoint import LoadedModel, load_model
 from jaxserve.request import FinishReason, Request, SamplingError, SamplingParams
 from jaxserve.runtime.instance import LocalInstance
 from jaxserve.runtime.router import Router
@@ -44,7 +44,8 @@ class LLM:
     ``max_num_seqs``, ``max_num_batched_tokens``, ``max_model_len``, ``block_size``, ``tp``, ``pp``).
     ``config`` (a deployment YAML, a planner plan JSON, or a DeploymentConfig) runs the listed
     instances instead, e.g. one prefill and one decode instance (then the keywords fill in
-    every instance's unset limits, and ``mode`` applies to colocated instances).
+    every instance's unset limits, and ``mode`` applies to colocated instances). ``model`` may also be
+    a ``LoadedModel`` already loaded (e.g. to size ``workload_blocks`` with its tokenizer first).
     Shapes compile on first use; pass ``warmup=True`` to compile them all up front (with a progress
     report on stderr unless ``warmup_progress=False``). Compiled programs are kept in the persistent
     compilation cache ``compilation_cache`` (a directory, "off", or None for the default of
@@ -52,14 +53,14 @@ class LLM:
     so the next process with the same model and limits compiles nothing.
     """
 
-    def __init__(self, model: str | None = None, *, dtype: str = "float32", warmup: bool = False,
+    def __init__(self, model: str | LoadedModel | None = None, *, dtype: str = "float32", warmup: bool = False,
                  config: str | DeploymentConfig | None = None, compilation_cache: str | None = None,
                  warmup_progress: bool = True, **engine_kw: Any) -> None:
         self.compilation_cache = enable_compilation_cache(compilation_cache)
         deployment = DeploymentConfig.load(config) if isinstance(config, str) else config
         if model is None and deployment is not None:
             model = deployment.model
-        lm = load_model(model, dtype)
+        lm = model if isinstance(model, LoadedModel) else load_model(model, dtype)
         self.cfg = lm.cfg
         self.model_name = lm.source
         self.tokenizer = Tokenizer.from_dir(lm.tokenizer_dir) if lm.tokenizer_dir is not None else None

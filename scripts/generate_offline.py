@@ -119,6 +119,26 @@ def validate(obj: Any, llm: Any, base: Any) -> tuple[list[int], Any, Any]:
     return req.prompt_token_ids, sp, prompt
 
 
+def workload_blocks(lines: list[tuple[int, Any]], tokenizer: Any, base: Any, block_size: int) -> int | None:
+    """KV blocks of ``block_size`` that every readable request needs at once (prompt + max_tokens each);
+    lines that will be rejected count nothing. None when no line is readable."""
+    total = 0
+    for _, obj in lines:
+        if not isinstance(obj, dict):
+            continue
+        prompt, ids = obj.get("prompt"), obj.get("prompt_token_ids")
+        if isinstance(prompt, str) and tokenizer is not None:
+            n = len(tokenizer.encode(prompt))
+        elif isinstance(ids, list):
+            n = len(ids)
+        else:
+            continue
+        out = obj.get("max_tokens", base.max_tokens)
+        out = out if isinstance(out, int) and not isinstance(out, bool) and out > 0 else base.max_tokens
+        total += -(-(n + out) // block_size)
+    return total or None
+
+
 def _fields(sp: Any) -> dict[str, Any]:
     import dataclasses
     return {f.name: getattr(sp, f.name) for f in dataclasses.fields(sp)}
@@ -145,9 +165,12 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from jaxserve.compile_cache import enable_compilation_cache, setting
+    from jaxserve.config import EngineConfig
     from jaxserve.llm import LLM
     from jaxserve.logs import show_logs
+    from jaxserve.model.checkpoint import load_model
     from jaxserve.request import SamplingError, SamplingParams
+    from jaxserve.tokenizer import Tokenizer
 
     try:
         base = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
@@ -163,7 +186,11 @@ def main(argv: list[str] | None = None) -> int:
         engine_kw["prefix_caching"] = False
     cache = enable_compilation_cache(args.compilation_cache)  # before anything compiles; logs where
     try:
-        llm = LLM(args.model, dtype=args.dtype, warmup=args.warmup, compilation_cache=setting(cache), **engine_kw)
+        lm = load_model(args.model, args.dtype)
+        if args.kv_cache_gb is None:  # the KV pool holds what these requests can use at once, no more
+            tok = Tokenizer.from_dir(lm.tokenizer_dir) if lm.tokenizer_dir is not None else None
+            engine_kw["workload_blocks"] = workload_blocks(lines, tok, base, EngineConfig().block_size)
+        llm = LLM(lm, dtype=args.dtype, warmup=args.warmup, compilation_cache=setting(cache), **engine_kw)
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

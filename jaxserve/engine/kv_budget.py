@@ -52,8 +52,11 @@ def plan_kv(cfg: ModelConfig, config: EngineConfig, max_len: int, per_block: int
                               f"{why} (at most {left / GiB:.2f} GiB of KV fits), or {MORE}")
         return KVPlan(n, n * per_block, why)
     cap = config.max_num_seqs * blocks_needed(max_len, config.block_size) + 1
+    limit = f"max_num_seqs {config.max_num_seqs} x max_model_len {max_len}"
+    if config.workload_blocks is not None and config.workload_blocks + 1 < cap:
+        cap, limit = config.workload_blocks + 1, f"the {config.workload_blocks} blocks the workload can use at once"
     if memory is None:
-        return KVPlan(cap, cap * per_block, "max_num_seqs x max_model_len; memory not reported")
+        return KVPlan(cap, cap * per_block, f"{limit}; memory not reported")
     budget = int(memory.fraction * (memory.available - weights))
     if budget < one_seq * per_block:
         left = max(memory.available - weights, 0)
@@ -65,8 +68,7 @@ def plan_kv(cfg: ModelConfig, config: EngineConfig, max_len: int, per_block: int
     rule = (f"{memory.fraction:.0%} of the {(memory.available - weights) / GiB:.2f} GiB that "
             f"{weights / GiB:.2f} GiB of weights leave of {memory.source}")
     if n >= cap:
-        return KVPlan(cap, cap * per_block, f"capped by max_num_seqs {config.max_num_seqs} x max_model_len "
-                      f"{max_len}; {rule} would be {budget / GiB:.2f} GiB")
+        return KVPlan(cap, cap * per_block, f"capped by {limit}; {rule} would be {budget / GiB:.2f} GiB")
     return KVPlan(n, n * per_block, rule)
 
 

@@ -50,6 +50,23 @@ def test_jsonl_round_trip_with_bad_lines(tiny, workload, tmp_path):
     assert "3 requests (6 rejected)" in r.stderr and "tok/s" in r.stderr
 
 
+def test_kv_pool_holds_what_the_requests_can_use(tiny, workload, tmp_path):
+    """Without --kv-cache-gb the pool is the blocks every request needs at once (prompt + max_tokens,
+    16-token blocks), not max_num_seqs x max_model_len; the tokens are the same."""
+    d, _, _, _, _ = tiny
+    prompts, _, refs = workload
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"prompt_token_ids": prompts[3], "max_tokens": 5}) + "\n"
+                   + json.dumps({"prompt_token_ids": prompts[5]}) + "\n")
+    out = tmp_path / "out.jsonl"
+    r = _run(["--model", str(d), "--input", str(inp), "--output", str(out), "--max-tokens", "7"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    need = -(-(len(prompts[3]) + 5) // 16) + -(-(len(prompts[5]) + 7) // 16)
+    assert f"KV pool {need + 1} blocks" in r.stderr and f"the {need} blocks the workload can use at once" in r.stderr
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rows[0]["token_ids"] == refs[3][:5] and rows[1]["token_ids"] == refs[5][:7]
+
+
 def test_nothing_to_do_exits_nonzero(tiny, tmp_path):
     d, _, _, _, _ = tiny
     inp = tmp_path / "in.jsonl"
