@@ -268,8 +268,21 @@ class InstanceSpec:
                               f"{self.tp * self.pp * self.replicas}")
 
     def engine_config(self, mode_for_colocated: str = "colocated", **defaults: Any) -> EngineConfig:
-        mode = mode_for_colocated if self.role == "colocated" else self.role
-        return EngineConfig(mode=mode, tp=self.tp, pp=self.pp, **{**defaults, **dict(self.engine)})
+        """This instance's engine limits; a colocated instance runs ``mode_for_colocated`` unless its
+        own ``mode`` (colocated | chunked, e.g. from a chunked plan) says otherwise."""
+        own = dict(self.engine)
+        mode = own.pop("mode", mode_for_colocated) if self.role == "colocated" else self.role
+        return EngineConfig(mode=mode, tp=self.tp, pp=self.pp, **{**defaults, **own})
+
+
+def _engine_overrides(item: dict[str, Any]) -> tuple[tuple[str, Any], ...]:
+    """An instance item's engine limits, and ``mode`` (colocated | chunked) for a colocated instance."""
+    out = tuple((k, item[k]) for k in _INSTANCE_ENGINE_KEYS if k in item)
+    if "mode" in item:
+        if item.get("role") != "colocated" or item["mode"] not in ("colocated", "chunked"):
+            raise ConfigError(f"mode {item['mode']!r}: only a colocated instance takes a mode, colocated or chunked")
+        out += (("mode", item["mode"]),)
+    return out
 
 
 def _nodes(raw: Any) -> tuple[tuple[int, ...], ...] | None:
@@ -320,7 +333,7 @@ class DeploymentConfig:
         for n, item in enumerate(raw):
             if not isinstance(item, dict):
                 raise ConfigError(f"{source}: instances[{n}] must be a mapping")
-            keys = {"role", "tp", "pp", "replicas", "devices", "nodes", *_INSTANCE_ENGINE_KEYS}
+            keys = {"role", "tp", "pp", "replicas", "devices", "nodes", "mode", *_INSTANCE_ENGINE_KEYS}
             extra = sorted(set(item) - keys)
             if extra and not is_plan:
                 raise ConfigError(f"{source}: instances[{n}] has unknown keys {extra}")
@@ -330,7 +343,7 @@ class DeploymentConfig:
                     replicas=item.get("replicas", 1),
                     devices=tuple(item["devices"]) if item.get("devices") is not None else None,
                     nodes=_nodes(item.get("nodes")),
-                    engine=tuple((k, item[k]) for k in _INSTANCE_ENGINE_KEYS if k in item)))
+                    engine=_engine_overrides(item)))
             except ConfigError as e:
                 raise ConfigError(f"{source}: instances[{n}]: {e}") from e
         return cls(tuple(specs), model=d.get("model") if not is_plan else None, dtype=d.get("dtype", "float32"))

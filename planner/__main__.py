@@ -45,7 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--rate", type=float, default=None, help="target traffic, req/s")
     ap.add_argument("--affinity", default="high", choices=["high", "low"])
     ap.add_argument("--requests", type=int, default=2000, help="simulated requests per layout evaluation")
-    ap.add_argument("--chunked", type=int, default=0, help="colocated baseline with chunked prefill of this budget")
+    ap.add_argument("--chunked", type=int, default=512, metavar="TOKENS",
+                    help="token budget per iteration of the chunked-prefill mode (0: leave that mode out)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the plan JSON here")
     ap.add_argument("--plot", default=None, help="draw attainment-vs-rate curves to this PNG")
@@ -58,6 +59,8 @@ def spec_from_args(a: argparse.Namespace) -> SearchSpec:
         model = model_preset(a.model, dtype="float16")
     except ConfigError as e:
         raise PlannerError(f"--model {a.model!r}: {e}") from e
+    if a.chunked < 0:
+        raise PlannerError(f"--chunked must be >= 0, got {a.chunked}")
     for name in ("nodes", "gpus_per_node", "requests"):
         if getattr(a, name) < 1:
             raise PlannerError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
@@ -88,12 +91,13 @@ def format_table(plan: dict[str, Any]) -> str:
     for i, r in enumerate(plan["ranking"], 1):
         lines.append(f"{i:>4}  ({r['prefill'][0]},{r['prefill'][1]}) x {r['n_p']:<10} ({r['decode'][0]},"
                      f"{r['decode'][1]}) x {r['n_d']:<9}  {r['inter'] or '-':>5}  {r['per_device_goodput']:.3f}")
-    lines.append("colocated (tp,pp)  per-device goodput (req/s)")
+    lines.append("colocated / chunked (tp,pp)  per-device goodput (req/s)")
     for r in plan["colocated_ranking"]:
-        lines.append(f"  ({r['tp']},{r['pp']})           {r['per_device_goodput']:.3f}")
+        lines.append(f"  {r['mode']:<9} ({r['tp']},{r['pp']})      {r['per_device_goodput']:.3f}")
     if plan.get("feasible"):
         inst = ", ".join(f"{x['role']} tp={x['tp']} pp={x['pp']} x{x['replicas']}" for x in plan["instances"])
-        lines.append(f"chosen: {inst}; {plan['devices']} devices; per-device goodput "
+        lines.append(f"mode: {plan['why']}")
+        lines.append(f"chosen: {plan['mode']}: {inst}; {plan['devices']} devices; per-device goodput "
                      f"{plan['per_device_goodput']:.3f} req/s end to end (phase estimate "
                      f"{plan['phase_estimate_per_device_goodput']:.3f}); colocated "
                      f"{plan['colocated_per_device_goodput']:.3f}; predicted attainment "

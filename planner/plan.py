@@ -1,21 +1,27 @@
 """From search results to the plan JSON that ``jaxserve.launch`` reads.
 
-    SearchSpec --make_plan()--> search (planner.search) --> chosen Candidate + best colocated
-      --> node placement (tp inside a node; pp stages may span nodes)
-      --> end-to-end simulation: goodput by bisection (joint TTFT+TPOT) and attainment at the rate
-      --> plan dict (schema below) ; ``"feasible": false`` with a ``"reason"`` when nothing fits
+    SearchSpec --make_plan()--> search (planner.search): disaggregated Candidates, colocated and
+      chunked-prefill layouts --> each mode's best few: node placement (tp inside a node; pp stages
+      may span nodes) and end-to-end simulation (goodput by bisection, joint TTFT+TPOT)
+      --> the mode with the most per-device goodput --> plan dict (schema below);
+      ``"feasible": false`` with a ``"reason"`` when no mode fits
 
 Plan schema (all rates in req/s):
   feasible: bool, reason: str (when not feasible)
+  mode: disaggregated | colocated | chunked; why: the winner and the runner-up, with their goodput
+  alternatives: [{mode, layout, per_device_goodput}] the other modes' best, best first
   model, profile, hardware, affinity, cluster: {nodes, gpus_per_node}
   instances: [{role, tp, pp, replicas, nodes: [[node of each stage] per replica],
-               placement: [[{node, gpus: [...]} per stage] per replica], rate_per_instance}]
+               placement: [[{node, gpus: [...]} per stage] per replica], rate_per_instance}
+              (colocated: role "colocated", mode colocated | chunked, chunked: max_num_batched_tokens)]
   devices: total devices used; groups, inter: low-affinity node groups and segments (inter 0: high);  rate: the traffic rate the plan is sized for
   per_device_goodput: end-to-end (joint SLO) max rate / devices of the chosen plan
   phase_estimate_per_device_goodput: the search's per-phase estimate for the same plan
-  colocated_per_device_goodput, colocated: {tp, pp, replicas}, goodput_ratio_vs_colocated
+  colocated_per_device_goodput, colocated: {tp, pp, replicas, rate_per_instance}: the best prefill-first
+    colocated plan end to end; goodput_ratio_vs_colocated
   slo: {ttft, tpot, attainment}, workload: {...}, predicted_attainment (at ``rate``)
-  ranking: top layouts [{prefill: [tp, pp], decode: [tp, pp], n_p, n_d, inter, per_device_goodput}]
+  ranking: top disaggregated layouts [{prefill: [tp, pp], decode: [tp, pp], n_p, n_d, inter, per_device_goodput}]
+  colocated_ranking: [{mode, tp, pp, per_device_goodput}] (phase estimates)
   skipped: layouts left out and why
 """
 
@@ -31,7 +37,8 @@ from .search import Candidate, LayoutScore, Scorer, SearchSpec, best_colocated, 
 
 E2E_MIN_REQUESTS = 1500
 E2E_PER_INSTANCE = 250
-TOP_K_E2E = 4  # candidates re-scored end to end (joint SLO) before choosing
+TOP_K_E2E = 4  # disaggregated candidates re-scored end to end (joint SLO) before choosing
+TOP_K_COLOCATED = 2  # colocated and chunked layouts re-scored end to end, each
 
 
 def place(instances: list[tuple[str, int, int, int]], nodes: int, gpus_per_node: int
@@ -114,10 +121,49 @@ def _e2e_n(instances: int) -> int:
     return max(E2E_MIN_REQUESTS, E2E_PER_INSTANCE * instances)
 
 
+def evaluate_colocated(sc: Scorer, x: LayoutScore) -> dict[str, Any] | None:
+    """A colocated (or chunked) layout as a plan: replicas filling the cluster (or meeting --rate),
+    placed and scored end to end under the same joint SLO as a disaggregated plan."""
+    spec = sc.spec
+    reps = spec.devices // x.devices if spec.rate is None else math.ceil(spec.rate / x.rate - 1e-9)
+    placement = place([(x.role, x.tp, x.pp, reps)], spec.nodes, spec.gpus_per_node) if reps else None
+    if placement is None:
+        return None
+    n_req = _e2e_n(reps)
+
+    def att(rate: float) -> float:
+        return sc.colocated_result(x, reps, rate, n_req).attainment(spec.slo.ttft, spec.slo.tpot)
+
+    e2e_rate = goodput_by_bisection(att, spec.slo.attainment, x.rate * reps / 8, x.rate * reps, rel_tol=0.02,
+                                    expand=False)
+    rate = spec.rate if spec.rate is not None else e2e_rate
+    engine = {"mode": x.role} | ({"max_num_batched_tokens": sc.chunk_of(x.role)} if x.role == "chunked" else {})
+    return {
+        "feasible": True, "mode": x.role, "rate": rate, "devices": x.devices * reps, "groups": 1, "inter": 0,
+        "instances": [{"role": "colocated", "tp": x.tp, "pp": x.pp, "replicas": reps, **engine,
+                       "nodes": [[st["node"] for st in rep] for rep in placement[0]], "placement": placement[0],
+                       "rate_per_instance": x.rate}],
+        "per_device_goodput": e2e_rate / (x.devices * reps),
+        "phase_estimate_per_device_goodput": x.per_device,
+        "predicted_attainment": att(rate) if rate > 0 else 0.0,
+    }
+
+
+def _best(evals: list[dict[str, Any] | None]) -> dict[str, Any] | None:
+    good = [e for e in evals if e is not None]
+    return max(good, key=lambda e: e["per_device_goodput"]) if good else None
+
+
+def _layout(e: dict[str, Any]) -> str:
+    return " + ".join(f"{x.get('mode', x['role'])} tp={x['tp']} pp={x['pp']} x{x['replicas']}" for x in e["instances"])
+
+
 def make_plan(spec: SearchSpec, progress: Callable[[], None] | None = None) -> dict[str, Any]:
+    """Search every mode, score each mode's best layouts end to end under the same rules, and return
+    the plan with the most per-device goodput (its runner-ups under ``alternatives``)."""
     sc = Scorer(spec, progress)
     cands = search_high(sc) if spec.affinity == "high" else search_low(sc)
-    colo = best_colocated(sc)
+    colo, chunked = best_colocated(sc, "colocated"), best_colocated(sc, "chunked")
     plan: dict[str, Any] = {
         "model": spec.model_name,
         "profile": spec.profile.path if spec.profile else f"analytic:{spec.hardware.name}",
@@ -128,32 +174,39 @@ def make_plan(spec: SearchSpec, progress: Callable[[], None] | None = None) -> d
         "ranking": [{"prefill": [c.prefill.tp, c.prefill.pp], "decode": [c.decode.tp, c.decode.pp],
                      "n_p": c.n_p, "n_d": c.n_d, "inter": c.inter, "per_device_goodput": c.per_device}
                     for c in cands[:10]],
-        "colocated_ranking": [{"tp": x.tp, "pp": x.pp, "per_device_goodput": x.per_device} for x in colo[:10]],
+        "colocated_ranking": [{"mode": x.role, "tp": x.tp, "pp": x.pp, "per_device_goodput": x.per_device}
+                              for x in sorted(colo + chunked, key=lambda x: -x.per_device)[:10]],
     }
-    if not cands:
+    best = {"disaggregated": _best([evaluate(sc, c) for c in cands[:TOP_K_E2E]]),
+            "colocated": _best([evaluate_colocated(sc, x) for x in colo[:TOP_K_COLOCATED]]),
+            "chunked": _best([evaluate_colocated(sc, x) for x in chunked[:TOP_K_COLOCATED]])}
+    if best["disaggregated"] is not None:
+        best["disaggregated"]["mode"] = "disaggregated"
+    ranked = sorted((e for e in best.values() if e is not None), key=lambda e: -e["per_device_goodput"])
+    if not ranked:
         why = (f"no layout meets TTFT {spec.slo.ttft}s / TPOT {spec.slo.tpot}s for {spec.slo.attainment:.0%} "
                f"of requests" + (f" at rate {spec.rate} req/s" if spec.rate else "")
-               + f" on {spec.nodes}x{spec.gpus_per_node} devices")
+               + f" on {spec.nodes}x{spec.gpus_per_node} devices, in any mode (or none packs onto the nodes)")
         return {**plan, "feasible": False, "reason": why}
-    chosen = None
-    for cand in cands[:TOP_K_E2E]:
-        ev = evaluate(sc, cand)
-        if ev is not None and (chosen is None or ev["per_device_goodput"] > chosen["per_device_goodput"]):
-            chosen = ev
-    if chosen is None:
-        return {**plan, "feasible": False, "reason": "none of the best layouts packs onto the nodes"}
-    plan.update(chosen)
-    plan.update(colocated_summary(sc, colo[0] if colo else None))
+    plan.update(ranked[0])
+    plan["alternatives"] = [{"mode": e["mode"], "layout": _layout(e), "per_device_goodput": e["per_device_goodput"]}
+                            for e in ranked[1:]]
+    plan["why"] = _why(ranked)
+    c = best["colocated"]
+    plan["colocated_per_device_goodput"] = c["per_device_goodput"] if c else 0.0
+    plan["colocated"] = c and {k: c["instances"][0][k] for k in ("tp", "pp", "replicas", "rate_per_instance")}
     if plan["colocated_per_device_goodput"] > 0:
         plan["goodput_ratio_vs_colocated"] = plan["per_device_goodput"] / plan["colocated_per_device_goodput"]
     return plan
 
 
-def colocated_summary(sc: Scorer, x: LayoutScore | None) -> dict[str, Any]:
-    """Best colocated layout, replicated like the plan (for --rate) and scored end to end."""
-    if x is None:
-        return {"colocated_per_device_goodput": 0.0, "colocated": None}
-    spec = sc.spec
-    reps = 1 if spec.rate is None else math.ceil(spec.rate / x.rate - 1e-9)
-    return {"colocated_per_device_goodput": x.per_device,
-            "colocated": {"tp": x.tp, "pp": x.pp, "replicas": reps, "rate_per_instance": x.rate}}
+def _why(ranked: list[dict[str, Any]]) -> str:
+    top = ranked[0]
+    if len(ranked) == 1:
+        return f"{top['mode']}: the only mode with a layout that meets the SLO"
+    run = ranked[1]
+    lead = (f"{top['mode']} ({_layout(top)}) serves {top['per_device_goodput']:.3f} req/s per device within the "
+            f"SLO; the runner-up, {run['mode']} ({_layout(run)}), {run['per_device_goodput']:.3f}")
+    if run["per_device_goodput"] > 0:
+        return f"{lead} ({top['per_device_goodput'] / run['per_device_goodput']:.2f}x)"
+    return lead

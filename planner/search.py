@@ -2,8 +2,9 @@
 
     SearchSpec (model, latency source, cluster, workload, SLO, affinity, rate)
       --score_layout()-->  per-instance max rate meeting the SLO (bisection over the simulator)
-            prefill layouts: TTFT attainment;  decode: TPOT attainment;  colocated: both
-      --search_high() / search_low()-->  ranked Candidates (disaggregated) + best colocated
+            prefill layouts: TTFT attainment;  decode: TPOT attainment;  colocated / chunked: both
+      --search_high() / search_low()-->  ranked Candidates (disaggregated);  best_colocated(): ranked
+            colocated (prefill-first) and chunked-prefill layouts
       --> planner.plan.build_plan() writes the plan JSON
 
 High node-affinity: prefill and decode layouts are scored independently and paired; a
@@ -34,7 +35,8 @@ from .latency import DISAGG_ENGINE, InstanceModel, PhaseModel, Profile
 from .simulator import SimResult, kv_need, run_decode, run_disaggregated, run_prefill
 from .workload import MAX_CONTEXT, Workload
 
-ROLES = ("prefill", "decode", "colocated")
+ROLES = ("prefill", "decode", "colocated", "chunked")
+COLOCATED_ROLES = ("colocated", "chunked")  # one instance runs both phases: prefill-first, or chunked prefill
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,7 +55,7 @@ class SearchSpec:
     seed: int = 0
     token_budget: int = 2048
     max_batch: int = 256
-    chunk: int = 0  # colocated baseline: 0 prefill-first, else chunked prefill budget
+    chunk: int = 512  # the chunked mode's token budget per iteration (the engine's default); 0: not considered
 
     @property
     def devices(self) -> int:
@@ -119,7 +121,7 @@ class Scorer:
         self.progress = progress
 
     def engine(self, role: str) -> str:
-        if role == "colocated" and self.spec.profile is not None:
+        if role in COLOCATED_ROLES and self.spec.profile is not None:
             return self.spec.profile.colocated_engine()
         return DISAGG_ENGINE
 
@@ -220,7 +222,8 @@ class Scorer:
                 res = run_decode([inst], r, r.arrival, np.zeros(len(r)), SimResult.empty(r), max_batch=s.max_batch)
                 tpot = (res.finish - r.arrival) / np.maximum(r.output_len - 1, 1)
                 return float(np.mean(tpot <= s.slo.tpot))
-            res = run_colocated([inst], r, token_budget=s.token_budget, max_batch=s.max_batch, chunk=s.chunk)
+            res = run_colocated([inst], r, token_budget=s.token_budget, max_batch=s.max_batch,
+                                chunk=self.chunk_of(role))
             return res.attainment(s.slo.ttft, s.slo.tpot)
         return att
 
@@ -257,13 +260,17 @@ class Scorer:
         return run_disaggregated([p] * (cand.n_p * groups), [d] * (cand.n_d * groups), reqs, kv_link_bw=bw,
                                  kv_parallel_links=links, token_budget=s.token_budget, max_batch=s.max_batch)
 
+    def chunk_of(self, role: str) -> int:
+        """The chunked-prefill budget a colocated role runs with (0: prefill-first)."""
+        return self.spec.chunk if role == "chunked" else 0
+
     def colocated_result(self, score: LayoutScore, replicas: int, rate: float, n: int) -> SimResult:
         s = self.spec
-        inst = self.instance("colocated", score.tp, score.pp)
+        inst = self.instance(score.role, score.tp, score.pp)
         assert inst is not None
         reqs = s.workload.sample(n, rate, seed=s.seed + 1)
         return run_colocated([inst] * replicas, reqs, token_budget=s.token_budget, max_batch=s.max_batch,
-                             chunk=s.chunk)
+                             chunk=self.chunk_of(score.role))
 
 
 def _best_counts(p: LayoutScore, d: LayoutScore, budget: int, rate: float | None) -> tuple[int, int] | None:
@@ -329,12 +336,14 @@ def search_low(sc: Scorer) -> list[Candidate]:
     return sorted(cands, key=Candidate.sort_key)
 
 
-def best_colocated(sc: Scorer) -> list[LayoutScore]:
-    """Colocated layouts under the same cluster, best per-device first (those meeting --rate)."""
+def best_colocated(sc: Scorer, role: str = "colocated") -> list[LayoutScore]:
+    """Colocated (or chunked) layouts under the same cluster, best per-device first (those meeting --rate)."""
     s = sc.spec
+    if role == "chunked" and not s.chunk:
+        return []
     out = []
-    for tp, pp in sc.layouts("colocated", s.devices):
-        x = sc.score("colocated", tp, pp)
+    for tp, pp in sc.layouts(role, s.devices):
+        x = sc.score(role, tp, pp)
         if x and x.rate > 0 and (s.rate is None or math.ceil(s.rate / x.rate - 1e-9) * x.devices <= s.devices):
             out.append(x)
     return sorted(out, key=lambda x: (-x.per_device, x.devices))

@@ -191,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             tok = Tokenizer.from_dir(lm.tokenizer_dir) if lm.tokenizer_dir is not None else None
             engine_kw["workload_blocks"] = workload_blocks(lines, tok, base, EngineConfig().block_size)
         llm = LLM(lm, dtype=args.dtype, warmup=args.warmup, compilation_cache=setting(cache), **engine_kw)
+        del lm  # the host copy of the weights: the engine holds its own
     except (ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -90,3 +90,25 @@ def test_stages_spanning_plan_nodes_get_a_bundle_per_segment():
                    (0, 1.0, 1, range(0, 1)), (1, 1.0, 1, range(1, 2)), (1, 2.0, 2, range(0, 2))]
     with pytest.raises(ConfigError, match="each of its 2 stage"):
         DeploymentConfig.from_dict({"instances": [{"role": "colocated", "pp": 2, "nodes": [[0]]}]})
+
+
+def test_a_chunked_colocated_plan_runs_replicas_behind_one_router(tiny, workload):
+    """A planner plan of colocated instances in chunked mode: two replicas, each a chunked engine with
+    the plan's token budget, behind one router; tokens equal HF's. A mode on a disaggregated role is
+    refused."""
+    _, _, cfg, params, _ = tiny
+    prompts, max_tokens, refs = workload
+    plan = {"feasible": True, "mode": "chunked", "per_device_goodput": 2.0, "devices": 2,
+            "instances": [{"role": "colocated", "tp": 1, "pp": 1, "replicas": 2, "mode": "chunked",
+                           "max_num_batched_tokens": 64, "nodes": [[0], [0]], "rate_per_instance": 1.0}]}
+    dep = DeploymentConfig.from_dict(plan)
+    eng = build_engine(cfg, params, dep, max_model_len=512)
+    cores = [s.inst.core for s in eng.colocated]
+    assert len(cores) == 2 and {c.config.mode for c in cores} == {"chunked"}
+    assert {c.config.max_num_batched_tokens for c in cores} == {64}
+    pick = (4, 9, 11, 20)  # prompts of 299 tokens (five 64-token chunks), then shorter ones
+    reqs = [Request(f"r{i}", prompts[i], SamplingParams(max_tokens=max_tokens[i], ignore_eos=True)) for i in pick]
+    out = run_requests(eng, reqs)
+    assert [o.token_ids for o in out] == [refs[i] for i in pick]
+    with pytest.raises(ConfigError, match="only a colocated instance takes a mode"):
+        DeploymentConfig.from_dict({"instances": [{"role": "prefill", "mode": "chunked"}, {"role": "decode"}]})

@@ -5,6 +5,7 @@ import json
 import numpy as np
 import pytest
 
+from jaxserve.config import DeploymentConfig
 from planner.__main__ import build_parser, main, spec_from_args
 from planner.plan import make_plan
 from planner.replan import WorkloadProfiler
@@ -30,6 +31,30 @@ def test_opt13b_chatbot_prefers_wider_prefill_and_beats_colocated(plan13):
     assert plan13["per_device_goodput"] > 1.1 * plan13["colocated_per_device_goodput"]
     assert plan13["predicted_attainment"] >= 0.9
     assert plan13["devices"] == sum(x["tp"] * x["pp"] * x["replicas"] for x in plan13["instances"]) <= 8
+
+
+def test_the_plan_is_the_mode_with_the_most_goodput(plan13):
+    """Every mode is scored end to end under the same joint SLO; the plan says why it won. Tight
+    chatbot SLOs on OPT-13B: disaggregated. Loose SLOs, short prompts and long outputs on two GPUs:
+    colocated (or chunked); one GPU: only colocated can run (it used to be "infeasible")."""
+    assert plan13["mode"] == "disaggregated"
+    alts = plan13["alternatives"]
+    assert {a["mode"] for a in alts} == {"colocated", "chunked"}
+    assert all(a["per_device_goodput"] <= plan13["per_device_goodput"] for a in alts)
+    assert alts[0]["mode"] in plan13["why"] and "disaggregated" in plan13["why"]
+    loose = plan_for("--model", "opt-13b", "--workload", "fixed:32:512", "--ttft", "5", "--tpot", "0.2",
+                     "--gpus-per-node", "2", "--requests", "400")
+    assert loose["mode"] in ("colocated", "chunked") and loose["feasible"]
+    (inst,) = loose["instances"]
+    assert inst["role"] == "colocated" and inst["mode"] == loose["mode"]
+    assert inst["replicas"] * inst["tp"] * inst["pp"] == loose["devices"] <= 2
+    dis = next(a for a in loose["alternatives"] if a["mode"] == "disaggregated")
+    assert loose["per_device_goodput"] > 1.2 * dis["per_device_goodput"]
+    dep = DeploymentConfig.from_dict(loose)  # what the launcher reads
+    assert {i.engine_config().mode for i in dep.instances} == {loose["mode"]}
+    one = plan_for("--model", "opt-13b", "--workload", "humaneval", "--ttft", "5", "--tpot", "0.2",
+                   "--gpus-per-node", "1", "--requests", "300")
+    assert one["feasible"] and one["mode"] in ("colocated", "chunked") and one["devices"] == 1
 
 
 def test_plan_json_schema_and_placement(plan13):
