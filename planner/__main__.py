@@ -18,6 +18,7 @@ from tqdm import tqdm
 from jaxserve.config import ConfigError, model_preset
 from jaxserve.slo import SLO
 
+from .assumptions import parse as parse_assumptions
 from .errors import PlannerError
 from .hardware import hardware_spec
 from .latency import DISAGG_ENGINE, load_profile
@@ -47,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--requests", type=int, default=2000, help="simulated requests per layout evaluation")
     ap.add_argument("--chunked", type=int, default=512, metavar="TOKENS",
                     help="token budget per iteration of the chunked-prefill mode (0: leave that mode out)")
+    ap.add_argument("--assumptions", default="jaxserve", metavar="jaxserve|distserve[+SWITCH,...]",
+                    help="what is modelled: jaxserve's engine, or DistServe's simulator (P90 TTFT and P90 TPOT "
+                         "checked apart, no KV transfer time, no KV memory limit, whole-queue prefill batches, one "
+                         "prefill + one decode instance); distserve+kv_capacity,... puts those of ours back "
+                         "(planner/assumptions.py)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="write the plan JSON here")
     ap.add_argument("--plot", default=None, help="draw attainment-vs-rate curves to this PNG")
@@ -77,13 +83,18 @@ def spec_from_args(a: argparse.Namespace) -> SearchSpec:
         profile.require_model(DISAGG_ENGINE, a.model)
         profile.require_model(profile.colocated_engine(), a.model)
         hw = hardware_spec(a.link_hardware or profile.hardware_name)
+    try:
+        assumptions = parse_assumptions(a.assumptions)
+    except ValueError as e:
+        raise PlannerError(str(e)) from e
     wl = workload(a.workload, a.arrival, a.cv)
     if wl.trace is not None and len(wl.trace) < a.requests:
         print(f"warning: the trace {a.workload} has {len(wl.trace)} requests, fewer than --requests "
               f"{a.requests}: every layout is scored on those {len(wl.trace)} (few requests make a noisy "
               "goodput)", file=sys.stderr)
     return SearchSpec(a.model, model, profile, hw, slo, wl, a.nodes,
-                      a.gpus_per_node, a.affinity, a.rate, a.requests, a.seed, chunk=a.chunked)
+                      a.gpus_per_node, a.affinity, a.rate, a.requests, a.seed, chunk=a.chunked,
+                      assumptions=assumptions)
 
 
 def format_table(plan: dict[str, Any]) -> str:

@@ -38,7 +38,7 @@ from .search import Candidate, LayoutScore, Scorer, SearchSpec, best_colocated, 
 E2E_MIN_REQUESTS = 1500
 E2E_PER_INSTANCE = 250
 TOP_K_E2E = 4  # disaggregated candidates re-scored end to end (joint SLO) before choosing
-TOP_K_COLOCATED = 2  # colocated and chunked layouts re-scored end to end, each
+TOP_K_COLOCATED = 1  # the best colocated and the best chunked layout are re-scored end to end
 
 
 def place(instances: list[tuple[str, int, int, int]], nodes: int, gpus_per_node: int
@@ -97,7 +97,8 @@ def evaluate(sc: Scorer, best: Candidate) -> dict[str, Any] | None:
     n_req = _e2e_n(n_p + n_d)
 
     def att(rate: float) -> float:
-        return sc.e2e_attainment(best, groups, rate, n_req).attainment(spec.slo.ttft, spec.slo.tpot)
+        res = sc.e2e_attainment(best, groups, rate, n_req)
+        return sc.slo_score(res.ttft(), res.tpot())
 
     est_rate = best.rate * groups  # at or above the end-to-end goodput: each phase alone reaches it
     e2e_rate = goodput_by_bisection(att, spec.slo.attainment, est_rate / 8, est_rate, rel_tol=0.02,
@@ -132,7 +133,8 @@ def evaluate_colocated(sc: Scorer, x: LayoutScore) -> dict[str, Any] | None:
     n_req = _e2e_n(reps)
 
     def att(rate: float) -> float:
-        return sc.colocated_result(x, reps, rate, n_req).attainment(spec.slo.ttft, spec.slo.tpot)
+        res = sc.colocated_result(x, reps, rate, n_req)
+        return sc.slo_score(res.ttft(), res.tpot())
 
     e2e_rate = goodput_by_bisection(att, spec.slo.attainment, x.rate * reps / 8, x.rate * reps, rel_tol=0.02,
                                     expand=False)
@@ -167,7 +169,7 @@ def make_plan(spec: SearchSpec, progress: Callable[[], None] | None = None) -> d
     plan: dict[str, Any] = {
         "model": spec.model_name,
         "profile": spec.profile.path if spec.profile else f"analytic:{spec.hardware.name}",
-        "hardware": spec.hardware.name, "affinity": spec.affinity,
+        "hardware": spec.hardware.name, "affinity": spec.affinity, "assumptions": spec.assumptions.name,
         "cluster": {"nodes": spec.nodes, "gpus_per_node": spec.gpus_per_node},
         "slo": {"ttft": spec.slo.ttft, "tpot": spec.slo.tpot, "attainment": spec.slo.attainment},
         "workload": spec.workload.describe(), "skipped": sc.skipped,

@@ -29,6 +29,7 @@ import numpy as np
 from jaxserve.config import ModelConfig
 from jaxserve.slo import SLO, goodput_by_bisection
 
+from .assumptions import DISTSERVE_PREFILL_TOKENS, DISTSERVE_STEP_TOKENS, JAXSERVE, Assumptions, slo_score
 from .colocated import run_colocated
 from .hardware import HardwareSpec, analytic_phase
 from .latency import DISAGG_ENGINE, InstanceModel, PhaseModel, Profile
@@ -56,7 +57,7 @@ class SearchSpec:
     token_budget: int = 2048
     max_batch: int = 256
     chunk: int = 512  # the chunked mode's token budget per iteration (the engine's default); 0: not considered
-
+    assumptions: Assumptions = JAXSERVE  # what is modelled: jaxserve's engine, or DistServe's simulator
     @property
     def devices(self) -> int:
         return self.nodes * self.gpus_per_node
@@ -116,6 +117,10 @@ class Scorer:
     def __init__(self, spec: SearchSpec, progress: Callable[[], None] | None = None) -> None:
         self.spec = spec
         self.reqs = spec.workload.sample(spec.n_requests, 1.0, seed=spec.seed)
+        a = spec.assumptions
+        # prefill batches: whole prompts up to the budget, or (DistServe) the whole queue up to its cap
+        self.token_budget = spec.token_budget if a.whole_queue else DISTSERVE_PREFILL_TOKENS
+        self.max_batch = spec.max_batch if a.whole_queue and a.kv_capacity else 10**6
         self.cache: dict[tuple[str, int, int], LayoutScore | None] = {}
         self.skipped: list[str] = []
         self.progress = progress
@@ -145,7 +150,8 @@ class Scorer:
             return None
         s = self.spec
         bw = s.hardware.intra_node_bw if tp * pp <= s.gpus_per_node else s.hardware.inter_node_bw
-        return InstanceModel(s.model, tp, pp, ph, s.hardware.memory_gib, stage_link_bw=bw)
+        kv = None if s.assumptions.kv_capacity else DISTSERVE_STEP_TOKENS
+        return InstanceModel(s.model, tp, pp, ph, s.hardware.memory_gib, stage_link_bw=bw, kv_tokens=kv)
 
     def layouts(self, role: str, max_devices: int) -> list[tuple[int, int]]:
         L = self.spec.model.num_hidden_layers
@@ -164,11 +170,11 @@ class Scorer:
         max_batch), one batch per step time (``prefill_step_time``). Prompts that do not pair up
         leave part of each batch's budget unused, so this is below ``budget / mean prompt``
         prompts per batch."""
-        s, k = self.spec, inst.costs
+        k = inst.costs
         total, tokens, batch = 0.0, 0, []
         export = 0.0
         for pl in self.reqs.prompt_len.tolist():
-            if batch and (len(batch) >= s.max_batch or tokens + pl > s.token_budget):
+            if batch and (len(batch) >= self.max_batch or tokens + pl > self.token_budget):
                 total += inst.prefill_step_time(batch) + export
                 tokens, batch, export = 0, [], 0.0
             tokens += pl
@@ -192,7 +198,7 @@ class Scorer:
         outputs hold their KV longest, so this is below ``cap / E[p + o]`` (by ~20% on ShareGPT).
         A running request's context, averaged over its steps, is E[n*p + n*(n+1)/2] / E[n].
         """
-        s, reqs = self.spec, self.reqs
+        reqs = self.reqs
         pre_rate = self.saturated_prefill_rate(inst)
         if role == "prefill":
             return pre_rate
@@ -201,7 +207,7 @@ class Scorer:
         mean_n = max(float(np.mean(n)), 1e-9)
         need = kv_need(reqs.prompt_len, reqs.output_len)  # per request (integer arrays)
         cap = inst.kv_capacity_tokens()
-        b = int(max(1, min(s.max_batch, cap * mean_n / max(float(np.mean(need * n)), 1e-9))))
+        b = int(max(1, min(self.max_batch, cap * mean_n / max(float(np.mean(need * n)), 1e-9))))
         ctx = float(np.mean(n * p + n * (n + 1) / 2)) / mean_n
         a, per_ctx, per_seq = inst.decode_lane_coeffs(b)  # the pp=1 step plus the hops between stages
         step = a + per_ctx * b * ctx + per_seq * b
@@ -210,21 +216,29 @@ class Scorer:
             return dec_rate
         return 1.0 / (1.0 / pre_rate + 1.0 / dec_rate)
 
+    def slo_score(self, ttft: np.ndarray | None, tpot: np.ndarray | None) -> float:
+        """What bisection compares with the attainment target (``planner.assumptions.slo_score``);
+        a phase scored alone passes None for the other metric."""
+        s = self.spec
+        n = len(ttft if ttft is not None else tpot)
+        zero = np.zeros(n)
+        return slo_score(zero if ttft is None else ttft, zero if tpot is None else tpot, s.slo.ttft, s.slo.tpot,
+                         s.slo.attainment, s.assumptions)
+
     def _attainment_fn(self, role: str, inst: InstanceModel) -> Callable[[float], float]:
-        s, reqs = self.spec, self.reqs
+        reqs = self.reqs
 
         def att(rate: float) -> float:
             r = reqs.scaled(rate)
             if role == "prefill":
-                res = run_prefill([inst], r, token_budget=s.token_budget, max_batch=s.max_batch)
-                return float(np.mean(res.ttft() <= s.slo.ttft))
+                res = run_prefill([inst], r, token_budget=self.token_budget, max_batch=self.max_batch)
+                return self.slo_score(res.ttft(), None)
             if role == "decode":
-                res = run_decode([inst], r, r.arrival, np.zeros(len(r)), SimResult.empty(r), max_batch=s.max_batch)
-                tpot = (res.finish - r.arrival) / np.maximum(r.output_len - 1, 1)
-                return float(np.mean(tpot <= s.slo.tpot))
-            res = run_colocated([inst], r, token_budget=s.token_budget, max_batch=s.max_batch,
+                res = run_decode([inst], r, r.arrival, np.zeros(len(r)), SimResult.empty(r), max_batch=self.max_batch)
+                return self.slo_score(None, (res.finish - r.arrival) / np.maximum(r.output_len - 1, 1))
+            res = run_colocated([inst], r, token_budget=self.token_budget, max_batch=self.max_batch,
                                 chunk=self.chunk_of(role))
-            return res.attainment(s.slo.ttft, s.slo.tpot)
+            return self.slo_score(res.ttft(), res.tpot())
         return att
 
     def score(self, role: str, tp: int, pp: int) -> LayoutScore | None:
@@ -256,9 +270,11 @@ class Scorer:
             bw, links = s.hardware.intra_node_bw, cand.inter
         else:
             bw, links = s.hardware.inter_node_bw, min(p.devices, d.devices)
+        if not s.assumptions.kv_transfer:
+            bw = math.inf
         reqs = s.workload.sample(n, rate, seed=s.seed + 1)
         return run_disaggregated([p] * (cand.n_p * groups), [d] * (cand.n_d * groups), reqs, kv_link_bw=bw,
-                                 kv_parallel_links=links, token_budget=s.token_budget, max_batch=s.max_batch)
+                                 kv_parallel_links=links, token_budget=self.token_budget, max_batch=self.max_batch)
 
     def chunk_of(self, role: str) -> int:
         """The chunked-prefill budget a colocated role runs with (0: prefill-first)."""
@@ -269,7 +285,7 @@ class Scorer:
         inst = self.instance(score.role, score.tp, score.pp)
         assert inst is not None
         reqs = s.workload.sample(n, rate, seed=s.seed + 1)
-        return run_colocated([inst] * replicas, reqs, token_budget=s.token_budget, max_batch=s.max_batch,
+        return run_colocated([inst] * replicas, reqs, token_budget=self.token_budget, max_batch=self.max_batch,
                              chunk=self.chunk_of(score.role))
 
 
@@ -298,7 +314,10 @@ def search_high(sc: Scorer) -> list[Candidate]:
     cands = []
     for p in pre:
         for d in dec:
-            counts = _best_counts(p, d, s.devices, s.rate)
+            if not s.assumptions.pairs:  # DistServe: one prefill and one decode instance per layout
+                counts = (1, 1) if p.devices + d.devices <= s.devices else None
+            else:
+                counts = _best_counts(p, d, s.devices, s.rate)
             if counts:
                 cands.append(Candidate(p, d, *counts))
     return sorted(cands, key=Candidate.sort_key)
@@ -336,13 +355,22 @@ def search_low(sc: Scorer) -> list[Candidate]:
     return sorted(cands, key=Candidate.sort_key)
 
 
-def best_colocated(sc: Scorer, role: str = "colocated") -> list[LayoutScore]:
-    """Colocated (or chunked) layouts under the same cluster, best per-device first (those meeting --rate)."""
+def best_colocated(sc: Scorer, role: str = "colocated", keep: int = 2) -> list[LayoutScore]:
+    """Colocated (or chunked) layouts under the same cluster, best per-device first (those meeting
+    --rate). Layouts are scored in order of their throughput bound per device, and once ``keep``
+    scores beat the next bound the rest are left out (a score never exceeds its bound)."""
     s = sc.spec
     if role == "chunked" and not s.chunk:
         return []
-    out = []
+    bounds = []
     for tp, pp in sc.layouts(role, s.devices):
+        inst = sc.instance(role, tp, pp)
+        ok = inst is not None and inst.kv_capacity_tokens() >= MAX_CONTEXT
+        bounds.append((sc.max_rate(role, inst) / (tp * pp) if ok else math.inf, tp, pp))  # inf: score() says why
+    out: list[LayoutScore] = []
+    for bound, tp, pp in sorted(bounds, key=lambda b: (-b[0], b[1] * b[2])):
+        if len(out) >= keep and bound <= sorted(x.per_device for x in out)[-keep]:
+            break
         x = sc.score(role, tp, pp)
         if x and x.rate > 0 and (s.rate is None or math.ceil(s.rate / x.rate - 1e-9) * x.devices <= s.devices):
             out.append(x)

@@ -12,6 +12,9 @@ Length mixes (all lengths in tokens, prompt_len + output_len <= 2048, OPT's cont
                 [40, 500]; output ~ lognormal(median 90, sigma 0.5) clipped to [8, 400].
   longbench     summarization (LongBench-like): output ~ uniform integers [16, 148];
                 prompt ~ uniform integers [1900, 2048 - output] (long prompts, short outputs).
+  sharegpt-anchor  the ShareGPT-like lengths DistServe's simulator ran on for the anchor figures of
+                docs/planner.md: prompt ~ lognormal(median 470, sigma 0.65), mean ~580; output ~
+                lognormal(median 120, sigma 0.9), mean ~180; prompt + output < 2048.
 Aliases: chatbot = sharegpt, code = humaneval, summarization = longbench.
 
 Arrivals: Poisson (exponential gaps), or gamma gaps with coefficient of variation
@@ -65,6 +68,13 @@ def _sharegpt(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]
     return p, o
 
 
+def _sharegpt_anchor(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The synthetic ShareGPT-like lengths DistServe's simulator was run on for the anchor figures."""
+    p = np.clip(_lognormal_int(rng, n, 470, 0.65), 4, 1800)
+    o = np.clip(_lognormal_int(rng, n, 120, 0.9), 2, MAX_CONTEXT - 1 - p)
+    return p, o
+
+
 def _humaneval(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
     p = np.clip(np.rint(rng.normal(150, 50, n)).astype(np.int64), 40, 500)
     o = np.clip(_lognormal_int(rng, n, 90, 0.5), 8, 400)
@@ -81,7 +91,8 @@ def _fixed(prompt: int, output: int) -> LengthSampler:
     return lambda n, rng: (np.full(n, prompt, np.int64), np.full(n, output, np.int64))
 
 
-LENGTH_MIXES: dict[str, LengthSampler] = {"sharegpt": _sharegpt, "humaneval": _humaneval, "longbench": _longbench}
+LENGTH_MIXES: dict[str, LengthSampler] = {"sharegpt": _sharegpt, "humaneval": _humaneval, "longbench": _longbench,
+                                          "sharegpt-anchor": _sharegpt_anchor}
 ALIASES = {"chatbot": "sharegpt", "code": "humaneval", "summarization": "longbench"}
 
 
