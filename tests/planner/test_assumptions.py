@@ -33,3 +33,19 @@ def test_slo_score_joint_share_or_separate_p90s():
     assert slo_score(ttft, tpot, 0.5, 0.5, 0.9, DISTSERVE) == 0.0  # P90 TTFT 0.9 >= 0.5
     assert slo_score(ttft, tpot, 1.0, 0.5, 0.9, DISTSERVE) == 1.0  # each P90 under its SLO
     assert slo_score(ttft, tpot, 1.0, 0.5, 0.9, JAXSERVE) == pytest.approx(0.9)
+
+
+def test_distserve_switches_change_what_they_name():
+    """Under DistServe's assumptions every disaggregated candidate is one prefill + one decode instance
+    and the plan records its assumptions; putting our KV capacity back changes the 13B chatbot score
+    (the 50,000-token step cap binds) while putting our transfer time back does not (docs/planner.md)."""
+    def plan(a):
+        return make_plan(spec_from_args(build_parser().parse_args([
+            *BASE, "--model", "opt-13b", "--ttft", "0.25", "--tpot", "0.1", "--gpus-per-node", "4",
+            "--workload", "sharegpt-anchor", "--requests", "200", "--assumptions", a])))
+
+    ds = plan("distserve")
+    assert ds["assumptions"] == "distserve" and all(r["n_p"] == r["n_d"] == 1 for r in ds["ranking"])
+    best = ds["ranking"][0]["per_device_goodput"]
+    assert plan("distserve+kv_transfer")["ranking"][0]["per_device_goodput"] == pytest.approx(best, rel=0.02)
+    assert plan("distserve+kv_capacity")["ranking"][0]["per_device_goodput"] > 1.1 * best
