@@ -129,6 +129,7 @@ def evaluate_colocated(sc: Scorer, x: LayoutScore) -> dict[str, Any] | None:
     reps = spec.devices // x.devices if spec.rate is None else math.ceil(spec.rate / x.rate - 1e-9)
     placement = place([(x.role, x.tp, x.pp, reps)], spec.nodes, spec.gpus_per_node) if reps else None
     if placement is None:
+        sc.skipped.append(f"plan {x.role} tp={x.tp} pp={x.pp} x{reps}: does not pack onto the nodes")
         return None
     n_req = _e2e_n(reps)
 
@@ -184,7 +185,10 @@ def make_plan(spec: SearchSpec, progress: Callable[[], None] | None = None) -> d
             "chunked": _best([evaluate_colocated(sc, x) for x in chunked[:TOP_K_COLOCATED]])}
     if best["disaggregated"] is not None:
         best["disaggregated"]["mode"] = "disaggregated"
-    ranked = sorted((e for e in best.values() if e is not None), key=lambda e: -e["per_device_goodput"])
+    # with --rate, a plan predicted to carry it comes first; then the most goodput per device
+    ranked = sorted((e for e in best.values() if e is not None),
+                    key=lambda e: (spec.rate is not None and e["predicted_attainment"] < spec.slo.attainment,
+                                   -e["per_device_goodput"]))
     if not ranked:
         why = (f"no layout meets TTFT {spec.slo.ttft}s / TPOT {spec.slo.tpot}s for {spec.slo.attainment:.0%} "
                f"of requests" + (f" at rate {spec.rate} req/s" if spec.rate else "")

@@ -119,6 +119,16 @@ def validate(obj: Any, llm: Any, base: Any) -> tuple[list[int], Any, Any]:
     return req.prompt_token_ids, sp, prompt
 
 
+def smallest_block_size(config: str | None) -> int:
+    """The smallest KV block any instance uses (counting in it over-counts for larger blocks: a safe cap)."""
+    from jaxserve.config import DeploymentConfig, EngineConfig
+
+    default = EngineConfig().block_size
+    if config is None:
+        return default
+    return min(dict(i.engine).get("block_size", default) for i in DeploymentConfig.load(config).instances)
+
+
 def workload_blocks(lines: list[tuple[int, Any]], tokenizer: Any, base: Any, block_size: int) -> int | None:
     """KV blocks of ``block_size`` that every readable request needs at once (prompt + max_tokens each);
     lines that will be rejected count nothing. None when no line is readable."""
@@ -165,7 +175,6 @@ def main(argv: list[str] | None = None) -> int:
     from tqdm import tqdm
 
     from jaxserve.compile_cache import enable_compilation_cache, setting
-    from jaxserve.config import EngineConfig
     from jaxserve.llm import LLM
     from jaxserve.logs import show_logs
     from jaxserve.model.checkpoint import load_model
@@ -189,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         lm = load_model(args.model, args.dtype)
         if args.kv_cache_gb is None:  # the KV pool holds what these requests can use at once, no more
             tok = Tokenizer.from_dir(lm.tokenizer_dir) if lm.tokenizer_dir is not None else None
-            engine_kw["workload_blocks"] = workload_blocks(lines, tok, base, EngineConfig().block_size)
+            engine_kw["workload_blocks"] = workload_blocks(lines, tok, base, smallest_block_size(args.config))
         llm = LLM(lm, dtype=args.dtype, warmup=args.warmup, compilation_cache=setting(cache), **engine_kw)
         del lm  # the host copy of the weights: the engine holds its own
     except (ValueError, OSError) as e:

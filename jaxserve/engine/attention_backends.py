@@ -58,7 +58,7 @@ def _pallas_decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, g: Attn
 def _native_decode(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, g: AttnGroup, scale: float) -> jax.Array:
     from jaxserve import native
 
-    if k_pages.dtype != jnp.float32:  # the kernel reads float32 pages only
+    if k_pages.dtype != jnp.float32 or not native.available():  # float32 pages only; a failed build: XLA
         group = g._replace(query_index=jnp.arange(q.shape[0], dtype=jnp.int32)[:, None])
         return paged_decode_attention_xla(q, k_pages, v_pages, group, scale)[:, 0]
     return native.paged_decode(q, k_pages, v_pages, g.block_tables, g.context_lens, scale)
@@ -68,7 +68,7 @@ def _native_prefill(q: jax.Array, k: jax.Array, v: jax.Array, positions: jax.Arr
                     scale: float) -> jax.Array:
     from jaxserve import native
 
-    if q.dtype != jnp.float32:
+    if q.dtype != jnp.float32 or not native.available():
         return packed_attention_xla(q, k, v, positions, seg, scale)
     return native.packed_prefill(q, k, v, seg, scale)
 
@@ -77,7 +77,7 @@ def _native_group(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, position
                   scale: float) -> jax.Array:
     from jaxserve import native
 
-    if k_pages.dtype != jnp.float32:
+    if k_pages.dtype != jnp.float32 or not native.available():
         return paged_group_attention_xla(q, k_pages, v_pages, positions, g, scale)
     return native.paged_prefill(q, k_pages, v_pages, g.query_index, positions, g.block_tables, g.context_lens,
                                 scale)
@@ -112,7 +112,9 @@ def make_attention(backend: str = "auto", mesh: Mesh | None = None) -> Any:
     if backend in ("auto", "native") and not on_gpu:
         from jaxserve import native
 
-        if native.expected():  # a build in progress is waited for at the first trace, not here
+        # a build in progress is waited for at the first trace, not here; if it then fails, the
+        # kernels' callers trace the XLA path instead (after the build's one warning)
+        if native.expected():
             backend = "native"
         elif backend == "native":
             raise ValueError(f"the native attention kernel is unavailable: {native.unavailable_reason()}")

@@ -134,6 +134,7 @@ def _pick(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: ja
           bias_vals: jax.Array, penalize: Any = None) -> jax.Array:
     v = logits.shape[-1]
     logits = logits.astype(jnp.float32)
+    logits = jnp.where(jnp.isnan(logits), -jnp.inf, logits)  # a NaN logit is never picked
     rows = jnp.arange(logits.shape[0])[:, None]
     logits = logits.at[rows, jnp.where(bias_ids < 0, v, bias_ids)].add(bias_vals, mode="drop")
     logits = jnp.where(jnp.arange(v, dtype=jnp.int32)[None, :] == ban[:, None], -jnp.inf, logits)

@@ -11,9 +11,11 @@ equal values): top-k keeps the first k; top-p keeps each token whose probability
 it (under the top-k-kept distribution) is < top_p; min-p keeps values within log(min_p) of the best.
 Each is a prefix of that order, so each is a threshold: a bisection over the float32 values' bit
 patterns (32 passes of a count or a masked sum over [B, V]) finds the exact threshold value, and
-ties at it are cut by token id (the CPU uses ``jaxserve.native``'s C++ form, which sorts only the
-kept prefix: it compiles to one custom call instead of four loops). A full sort of a 50k vocabulary takes ~0.8 s for 64 rows on this
-CPU; the bisections take a few tens of milliseconds and run only when some row uses the filter.
+ties at it are cut by token id (the CPU uses ``jaxserve.native``'s C++ form, which partitions only
+as far as the kept prefix: it compiles to one custom call instead of four loops, and sums masses in
+double, so the two may differ only where a mass is within float32 rounding of top_p). A full sort of a 50k vocabulary takes ~0.8 s for 64 rows on this
+CPU; the bisections take a few tens of milliseconds and run only when some row uses the filter
+(the C++ form runs on every sampled step, one pass for rows without filters).
 Masses are float32 sums in XLA's reduction order rather than a running sum, so a token whose mass
 before it is within float32 rounding of top_p may fall on the other side than with a sort.
 
@@ -56,7 +58,8 @@ def gumbel(seed_lo: jax.Array, seed_hi: jax.Array, step: jax.Array, vocab: int) 
 
 def _ordered(x: jax.Array) -> jax.Array:
     """int32 keys in the same order as the float32 values (-inf lowest; -0.0 and +0.0 equal)."""
-    b = jax.lax.bitcast_convert_type(x + jnp.float32(0.0), jnp.int32)  # -0.0 + 0.0 is +0.0
+    b = jax.lax.bitcast_convert_type(x, jnp.int32)
+    b = jnp.where(b == jnp.int32(-2**31), 0, b)  # -0.0 ties with +0.0 (x + 0.0 would be simplified away)
     return jnp.where(b < 0, b ^ jnp.int32(0x7FFFFFFF), b)
 
 
@@ -120,7 +123,8 @@ def _top_p(x: jax.Array, keys: jax.Array, keep: jax.Array, top_p: jax.Array) -> 
     t = _bisect(keys, lambda t: before(t) < top_p)  # the smallest kept value
     tie = keys == t[:, None]
     q = jnp.max(jnp.where(tie, probs, 0.0), axis=-1)  # one tied token's probability
-    n_tie = jnp.ceil((top_p - before(t)) / jnp.maximum(q, jnp.finfo(jnp.float32).tiny)).astype(jnp.int32)
+    n_tie = jnp.ceil((top_p - before(t)) / jnp.maximum(q, jnp.finfo(jnp.float32).tiny))
+    n_tie = jnp.minimum(n_tie, x.shape[-1]).astype(jnp.int32)
     kept = _cut_ties(keys, t, jnp.maximum(n_tie, 1))
     return jnp.where((top_p >= 1.0)[:, None], True, kept) & keep
 
@@ -130,6 +134,7 @@ def keep_mask(x: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array
     the CPU with the native kernels built, their C++ form (same result, one custom call); else jnp."""
     from jaxserve import native
 
+    x = jnp.where(jnp.isnan(x), -jnp.inf, x)  # a NaN logit is never picked (and keeps the order total)
     if jax.default_backend() != "cpu" or not native.available():  # no CPU kernel build on a GPU host
         return keep_mask_xla(x, top_k, top_p, min_p)
     return jax.lax.platform_dependent(x, top_k, top_p, min_p, cpu=native.keep_mask, default=keep_mask_xla)

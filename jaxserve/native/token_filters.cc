@@ -1,5 +1,7 @@
 // Which tokens a sampled row may pick (top-k, top-p, min-p): the CPU form of
-// jaxserve.model.token_filters.keep_mask, with the same result.
+// jaxserve.model.token_filters.keep_mask, with the same kept set (masses here are summed in double, so
+// a token whose mass before it is within float32 rounding of top_p may land on the other side). NaN
+// logits must be mapped to -inf first (the caller does): the order below needs a total order.
 //
 //   x [B, V] float32 (logits after bias, ban and penalties, divided by the temperature), top_k [B] int32
 //   (<= 0: off), top_p [B] float32 (>= 1: off), min_p [B] float32 (0: off) --> keep [B, V] bool
@@ -87,8 +89,9 @@ void one_row(const Filters& f, int64_t row, std::vector<int32_t>& ids) {
 ffi::Error KeepMask(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> top_k,
                     ffi::Buffer<ffi::F32> top_p, ffi::Buffer<ffi::F32> min_p, ffi::ResultBuffer<ffi::PRED> keep) {
   auto xd = x.dimensions();
-  if (xd.size() != 2 || top_k.dimensions().size() != 1 || top_k.dimensions()[0] != xd[0] ||
-      top_p.dimensions()[0] != xd[0] || min_p.dimensions()[0] != xd[0])
+  if (xd.size() != 2 || top_k.dimensions().size() != 1 || top_p.dimensions().size() != 1 ||
+      min_p.dimensions().size() != 1 || top_k.dimensions()[0] != xd[0] || top_p.dimensions()[0] != xd[0] ||
+      min_p.dimensions()[0] != xd[0])
     return ffi::Error::InvalidArgument("keep_mask: want x [B,V], top_k / top_p / min_p [B]");
   Filters f{x.typed_data(), top_k.typed_data(), top_p.typed_data(), min_p.typed_data(), keep->typed_data(), xd[1]};
   jaxserve_native::parallel_for(pool, xd[0], [&](int64_t row, std::vector<float>&) {

@@ -20,3 +20,22 @@ def test_kernel_paths_equal_xla_path(tiny, workload, tp):
         outs[backend] = [t.token_ids for t in run_requests(eng, reqs)]
         assert eng.num_held_blocks == 0
     assert outs["pallas-interpret"] == outs["native"] == outs["xla"] == [refs[i][:6] for i in picks]
+
+
+def test_a_native_build_that_fails_after_the_engine_chose_it_falls_back_to_xla(tiny, workload):
+    """The engine picks the native kernels while they may still be building (a compiler exists); if the
+    build then fails, the kernels' callers trace the XLA path and the tokens are the same."""
+    from jaxserve import native
+
+    _, _, cfg, params, _ = tiny
+    prompts, _, refs = workload
+    assert native.expected()
+    eng = LLMEngine(cfg, params, EngineConfig(max_num_seqs=8, max_model_len=512))
+    saved = dict(native._state)
+    native._state.update(ok=False, why="test: the build failed")  # as a failed background build leaves it
+    try:
+        out = run_requests(eng, [Request(f"f{i}", prompts[i], SamplingParams(max_tokens=6)) for i in (4, 9)])
+    finally:
+        native._state.clear()
+        native._state.update(saved)
+    assert [t.token_ids for t in out] == [refs[i][:6] for i in (4, 9)]

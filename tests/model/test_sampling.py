@@ -2,6 +2,7 @@
 
 from typing import ClassVar
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -212,6 +213,9 @@ def test_keep_mask_equals_sorting(impl):
             x = np.round(x * 2) / 2  # ~30 distinct values: every threshold is a tie
         if r % 4 == 2:
             x[rng.choice(v, 500, replace=False)] = -np.inf
+        if r % 5 == 3:  # the cut among many exact zeros of both signs (-0.0 ties with +0.0)
+            x[rng.choice(v, 1500, replace=False)] = rng.choice([0.0, -0.0], 1500)
+            x = np.maximum(x, -0.0) if r % 2 else x
         k = [0, 1, 7, 50, 2999, 3000, 5000][r % 7]
         p = [1.0, 0.9, 0.5, 1e-6, 0.999, 0.3][r % 6]
         m = [0.0, 0.0, 0.05, 0.3][r % 4]
@@ -223,6 +227,12 @@ def test_keep_mask_equals_sorting(impl):
     for i, (xi, k, p, m) in enumerate(rows):
         want = _reference_keep(xi.astype(np.float64), k, p, m)
         assert (got[i] == want).all(), (i, k, p, m, int(got[i].sum()), int(want.sum()))
+    if impl == "native":  # the dispatcher, under jit, picks the kernel on this CPU and agrees
+        from jaxserve.model.token_filters import keep_mask as dispatch
+
+        args = (x, jnp.asarray([r[1] for r in rows], jnp.int32), jnp.asarray([r[2] for r in rows], jnp.float32),
+                jnp.asarray([r[3] for r in rows], jnp.float32))
+        assert (np.asarray(jax.jit(dispatch)(*args)) == got).all()
 
 
 def test_sampling_a_large_vocabulary_matches_the_kept_distribution():

@@ -57,6 +57,13 @@ def test_the_plan_is_the_mode_with_the_most_goodput(plan13):
     assert one["feasible"] and one["mode"] in ("colocated", "chunked") and one["devices"] == 1
 
 
+def test_plot_of_a_colocated_plan(tmp_path):
+    out = tmp_path / "c.png"
+    assert main([*BASE, "--model", "opt-13b", "--workload", "humaneval", "--ttft", "5", "--tpot", "0.2",
+                 "--gpus-per-node", "1", "--requests", "200", "--plot", str(out)]) == 0
+    assert out.stat().st_size > 1000
+
+
 def test_plan_json_schema_and_placement(plan13):
     for key in ("instances", "per_device_goodput", "colocated_per_device_goodput", "devices", "slo",
                 "workload", "predicted_attainment"):
