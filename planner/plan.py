@@ -93,33 +93,40 @@ def evaluate(sc: Scorer, best: Candidate) -> dict[str, Any] | None:
                               f"{best.decode.tp}x{best.decode.pp} x{best.n_d}: does not pack onto the nodes")
             return None
     n_p, n_d = best.n_p * groups, best.n_d * groups
-    devices = best.devices * groups
     n_req = _e2e_n(n_p + n_d)
-
-    def att(rate: float) -> float:
-        res = sc.e2e_attainment(best, groups, rate, n_req)
-        return sc.slo_score(res.ttft(), res.tpot())
-
-    est_rate = best.rate * groups  # at or above the end-to-end goodput: each phase alone reaches it
-    e2e_rate = goodput_by_bisection(att, spec.slo.attainment, est_rate / 8, est_rate, rel_tol=0.02,
-                                    expand=False)
-    rate = spec.rate if spec.rate is not None else e2e_rate
     return {
-        "feasible": True, "rate": rate, "devices": devices, "groups": groups, "inter": best.inter,
+        "feasible": True, "mode": "disaggregated", "groups": groups, "inter": best.inter,
         "instances": [
             {"role": role, "tp": s.tp, "pp": s.pp, "replicas": n,
              "nodes": [[st["node"] for st in rep] for rep in reps], "placement": reps,
              "rate_per_instance": s.rate}
             for role, s, n, reps in (("prefill", best.prefill, n_p, placement[0]),
                                      ("decode", best.decode, n_d, placement[1]))],
-        "per_device_goodput": e2e_rate / devices,
-        "phase_estimate_per_device_goodput": best.per_device,
-        "predicted_attainment": att(rate) if rate > 0 else 0.0,
+        # each phase alone reaches best.rate, so the end-to-end goodput is at or below it
+        **_end_to_end(sc, lambda rate: sc.e2e_attainment(best, groups, rate, n_req), best.rate * groups,
+                      best.devices * groups, best.per_device),
     }
 
 
 def _e2e_n(instances: int) -> int:
     return max(E2E_MIN_REQUESTS, E2E_PER_INSTANCE * instances)
+
+
+def _end_to_end(sc: Scorer, simulate: Callable[[float], Any], est_rate: float, devices: int,
+                phase_estimate: float) -> dict[str, Any]:
+    """A placed plan scored end to end: goodput by bisection below ``est_rate`` (the per-phase
+    estimate, an upper bound), the rate it is sized for, and the SLO score predicted there."""
+    spec = sc.spec
+
+    def att(rate: float) -> float:
+        res = simulate(rate)
+        return sc.slo_score(res.ttft(), res.tpot())
+
+    e2e_rate = goodput_by_bisection(att, spec.slo.attainment, est_rate / 8, est_rate, rel_tol=0.02, expand=False)
+    rate = spec.rate if spec.rate is not None else e2e_rate
+    return {"rate": rate, "devices": devices, "per_device_goodput": e2e_rate / devices,
+            "phase_estimate_per_device_goodput": phase_estimate,
+            "predicted_attainment": att(rate) if rate > 0 else 0.0}
 
 
 def evaluate_colocated(sc: Scorer, x: LayoutScore) -> dict[str, Any] | None:
@@ -132,23 +139,14 @@ def evaluate_colocated(sc: Scorer, x: LayoutScore) -> dict[str, Any] | None:
         sc.skipped.append(f"plan {x.role} tp={x.tp} pp={x.pp} x{reps}: does not pack onto the nodes")
         return None
     n_req = _e2e_n(reps)
-
-    def att(rate: float) -> float:
-        res = sc.colocated_result(x, reps, rate, n_req)
-        return sc.slo_score(res.ttft(), res.tpot())
-
-    e2e_rate = goodput_by_bisection(att, spec.slo.attainment, x.rate * reps / 8, x.rate * reps, rel_tol=0.02,
-                                    expand=False)
-    rate = spec.rate if spec.rate is not None else e2e_rate
     engine = {"mode": x.role} | ({"max_num_batched_tokens": sc.chunk_of(x.role)} if x.role == "chunked" else {})
     return {
-        "feasible": True, "mode": x.role, "rate": rate, "devices": x.devices * reps, "groups": 1, "inter": 0,
+        "feasible": True, "mode": x.role, "groups": 1, "inter": 0,
         "instances": [{"role": "colocated", "tp": x.tp, "pp": x.pp, "replicas": reps, **engine,
                        "nodes": [[st["node"] for st in rep] for rep in placement[0]], "placement": placement[0],
                        "rate_per_instance": x.rate}],
-        "per_device_goodput": e2e_rate / (x.devices * reps),
-        "phase_estimate_per_device_goodput": x.per_device,
-        "predicted_attainment": att(rate) if rate > 0 else 0.0,
+        **_end_to_end(sc, lambda rate: sc.colocated_result(x, reps, rate, n_req), x.rate * reps,
+                      x.devices * reps, x.per_device),
     }
 
 
@@ -183,8 +181,6 @@ def make_plan(spec: SearchSpec, progress: Callable[[], None] | None = None) -> d
     best = {"disaggregated": _best([evaluate(sc, c) for c in cands[:TOP_K_E2E]]),
             "colocated": _best([evaluate_colocated(sc, x) for x in colo[:TOP_K_COLOCATED]]),
             "chunked": _best([evaluate_colocated(sc, x) for x in chunked[:TOP_K_COLOCATED]])}
-    if best["disaggregated"] is not None:
-        best["disaggregated"]["mode"] = "disaggregated"
     # with --rate, a plan predicted to carry it comes first; then the most goodput per device
     ranked = sorted((e for e in best.values() if e is not None),
                     key=lambda e: (spec.rate is not None and e["predicted_attainment"] < spec.slo.attainment,

@@ -58,6 +58,7 @@ class SearchSpec:
     max_batch: int = 256
     chunk: int = 512  # the chunked mode's token budget per iteration (the engine's default); 0: not considered
     assumptions: Assumptions = JAXSERVE  # what is modelled: jaxserve's engine, or DistServe's simulator
+
     @property
     def devices(self) -> int:
         return self.nodes * self.gpus_per_node
@@ -122,6 +123,7 @@ class Scorer:
         self.token_budget = spec.token_budget if a.whole_queue else DISTSERVE_PREFILL_TOKENS
         self.max_batch = spec.max_batch if a.whole_queue and a.kv_capacity else 10**6
         self.cache: dict[tuple[str, int, int], LayoutScore | None] = {}
+        self.bounds: dict[tuple[str, int, int], float | None] = {}
         self.skipped: list[str] = []
         self.progress = progress
 
@@ -241,18 +243,28 @@ class Scorer:
             return self.slo_score(res.ttft(), res.tpot())
         return att
 
+    def bound(self, role: str, tp: int, pp: int) -> float | None:
+        """The layout's throughput bound (``max_rate``, req/s), cached; None where it cannot serve (not in
+        the profile, or no room for KV: ``score`` says which)."""
+        key = (role, tp, pp)
+        if key not in self.bounds:
+            inst = self.instance(role, tp, pp)
+            ok = inst is not None and inst.kv_capacity_tokens() >= MAX_CONTEXT
+            self.bounds[key] = self.max_rate(role, inst) if ok else None
+        return self.bounds[key]
+
     def score(self, role: str, tp: int, pp: int) -> LayoutScore | None:
         key = (role, tp, pp)
         if key in self.cache:
             return self.cache[key]
         inst = self.instance(role, tp, pp)
         result = None
+        hi = self.bound(role, tp, pp)
         if inst is None:
             self.skipped.append(f"{role} tp={tp} pp={pp}: not in the profile")
-        elif inst.kv_capacity_tokens() < MAX_CONTEXT:
+        elif hi is None:
             self.skipped.append(f"{role} tp={tp} pp={pp}: weights leave too little memory for KV")
         else:
-            hi = self.max_rate(role, inst)
             rate = goodput_by_bisection(self._attainment_fn(role, inst), self.spec.slo.attainment, hi / 64, hi,
                                         rel_tol=0.02, expand=False)
             result = LayoutScore(role, tp, pp, rate, inst.phase.source)
@@ -362,11 +374,8 @@ def best_colocated(sc: Scorer, role: str = "colocated", keep: int = 2) -> list[L
     s = sc.spec
     if role == "chunked" and not s.chunk:
         return []
-    bounds = []
-    for tp, pp in sc.layouts(role, s.devices):
-        inst = sc.instance(role, tp, pp)
-        ok = inst is not None and inst.kv_capacity_tokens() >= MAX_CONTEXT
-        bounds.append((sc.max_rate(role, inst) / (tp * pp) if ok else math.inf, tp, pp))  # inf: score() says why
+    bounds = [((b / (tp * pp) if (b := sc.bound(role, tp, pp)) is not None else math.inf), tp, pp)
+              for tp, pp in sc.layouts(role, s.devices)]  # inf: scored first, so score() says why it cannot serve
     out: list[LayoutScore] = []
     for bound, tp, pp in sorted(bounds, key=lambda b: (-b[0], b[1] * b[2])):
         if len(out) >= keep and bound <= sorted(x.per_device for x in out)[-keep]:

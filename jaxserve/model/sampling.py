@@ -16,8 +16,8 @@ positive, multiplied when negative), presence and frequency penalties (OpenAI's:
 ``presence`` once and ``frequency`` per occurrence among the generated tokens), then
 temperature, top-k, top-p and min-p (tokens whose probability is below ``min_p`` times the top
 token's; ``jaxserve.model.token_filters``: exact thresholds, no sort). Greedy rows take the argmax
-after the bias, the ban and the penalties. Logprobs are the model's own: float32 log-softmax of the raw logits (vLLM's default), for the picked token and the
-``MAX_LOGPROBS`` most likely.
+after the bias, the ban and the penalties. Logprobs are the model's own: float32 log-softmax of the
+raw logits (vLLM's default), for the picked token and the ``MAX_LOGPROBS`` most likely.
 
 A row's randomness depends only on its own seed and how many tokens it has
 generated (``step``), so the same seed gives the same tokens whatever the batch

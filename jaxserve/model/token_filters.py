@@ -11,13 +11,13 @@ equal values): top-k keeps the first k; top-p keeps each token whose probability
 it (under the top-k-kept distribution) is < top_p; min-p keeps values within log(min_p) of the best.
 Each is a prefix of that order, so each is a threshold: a bisection over the float32 values' bit
 patterns (32 passes of a count or a masked sum over [B, V]) finds the exact threshold value, and
-ties at it are cut by token id (the CPU uses ``jaxserve.native``'s C++ form, which partitions only
-as far as the kept prefix: it compiles to one custom call instead of four loops, and sums masses in
-double, so the two may differ only where a mass is within float32 rounding of top_p). A full sort of a 50k vocabulary takes ~0.8 s for 64 rows on this
-CPU; the bisections take a few tens of milliseconds and run only when some row uses the filter
-(the C++ form runs on every sampled step, one pass for rows without filters).
-Masses are float32 sums in XLA's reduction order rather than a running sum, so a token whose mass
-before it is within float32 rounding of top_p may fall on the other side than with a sort.
+ties at it are cut by token id. A full sort of a 50k vocabulary takes ~0.8 s for 64 rows on this
+CPU; the bisections take a few tens of milliseconds and run only when some row uses the filter.
+On the CPU, ``jaxserve.native``'s C++ form serves instead: it partitions only as far as the kept
+prefix, compiles to one custom call instead of four loops, and runs on every sampled step (one pass
+for a row without filters). Masses are float32 sums in XLA's reduction order here and double sums
+there, rather than a sort's running sum, so a token whose mass before it is within rounding of
+top_p may fall on the other side.
 
 The noise is a counter-based hash of (seed, step, token id): two rounds of MurmurHash3's 32-bit
 finalizer keyed by the 64-bit seed and the step, a bijection of the token id for each key, so a row's
@@ -130,11 +130,11 @@ def _top_p(x: jax.Array, keys: jax.Array, keep: jax.Array, top_p: jax.Array) -> 
 
 
 def keep_mask(x: jax.Array, top_k: jax.Array, top_p: jax.Array, min_p: jax.Array) -> jax.Array:
-    """The tokens each row may pick (see the module docstring); x must be finite or -inf. Lowered for
+    """The tokens each row may pick (see the module docstring); x must be finite or -inf (the sampler
+    maps NaN to -inf: the C++ form needs a total order). Lowered for
     the CPU with the native kernels built, their C++ form (same result, one custom call); else jnp."""
     from jaxserve import native
 
-    x = jnp.where(jnp.isnan(x), -jnp.inf, x)  # a NaN logit is never picked (and keeps the order total)
     if jax.default_backend() != "cpu" or not native.available():  # no CPU kernel build on a GPU host
         return keep_mask_xla(x, top_k, top_p, min_p)
     return jax.lax.platform_dependent(x, top_k, top_p, min_p, cpu=native.keep_mask, default=keep_mask_xla)

@@ -75,15 +75,16 @@ void one_row(const Filters& f, int64_t row, std::vector<int32_t>& ids) {
   float best = -INFINITY;
   for (int64_t i = 0; i < V; ++i) best = std::max(best, x[i]);
   const float floor = std::log(f.min_p[row]);  // -inf when min_p is 0
-  for (int64_t i = 0; i < V; ++i) keep[i] = x[i] - best >= floor;
   const int32_t k_in = f.top_k[row];
   const int64_t k = (k_in > 0 && k_in < V) ? k_in : V;
   const double p = f.top_p[row];
-  if (k == V && p >= 1.0) return;
+  if (k == V && p >= 1.0) {  // min-p alone
+    for (int64_t i = 0; i < V; ++i) keep[i] = x[i] - best >= floor;
+    return;
+  }
   const int64_t n = kept_prefix(x, V, k, p, best, ids);
-  std::vector<char> in(V, 0);
-  for (int64_t r = 0; r < n; ++r) in[ids[r]] = 1;
-  for (int64_t i = 0; i < V; ++i) keep[i] = keep[i] && in[i];
+  std::fill(keep, keep + V, false);
+  for (int64_t r = 0; r < n; ++r) keep[ids[r]] = x[ids[r]] - best >= floor;  // the prefix, then min-p
 }
 
 ffi::Error KeepMask(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S32> top_k,
